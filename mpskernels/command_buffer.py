@@ -1,0 +1,204 @@
+"""CommandBuffer (MTLCommandBuffer): records kernels; commit() plans the arena and hands the
+commands to the queue's worker; the kernels run in C with the GIL released."""
+import threading
+import warnings
+from dataclasses import dataclass
+
+from mpskernels import _native
+from mpskernels.enums import CommandBufferError, CommandBufferStatus
+from mpskernels.errors import CommandBufferExecutionError, CommandBufferStateError
+
+# Committed buffers not yet finished: the C worker holds raw pointers into their commands,
+# so they must stay alive even if the user drops them (fire and forget). Pruned at commit.
+_in_flight = set()
+_in_flight_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class MemoryStats:
+    """Arena figures of one command buffer, set at commit."""
+    peak_bytes: int          # arena size: the high-water mark of temporary-image memory
+    requested_bytes: int     # what the temporaries would need with no aliasing
+    lower_bound_bytes: int   # the largest sum of temporaries alive at one time
+    allocations: int         # temporaries placed in the arena
+    system_allocations: int  # new blocks taken from the system (0 once the device is warm)
+
+
+_NO_STATS = MemoryStats(0, 0, 0, 0, 0)
+
+
+class CommandBuffer:
+    def __init__(self, queue):
+        self.command_queue = queue
+        self.device = queue.device
+        self.label = None
+        self._native = _native.Buffer(queue._native)
+        self._commands = []        # _native.Command objects, in order
+        self._bindings = []        # (command, operand index, root temporary, byte offset)
+        self._roots = []           # root temporaries that took storage, in first-use order
+        self._temporaries = []     # every temporary made on this buffer (for the leak check)
+        self._scheduled_handlers = []
+        self._completed_handlers = []
+        self._leftover = ()
+        self.memory_stats = _NO_STATS
+        self.retained_references = True
+
+    def __repr__(self):
+        return f"<CommandBuffer label={self.label!r} status={self.status.name}>"
+
+    # ---- status -------------------------------------------------------------------------
+
+    @property
+    def status(self):
+        return CommandBufferStatus(self._native.status)
+
+    @property
+    def error(self):
+        if self._native.status != CommandBufferStatus.ERROR:
+            return None
+        index = self._native.failed_command
+        command = self._commands[index]
+        out_of_memory = self._native.failure == 1
+        reason = "out of memory" if out_of_memory else "invalid arguments"
+        code = CommandBufferError.OUT_OF_MEMORY if out_of_memory else CommandBufferError.INTERNAL
+        return CommandBufferExecutionError(
+            f"command {index} of {self._name()} ({command.description}) failed: {reason}; "
+            f"the commands after it did not run", code)
+
+    def _name(self):
+        return f"command buffer {self.label!r}" if self.label else "the command buffer"
+
+    def _check_encodable(self):
+        if self._native.status >= CommandBufferStatus.COMMITTED:
+            raise CommandBufferStateError(
+                f"cannot encode onto {self._name()}: it is already committed "
+                f"(status {self.status.name}); make a new command buffer")
+
+    # ---- recording (called by kernels) ------------------------------------------------------
+
+    def _add(self, command, operands, description):
+        """Record `command`; operands are (image, byte offset, strides) in operand order."""
+        time = len(self._commands)
+        for k, (image, byte_offset, strides) in enumerate(operands):
+            root = image._root
+            if root._is_temporary:
+                root._touch(time)
+                self._bindings.append((command, k, root, byte_offset))
+                address = 0
+            else:
+                address = root._address() + byte_offset
+            command.set_operand(k, address, image._format, *strides)
+        command.description = description
+        self._commands.append(command)
+
+    def _take_storage(self, root):
+        self._roots.append(root)
+
+    def _release(self, root):
+        """A root temporary's read_count reached 0: its bytes are free after the last command
+        recorded so far. With poisoning on, a NaN fill marks them so a stale read shows."""
+        if root._first is None:   # never used: it never took storage
+            return
+        if self.device.poison_temporaries:
+            fill = _native.ElementwiseCommand.fill(
+                (root.number_of_images, root.height, root.width, root._cs), float("nan"))
+            self._add(fill, [(root, 0, root._strides())], f"poison of released {root!r}")
+        root._last = len(self._commands) - 1
+
+    # ---- handlers -------------------------------------------------------------------------
+
+    def add_scheduled_handler(self, handler):
+        if self._native.status >= CommandBufferStatus.COMMITTED:
+            raise CommandBufferStateError(
+                f"add_scheduled_handler on {self._name()} after commit: add handlers before commit()")
+        self._scheduled_handlers.append(handler)
+
+    def add_completed_handler(self, handler):
+        if self._native.status >= CommandBufferStatus.COMMITTED:
+            raise CommandBufferStateError(
+                f"add_completed_handler on {self._name()} after commit: add handlers before commit()")
+        self._completed_handlers.append(handler)
+
+    def _on_event(self, event):
+        """On the executing thread, with the GIL: 0 = scheduled, 1 = completed."""
+        queue = self.command_queue
+        previous = queue._handler_thread
+        queue._handler_thread = threading.get_ident()
+        try:
+            if event == 0:
+                handlers = self._scheduled_handlers
+            else:
+                for image in self._leftover:
+                    if image._read_count > 0:
+                        warnings.warn(
+                            f"{image!r} still had read_count {image._read_count} when {self._name()} "
+                            f"completed: set read_count to the number of kernels that read it, or "
+                            f"to 0 when done, so its memory returns promptly", ResourceWarning)
+                handlers = self._completed_handlers
+            for handler in handlers:
+                try:
+                    handler(self)
+                except Exception as exc:  # a user's handler must not kill the worker
+                    warnings.warn(f"{'scheduled' if event == 0 else 'completed'} handler "
+                                  f"{handler!r} raised {exc!r}", RuntimeWarning)
+        finally:
+            queue._handler_thread = previous
+
+    # ---- life cycle ------------------------------------------------------------------------
+
+    def enqueue(self):
+        if self._native.status >= CommandBufferStatus.COMMITTED:
+            raise CommandBufferStateError(f"enqueue on {self._name()} after commit")
+        self._native.enqueue()
+
+    def commit(self):
+        if self._native.status >= CommandBufferStatus.COMMITTED:
+            raise CommandBufferStateError(f"{self._name()} is already committed: commit() may be called once")
+        block = self._plan_arena()
+        self._leftover = tuple(t for t in self._temporaries if t._read_count > 0)
+        needs_python = self._scheduled_handlers or self._completed_handlers or self._leftover
+        with _in_flight_lock:
+            finished = [cb for cb in _in_flight if cb._native.finished]
+            _in_flight.difference_update(finished)
+            _in_flight.add(self)
+        self._native.commit(self._commands, self.device._pool, self.device._blocks, block,
+                            self if needs_python else None)
+
+    def _plan_arena(self):
+        roots = self._roots
+        if not roots:
+            return None
+        end = len(self._commands) - 1
+        sizes = [r._nbytes for r in roots]
+        firsts = [r._first for r in roots]
+        lasts = [end if r._last is None else r._last for r in roots]
+        offsets, stats = _native.plan_arena(sizes, firsts, lasts)
+        block = self.device._blocks.acquire(stats["peak_bytes"])
+        base = block.address
+        for root, offset in zip(roots, offsets):
+            root._arena_address = base + int(offset)
+        for command, k, root, byte_offset in self._bindings:
+            command.bind(k, root._arena_address + byte_offset)
+        self.memory_stats = MemoryStats(allocations=len(roots), system_allocations=int(block.fresh),
+                                        **stats)
+        return block
+
+    def _check_waitable(self, what):
+        if self._native.status < CommandBufferStatus.COMMITTED:
+            raise CommandBufferStateError(
+                f"{what} on {self._name()}, which was never committed: it would never return; "
+                f"call commit() first")
+        if (not self._native.finished
+                and self.command_queue._handler_thread == threading.get_ident()):
+            raise CommandBufferStateError(
+                f"{what} on {self._name()} from inside a handler of its own queue would deadlock")
+
+    def wait_until_scheduled(self):
+        self._check_waitable("wait_until_scheduled")
+        self._native.wait_scheduled()
+
+    def wait_until_completed(self):
+        self._check_waitable("wait_until_completed")
+        self._native.wait_completed()
+        with _in_flight_lock:
+            _in_flight.discard(self)

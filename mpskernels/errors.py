@@ -1,0 +1,25 @@
+"""Exceptions: where MPS asserts (or leaves misuse undefined), mpskernels raises one of these."""
+
+
+class MPSKernelsError(Exception):
+    """Base of every mpskernels exception."""
+
+
+class ValidationError(MPSKernelsError, ValueError):
+    """A bad argument: a shape, a channel count, a format, a region outside an image."""
+
+
+class TemporaryImageError(MPSKernelsError, RuntimeError):
+    """A TemporaryImage rule broken: read_count misuse, CPU access, wrong command buffer."""
+
+
+class CommandBufferStateError(MPSKernelsError, RuntimeError):
+    """An operation not allowed in the command buffer's current status."""
+
+
+class CommandBufferExecutionError(MPSKernelsError, RuntimeError):
+    """A command failed while the buffer ran; `code` is a CommandBufferError."""
+
+    def __init__(self, message, code):
+        super().__init__(message)
+        self.code = code

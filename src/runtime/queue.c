@@ -1,0 +1,224 @@
+/* Command queues and command buffers.
+ *
+ * A queue keeps its buffers in enqueue order; its worker thread runs the head once it is
+ * committed. A thread that waits for the head buffer before the worker has taken it runs the
+ * buffer itself: the common "commit, then wait" costs no thread hand-off. */
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "mpskernels.h"
+
+enum { ST_NOT_ENQUEUED = 0, ST_ENQUEUED = 1, ST_COMMITTED = 2, ST_SCHEDULED = 3,
+       ST_COMPLETED = 4, ST_ERROR = 5 };
+
+struct mk_buffer {
+    mk_queue *queue;
+    mk_buffer *next;            /* in the queue's list while enqueued */
+    atomic_int status;
+    atomic_int finished;        /* ran, notified, waiters released */
+    mk_command *commands;
+    int32_t count;
+    mk_pool *pool;
+    mk_block_cache *cache;
+    mk_block *block;
+    mk_notify_fn notify;
+    void *user;
+    int32_t failed_command;
+    mk_status failure;
+};
+
+struct mk_queue {
+    pthread_mutex_t mu;
+    pthread_cond_t work, changed;   /* work: for the worker; changed: for waiters */
+    mk_buffer *head, *tail;         /* enqueued, not yet taken */
+    int running;                    /* a buffer of this queue is executing */
+    int shutdown, worker_started;
+    pthread_t worker;
+};
+
+mk_queue *mk_queue_create(void) {
+    mk_queue *q = calloc(1, sizeof *q);
+    if (!q) return NULL;
+    pthread_mutex_init(&q->mu, NULL);
+    pthread_cond_init(&q->work, NULL);
+    pthread_cond_init(&q->changed, NULL);
+    return q;
+}
+
+void mk_queue_destroy(mk_queue *q) {
+    if (!q) return;
+    pthread_mutex_lock(&q->mu);
+    q->shutdown = 1;
+    pthread_cond_broadcast(&q->work);
+    pthread_mutex_unlock(&q->mu);
+    if (q->worker_started) pthread_join(q->worker, NULL);
+    pthread_mutex_destroy(&q->mu);
+    pthread_cond_destroy(&q->work);
+    pthread_cond_destroy(&q->changed);
+    free(q);
+}
+
+mk_buffer *mk_buffer_create(mk_queue *q) {
+    mk_buffer *b = calloc(1, sizeof *b);
+    if (!b) return NULL;
+    b->queue = q;
+    b->failed_command = -1;
+    return b;
+}
+
+void mk_buffer_free(mk_buffer *b) {
+    if (!b) return;
+    free(b->commands);
+    free(b);
+}
+
+int mk_buffer_status(const mk_buffer *b) { return atomic_load(&b->status); }
+int mk_buffer_finished(const mk_buffer *b) { return atomic_load(&b->finished); }
+int mk_buffer_failed_command(const mk_buffer *b) { return b->failed_command; }
+mk_status mk_buffer_failure(const mk_buffer *b) { return b->failure; }
+
+void mk_buffer_set_notify(mk_buffer *b, mk_notify_fn fn, void *user) { b->notify = fn; b->user = user; }
+
+void mk_buffer_set_arena(mk_buffer *b, mk_block_cache *cache, mk_block *block) {
+    b->cache = cache;
+    b->block = block;
+}
+
+/* Called with q->mu held. */
+static void append(mk_queue *q, mk_buffer *b) {
+    b->next = NULL;
+    if (q->tail) q->tail->next = b; else q->head = b;
+    q->tail = b;
+    atomic_store(&b->status, ST_ENQUEUED);
+}
+
+void mk_buffer_enqueue(mk_buffer *b) {
+    mk_queue *q = b->queue;
+    pthread_mutex_lock(&q->mu);
+    if (atomic_load(&b->status) == ST_NOT_ENQUEUED) append(q, b);
+    pthread_mutex_unlock(&q->mu);
+}
+
+void mk_buffer_dequeue(mk_buffer *b) {
+    mk_queue *q = b->queue;
+    pthread_mutex_lock(&q->mu);
+    mk_buffer *prev = NULL;
+    for (mk_buffer *p = q->head; p; prev = p, p = p->next) {
+        if (p != b) continue;
+        if (prev) prev->next = p->next; else q->head = p->next;
+        if (q->tail == p) q->tail = prev;
+        break;
+    }
+    /* Buffers behind it may now be runnable. */
+    pthread_cond_broadcast(&q->work);
+    pthread_cond_broadcast(&q->changed);
+    pthread_mutex_unlock(&q->mu);
+}
+
+/* Run one buffer that was taken off the queue (q->running set by the taker). */
+static void execute(mk_queue *q, mk_buffer *b) {
+    atomic_store(&b->status, ST_SCHEDULED);
+    pthread_mutex_lock(&q->mu);
+    pthread_cond_broadcast(&q->changed);
+    pthread_mutex_unlock(&q->mu);
+    if (b->notify) b->notify(b->user, MK_EVENT_SCHEDULED);
+
+    int status = ST_COMPLETED;
+    for (int32_t i = 0; i < b->count; i++) {
+        mk_status s = b->commands[i].run(b->commands[i].args, b->pool);
+        if (s != MK_OK) {
+            b->failed_command = i;
+            b->failure = s;
+            status = ST_ERROR;
+            break;
+        }
+    }
+    if (b->block) mk_block_cache_release(b->cache, b->block);
+    b->block = NULL;
+    atomic_store(&b->status, status);
+    if (b->notify) b->notify(b->user, MK_EVENT_COMPLETED);
+
+    pthread_mutex_lock(&q->mu);
+    q->running = 0;
+    atomic_store(&b->finished, 1);   /* b may be freed by its owner from here on */
+    pthread_cond_broadcast(&q->changed);
+    pthread_cond_broadcast(&q->work);
+    pthread_mutex_unlock(&q->mu);
+}
+
+/* With q->mu held: take the head if it may run now. */
+static mk_buffer *take_runnable(mk_queue *q) {
+    mk_buffer *b = q->head;
+    if (q->running || !b || atomic_load(&b->status) != ST_COMMITTED) return NULL;
+    q->head = b->next;
+    if (!q->head) q->tail = NULL;
+    b->next = NULL;
+    q->running = 1;
+    return b;
+}
+
+static void *worker_main(void *arg) {
+    mk_queue *q = arg;
+    pthread_mutex_lock(&q->mu);
+    for (;;) {
+        mk_buffer *b = take_runnable(q);
+        if (b) {
+            pthread_mutex_unlock(&q->mu);
+            execute(q, b);
+            pthread_mutex_lock(&q->mu);
+            continue;
+        }
+        if (q->shutdown && !q->head && !q->running) break;
+        pthread_cond_wait(&q->work, &q->mu);
+    }
+    pthread_mutex_unlock(&q->mu);
+    return NULL;
+}
+
+mk_status mk_buffer_commit(mk_buffer *b, const mk_command *commands, int32_t count, mk_pool *pool) {
+    mk_queue *q = b->queue;
+    if (count > 0) {
+        b->commands = malloc((size_t)count * sizeof *commands);
+        if (!b->commands) return MK_ENOMEM;
+        memcpy(b->commands, commands, (size_t)count * sizeof *commands);
+    }
+    b->count = count;
+    b->pool = pool;
+    pthread_mutex_lock(&q->mu);
+    if (!q->worker_started) {
+        if (pthread_create(&q->worker, NULL, worker_main, q) == 0) q->worker_started = 1;
+        /* Without a worker, waiters still run buffers themselves. */
+    }
+    if (atomic_load(&b->status) == ST_NOT_ENQUEUED) append(q, b);
+    atomic_store(&b->status, ST_COMMITTED);
+    pthread_cond_signal(&q->work);
+    pthread_mutex_unlock(&q->mu);
+    return MK_OK;
+}
+
+/* Wait until done(b) holds; meanwhile run this queue's head if nobody else is running it.
+ * Only buffers before or equal to b are run here, so waiting never runs later work. */
+static void wait_for(mk_buffer *b, int (*done)(const mk_buffer *)) {
+    mk_queue *q = b->queue;
+    pthread_mutex_lock(&q->mu);
+    while (!done(b)) {
+        mk_buffer *run = NULL;
+        if (!atomic_load(&b->finished) && atomic_load(&b->status) >= ST_COMMITTED)
+            run = take_runnable(q);
+        if (run) {
+            pthread_mutex_unlock(&q->mu);
+            execute(q, run);
+            pthread_mutex_lock(&q->mu);
+        } else {
+            pthread_cond_wait(&q->changed, &q->mu);
+        }
+    }
+    pthread_mutex_unlock(&q->mu);
+}
+
+static int is_scheduled(const mk_buffer *b) { return atomic_load(&b->status) >= ST_SCHEDULED; }
+
+void mk_buffer_wait_scheduled(mk_buffer *b) { wait_for(b, is_scheduled); }
+void mk_buffer_wait_completed(mk_buffer *b) { wait_for(b, mk_buffer_finished); }
