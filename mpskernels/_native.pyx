@@ -114,14 +114,8 @@ cdef class Block:
     cdef mk_block *block
     cdef BlockCache cache
     cdef readonly bint fresh
-
-    @property
-    def address(self):
-        return <size_t>self.block.data
-
-    @property
-    def size(self):
-        return self.block.size
+    cdef readonly size_t address
+    cdef readonly int64_t size
 
     def release(self):
         """Give the block back now (only for blocks never handed to a command buffer)."""
@@ -152,6 +146,8 @@ cdef class BlockCache:
         block.block = b
         block.cache = self
         block.fresh = fresh
+        block.address = <size_t>b.data
+        block.size = b.size
         return block
 
     def trim(self):
@@ -199,7 +195,7 @@ cdef class Command:
     """One recorded kernel call: a C function and its arguments, addresses bound at commit."""
     cdef mk_command command
     cdef public object keep          # Python objects the arguments point into
-    cdef public str description      # says what failed, if it fails
+    cdef public object description   # what to name if it fails: a kernel or a string
 
 
 cdef class ElementwiseCommand(Command):
@@ -271,7 +267,7 @@ cdef class ElementwiseCommand(Command):
         cdef mk_status s
         with nogil:
             s = run_elementwise(&self.args, p)
-        check(s, self.description or "elementwise kernel")
+        check(s, str(self.description or "elementwise kernel"))
 
 
 cdef ElementwiseCommand _elementwise(int kind, int num_operands, extent):

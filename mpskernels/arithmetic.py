@@ -35,7 +35,7 @@ class CNNArithmetic(CNNBinaryKernel):
             return _native.ElementwiseCommand.arithmetic(extent, *args)
 
         self._encode_pointwise(command_buffer, primary, secondary, destination, make,
-                               f"{self!r}", self.primary_stride_in_feature_channels,
+                               self.primary_stride_in_feature_channels,
                                self.secondary_stride_in_feature_channels)
 
 

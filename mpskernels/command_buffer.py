@@ -62,7 +62,7 @@ class CommandBuffer:
         reason = "out of memory" if out_of_memory else "invalid arguments"
         code = CommandBufferError.OUT_OF_MEMORY if out_of_memory else CommandBufferError.INTERNAL
         return CommandBufferExecutionError(
-            f"command {index} of {self._name()} ({command.description}) failed: {reason}; "
+            f"command {index} of {self._name()} ({command.description!s}) failed: {reason}; "
             f"the commands after it did not run", code)
 
     def _name(self):
@@ -77,7 +77,8 @@ class CommandBuffer:
     # ---- recording (called by kernels) ------------------------------------------------------
 
     def _add(self, command, operands, description):
-        """Record `command`; operands are (image, byte offset, strides) in operand order."""
+        """Record `command`; operands are (image, byte offset, strides) in operand order;
+        description (a kernel, or a string) names it if it fails."""
         time = len(self._commands)
         for k, (image, byte_offset, strides) in enumerate(operands):
             root = image._root
@@ -102,7 +103,7 @@ class CommandBuffer:
         if self.device.poison_temporaries:
             fill = _native.ElementwiseCommand.fill(
                 (root.number_of_images, root.height, root.width, root._cs), float("nan"))
-            self._add(fill, [(root, 0, root._strides())], f"poison of released {root!r}")
+            self._add(fill, [(root, 0, root._strides)], f"poison of released {root!r}")
         root._last = len(self._commands) - 1
 
     # ---- handlers -------------------------------------------------------------------------

@@ -126,6 +126,8 @@ class _Geometry:
         self._esize = _FORMATS[self._format][0]
         self._cs = -(-self.feature_channels // CHANNEL_ALIGNMENT) * CHANNEL_ALIGNMENT
         self._nbytes = self.number_of_images * self.height * self.width * self._cs * self._esize
+        row = self.width * self._cs
+        self._strides = (self.height * row, row, self._cs, 1)  # elements: image, row, column, channel
         if self._nbytes > _MAX_BYTES:
             raise ValidationError(f"{self!r} would need {self._nbytes} bytes, more than this library allows")
 
@@ -141,6 +143,7 @@ class _Geometry:
         self._root = root
         self._n0, self._c0 = parent._n0 + n0, parent._c0 + c0
         self._cs = root._cs
+        self._strides = root._strides
         self._nbytes = 0
 
     # ---- properties of MPSImage ---------------------------------------------------------
@@ -189,14 +192,8 @@ class _Geometry:
 
     # ---- where pixels live -----------------------------------------------------------------
 
-    def _strides(self):
-        """Element strides (image, row, column, channel) of the storage."""
-        r = self._root
-        row = r.width * r._cs
-        return (r.height * row, row, r._cs, 1)
-
     def _byte_offset(self, n, y, x, c):
-        sn, sy, sx, _ = self._strides()
+        sn, sy, sx, _ = self._strides
         return ((self._n0 + n) * sn + y * sy + x * sx + self._c0 + c) * self._esize
 
     def _overlaps(self, other):
@@ -332,7 +329,7 @@ class Image(_Geometry):
             raise ValidationError(f"the buffer has {view.nbytes} bytes; {last} are needed for "
                                   f"{depth}x{h}x{w}x{count} {self._format.name} elements with these strides")
         user = (view.ctypes.data, int(self._format)) + strides
-        image = (self._address() + self._byte_offset(first, y, x, c0), int(self._format)) + self._strides()
+        image = (self._address() + self._byte_offset(first, y, x, c0), int(self._format)) + self._strides
         src, dst = (user, image) if write else (image, user)
         command = _native.ElementwiseCommand.copy((depth, h, w, count))
         command.set_operand(0, *src)
@@ -391,7 +388,7 @@ class Image(_Geometry):
         command.set_operand(0, array.ctypes.data, int(_FORMAT_OF_DTYPE[array.dtype]),
                             *(s // array.itemsize for s in array.strides))
         command.set_operand(1, self._address() + self._byte_offset(0, 0, 0, 0), int(self._format),
-                            *self._strides())
+                            *self._strides)
         command.keep = array
         command.description = "from_numpy"
         command.run(self.device._pool)
@@ -410,7 +407,7 @@ class Image(_Geometry):
             out = target = np.empty(shape, dtype=dtype)
         command = _native.ElementwiseCommand.copy(shape)
         command.set_operand(0, self._address() + self._byte_offset(0, 0, 0, 0), int(self._format),
-                            *self._strides())
+                            *self._strides)
         command.set_operand(1, target.ctypes.data, int(out_format),
                             *(s // target.itemsize for s in target.strides))
         command.description = "to_numpy"

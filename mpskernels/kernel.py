@@ -120,7 +120,6 @@ class _Zero:
 
 
 _ZERO = _Zero()
-_EDGE_MODES = (ImageEdgeMode.ZERO, ImageEdgeMode.CLAMP)
 
 
 class PointwiseSource:
@@ -132,19 +131,28 @@ class PointwiseSource:
         self.image = image
         self.ox, self.oy, self.oz = offset
         self.sx, self.sy, self.c0, self.sc = sx, sy, c0, sc
-        if edge_mode not in _EDGE_MODES:
+        if edge_mode != 0 and edge_mode != 1:
             raise ValidationError(f"edge mode {ImageEdgeMode(edge_mode).name} is only for NNPad; "
                                   f"kernels take ZERO or CLAMP")
         self.edge_mode = edge_mode
 
+    def inside(self, w, h):
+        """Whether a w x h destination region reads only pixels inside the image."""
+        img = self.image
+        return (0 <= self.ox and self.ox + (w - 1) * self.sx < img.width
+                and 0 <= self.oy and self.oy + (h - 1) * self.sy < img.height)
+
     def operand(self, i, j):
+        """(image, byte offset, element strides) for the band starting at (x0+i, y0+j)."""
         img = self.image
         cx, cy = self.ox + i * self.sx, self.oy + j * self.sy
-        in_x, in_y = 0 <= cx < img.width, 0 <= cy < img.height
-        if not (in_x and in_y) and self.edge_mode == ImageEdgeMode.ZERO:
+        sn, sy, sx, _ = img._strides
+        if 0 <= cx < img.width and 0 <= cy < img.height:
+            return (img, img._byte_offset(self.oz, cy, cx, self.c0), (sn, sy * self.sy, sx * self.sx, self.sc))
+        if self.edge_mode == ImageEdgeMode.ZERO:
             return (_ZERO, 0, (0, 0, 0, 0))
+        in_x, in_y = 0 <= cx < img.width, 0 <= cy < img.height
         cx, cy = min(max(cx, 0), img.width - 1), min(max(cy, 0), img.height - 1)
-        sn, sy, sx, _ = img._strides()
         strides = (sn, sy * self.sy if in_y else 0, sx * self.sx if in_x else 0, self.sc)
         return (img, img._byte_offset(self.oz, cy, cx, self.c0), strides)
 
@@ -164,12 +172,14 @@ def _segments(d0, d1, axes):
 
 def clipped_region(clip_rect, destination):
     """clip_rect ∩ destination: (x, y, z, width, height, depth); sizes may be <= 0 (nothing)."""
+    if clip_rect is RECT_NO_CLIP:
+        return (0, 0, 0, destination.width, destination.height, destination.number_of_images)
     (x, y, z), (w, h, d) = clip_rect
     return (x, y, z, min(x + w, destination.width) - x, min(y + h, destination.height) - y,
             min(z + d, destination.number_of_images) - z)
 
 
-def record_pointwise(command_buffer, make_command, description, sources, destination,
+def record_pointwise(command_buffer, make_command, kernel, sources, destination,
                      dst_c0, channels, region):
     """Record one command per band of the destination region in which every source is
     uniformly inside, before or after its image (at most 9 for one source; usually 1)."""
@@ -179,14 +189,19 @@ def record_pointwise(command_buffer, make_command, description, sources, destina
             raise ValidationError(
                 f"{s.image!r} has {s.image.number_of_images} images; the kernel reads images "
                 f"{s.oz}..{s.oz + depth - 1} (offset.z and clip_rect depth)")
+    if all(s.inside(w, h) for s in sources):  # the common case: one command
+        operands = [s.operand(0, 0) for s in sources]
+        operands.append((destination, destination._byte_offset(z0, y0, x0, dst_c0), destination._strides))
+        command_buffer._add(make_command((depth, h, w, channels)), operands, kernel)
+        return
     xs = _segments(x0, x0 + w, [(s.ox, s.sx, s.image.width) for s in sources])
     ys = _segments(y0, y0 + h, [(s.oy, s.sy, s.image.height) for s in sources])
     for ya, yb in ys:
         for xa, xb in xs:
             operands = [s.operand(xa - x0, ya - y0) for s in sources]
             operands.append((destination, destination._byte_offset(z0, ya, xa, dst_c0),
-                             destination._strides()))
-            command_buffer._add(make_command((depth, yb - ya, xb - xa, channels)), operands, description)
+                             destination._strides))
+            command_buffer._add(make_command((depth, yb - ya, xb - xa, channels)), operands, kernel)
 
 
 def _channels(image, offset, max_count, role):
@@ -350,7 +365,7 @@ class CNNKernel(Kernel, _Encoding):
     def _encode(self, command_buffer, source, destination):
         raise NotImplementedError
 
-    def _encode_pointwise(self, command_buffer, source, destination, make_command, description):
+    def _encode_pointwise(self, command_buffer, source, destination, make_command):
         channels = self._source_channels(source)
         _check_destination_channels(self, destination, channels)
         region = clipped_region(self.clip_rect, destination)
@@ -358,7 +373,7 @@ class CNNKernel(Kernel, _Encoding):
             return
         src = PointwiseSource(source, self.offset, 1, 1, self.source_feature_channel_offset, 1,
                               self.edge_mode)
-        record_pointwise(command_buffer, make_command, description, [src], destination,
+        record_pointwise(command_buffer, make_command, self, [src], destination,
                          self.destination_feature_channel_offset, channels, region)
 
 
@@ -459,7 +474,7 @@ class CNNBinaryKernel(Kernel, _Encoding):
         raise NotImplementedError
 
     def _encode_pointwise(self, command_buffer, primary, secondary, destination, make_command,
-                          description, primary_channel_stride=1, secondary_channel_stride=1):
+                          primary_channel_stride=1, secondary_channel_stride=1):
         channels = self._primary_channels(primary)
         secondary_channels = _channels(secondary, self.secondary_source_feature_channel_offset,
                                        self.secondary_source_feature_channel_max_count, "secondary")
@@ -486,7 +501,7 @@ class CNNBinaryKernel(Kernel, _Encoding):
                             self.secondary_source_feature_channel_offset, secondary_channel_stride,
                             self.secondary_edge_mode),
         ]
-        record_pointwise(command_buffer, make_command, description, sources, destination,
+        record_pointwise(command_buffer, make_command, self, sources, destination,
                          self.destination_feature_channel_offset, channels, region)
 
 

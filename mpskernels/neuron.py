@@ -56,6 +56,10 @@ class CNNNeuron(CNNKernel):
                                       "(NNNeuronDescriptor.cnn_neuron_prelu_descriptor)")
             self.data = np.ascontiguousarray(d.data, dtype=np.float32).reshape(-1)
 
+    def __repr__(self):
+        name = f" {self.label!r}" if self.label else ""
+        return f"<{type(self).__name__}{name} {self.neuron_type.name} a={self.a} b={self.b} c={self.c}>"
+
     def _slopes(self, first, count):
         if self.data.size == 1:
             return np.full(count, self.data[0], dtype=np.float32)
@@ -73,8 +77,7 @@ class CNNNeuron(CNNKernel):
         def make(extent):
             return _native.ElementwiseCommand.neuron(extent, t, a, b, c, slopes)
 
-        self._encode_pointwise(command_buffer, source, destination, make,
-                               f"{self!r} {self.neuron_type.name}")
+        self._encode_pointwise(command_buffer, source, destination, make)
 
 
 def _neuron_class(name, neuron_type, params, doc):

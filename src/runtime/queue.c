@@ -10,6 +10,36 @@
 
 #include "mpskernels.h"
 
+/* How long an idle worker, or a waiter, keeps looking before it sleeps. Waking a sleeping
+ * thread costs several microseconds, more than a small buffer takes to run; 50 us of looking
+ * bounds the CPU spent on it. */
+#define MK_SPIN_NS 50000
+#if MK_X86
+#include <immintrin.h>
+static void cpu_relax(void) { _mm_pause(); }
+#else
+static void cpu_relax(void) {}
+#endif
+#include <time.h>
+
+static int64_t now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+/* Look (without the lock) until stop(arg) or MK_SPIN_NS pass; returns stop(arg). */
+static int spin(int (*stop)(const void *), const void *arg) {
+    int64_t deadline = now_ns() + MK_SPIN_NS;
+    for (;;) {
+        for (int i = 0; i < 64; i++) {
+            if (stop(arg)) return 1;
+            cpu_relax();
+        }
+        if (now_ns() > deadline) return stop(arg);
+    }
+}
+
 enum { ST_NOT_ENQUEUED = 0, ST_ENQUEUED = 1, ST_COMMITTED = 2, ST_SCHEDULED = 3,
        ST_COMPLETED = 4, ST_ERROR = 5 };
 
@@ -34,6 +64,8 @@ struct mk_queue {
     pthread_cond_t work, changed;   /* work: for the worker; changed: for waiters */
     mk_buffer *head, *tail;         /* enqueued, not yet taken */
     int running;                    /* a buffer of this queue is executing */
+    int worker_spinning;            /* the idle worker is looking: commit need not wake it */
+    atomic_llong commits;           /* bumped by every commit */
     int shutdown, worker_started;
     pthread_t worker;
 };
@@ -159,6 +191,12 @@ static mk_buffer *take_runnable(mk_queue *q) {
     return b;
 }
 
+typedef struct commits_since { const mk_queue *q; long long seen; } commits_since;
+static int new_commit(const void *arg) {
+    const commits_since *c = arg;
+    return atomic_load(&c->q->commits) != c->seen;
+}
+
 static void *worker_main(void *arg) {
     mk_queue *q = arg;
     pthread_mutex_lock(&q->mu);
@@ -168,6 +206,13 @@ static void *worker_main(void *arg) {
             pthread_mutex_unlock(&q->mu);
             execute(q, b);
             pthread_mutex_lock(&q->mu);
+            /* Look for the next commit a while before sleeping. */
+            commits_since c = {q, atomic_load(&q->commits)};
+            q->worker_spinning = 1;
+            pthread_mutex_unlock(&q->mu);
+            spin(new_commit, &c);
+            pthread_mutex_lock(&q->mu);
+            q->worker_spinning = 0;
             continue;
         }
         if (q->shutdown && !q->head && !q->running) break;
@@ -193,9 +238,19 @@ mk_status mk_buffer_commit(mk_buffer *b, const mk_command *commands, int32_t cou
     }
     if (atomic_load(&b->status) == ST_NOT_ENQUEUED) append(q, b);
     atomic_store(&b->status, ST_COMMITTED);
-    pthread_cond_signal(&q->work);
+    atomic_fetch_add(&q->commits, 1);
+    if (!q->worker_spinning) pthread_cond_signal(&q->work);
     pthread_mutex_unlock(&q->mu);
     return MK_OK;
+}
+
+/* Another thread is running b or what precedes it: look before sleeping (see MK_SPIN_NS).
+ * Called and returns with q->mu held; returns whether done(b) holds. */
+static int spin_until(mk_buffer *b, int (*done)(const mk_buffer *), mk_queue *q) {
+    pthread_mutex_unlock(&q->mu);
+    spin((int (*)(const void *))done, b);
+    pthread_mutex_lock(&q->mu);
+    return done(b);
 }
 
 /* Wait until done(b) holds; meanwhile run this queue's head if nobody else is running it.
@@ -211,7 +266,7 @@ static void wait_for(mk_buffer *b, int (*done)(const mk_buffer *)) {
             pthread_mutex_unlock(&q->mu);
             execute(q, run);
             pthread_mutex_lock(&q->mu);
-        } else {
+        } else if (!spin_until(b, done, q)) {
             pthread_cond_wait(&q->changed, &q->mu);
         }
     }
