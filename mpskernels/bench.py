@@ -1,0 +1,116 @@
+"""Quick benchmarks of what exists against NumPy, in one process (used by `mpskernels bench`
+and by bench/). Each case times our encode + commit + wait against the NumPy call a user would
+write instead, as a median over repeated runs, and reports the ratio ours / theirs."""
+import time
+
+import numpy as np
+
+import mpskernels as mk
+
+F32 = mk.ImageFeatureChannelFormat.FLOAT32
+
+
+def median_seconds(fn, min_time=0.25, min_runs=20, max_runs=20000):
+    """Median wall time of fn() over repeated runs (after one warm-up run)."""
+    fn()
+    times = []
+    deadline = time.perf_counter() + min_time
+    while len(times) < min_runs or (time.perf_counter() < deadline and len(times) < max_runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def _run(queue, encode):
+    cb = queue.make_command_buffer()
+    encode(cb)
+    cb.commit()
+    cb.wait_until_completed()
+
+
+def cases(device):
+    """(name, ours, numpy's, bytes moved per run) for each benchmark case."""
+    queue = device.make_command_queue()
+    rng = np.random.default_rng(0)
+    out = []
+
+    def unary(name, kernel, shape, reference):
+        n, h, w, c = shape
+        x = rng.standard_normal((n, h, w, c)).astype(np.float32)
+        src = mk.Image.from_numpy(device, x)
+        dst = mk.Image(device, mk.ImageDescriptor(F32, w, h, c, n))
+        y = np.empty_like(x)
+        out.append((name, lambda: _run(queue, lambda cb: kernel.encode(cb, src, dst)),
+                    lambda: reference(x, y), 2 * x.nbytes))
+
+    relu = mk.CNNNeuronReLU(device, a=0.0)
+    unary("relu 1x56x56x256", relu, (1, 56, 56, 256), lambda x, y: np.maximum(x, 0, out=y))
+    unary("relu 1x1x1x4 (latency)", relu, (1, 1, 1, 4), lambda x, y: np.maximum(x, 0, out=y))
+
+    def sigmoid(x, y):
+        np.negative(x, out=y)
+        np.exp(y, out=y)
+        np.add(y, 1, out=y)
+        np.reciprocal(y, out=y)
+
+    unary("sigmoid 1x56x56x256", mk.CNNNeuronSigmoid(device), (1, 56, 56, 256), sigmoid)
+
+    a = rng.standard_normal((1, 56, 56, 256)).astype(np.float32)
+    b = rng.standard_normal((1, 56, 56, 256)).astype(np.float32)
+    ia, ib = mk.Image.from_numpy(device, a), mk.Image.from_numpy(device, b)
+    isum = mk.Image(device, mk.ImageDescriptor(F32, 56, 56, 256))
+    y = np.empty_like(a)
+    add = mk.CNNAdd(device)
+    out.append(("add 1x56x56x256", lambda: _run(queue, lambda cb: add.encode(cb, ia, ib, isum)),
+                lambda: np.add(a, b, out=y), 3 * a.nbytes))
+
+    # 32 chained ReLUs through temporaries vs NumPy ping-ponging two buffers
+    x = rng.standard_normal((1, 112, 112, 64)).astype(np.float32)
+    src = mk.Image.from_numpy(device, x)
+    dst = mk.Image(device, mk.ImageDescriptor(F32, 112, 112, 64))
+    desc = mk.ImageDescriptor(F32, 112, 112, 64)
+
+    def chain(cb):
+        image = src
+        for _ in range(31):
+            t = mk.TemporaryImage(cb, desc)
+            relu.encode(cb, image, t)
+            image = t
+        relu.encode(cb, image, dst)
+
+    y0, y1 = np.empty_like(x), np.empty_like(x)
+
+    def numpy_chain():
+        np.maximum(x, 0, out=y0)
+        for i in range(31):
+            np.maximum(y0 if i % 2 == 0 else y1, 0, out=y1 if i % 2 == 0 else y0)
+
+    out.append(("32 relus 1x112x112x64 via temporaries", lambda: _run(queue, chain), numpy_chain,
+                64 * x.nbytes))
+    return out
+
+
+def run(threads=(1, 2), progress=None, min_time=0.25):
+    """Rows of (case, threads, ours_us, numpy_us, ratio, our GB/s)."""
+    rows = []
+    total = len(threads) * 6
+    done = 0
+    for n in threads:
+        device = mk.Device(num_threads=n)
+        for name, ours, theirs, nbytes in cases(device):
+            t_ours = median_seconds(ours, min_time)
+            t_np = median_seconds(theirs, min_time)
+            rows.append((name, n, t_ours * 1e6, t_np * 1e6, t_ours / t_np, nbytes / t_ours / 1e9))
+            done += 1
+            if progress:
+                progress(done, total, name)
+    return rows
+
+
+def format_rows(rows):
+    lines = [f"{'case':40s} {'threads':>7s} {'ours us':>10s} {'numpy us':>10s} {'ratio':>7s} {'GB/s':>7s}"]
+    for name, n, ours, theirs, ratio, gbs in rows:
+        lines.append(f"{name:40s} {n:7d} {ours:10.1f} {theirs:10.1f} {ratio:7.2f} {gbs:7.1f}")
+    lines.append("ratio = our time / NumPy's (below 1: we are faster); NumPy runs on one thread.")
+    return "\n".join(lines)
