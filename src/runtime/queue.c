@@ -3,6 +3,7 @@
  * A queue keeps its buffers in enqueue order; its worker thread runs the head once it is
  * committed. A thread that waits for the head buffer before the worker has taken it runs the
  * buffer itself: the common "commit, then wait" costs no thread hand-off. */
+#define _POSIX_C_SOURCE 200809L
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdlib.h>
@@ -10,10 +11,13 @@
 
 #include "mpskernels.h"
 
-/* How long an idle worker, or a waiter, keeps looking before it sleeps. Waking a sleeping
- * thread costs several microseconds, more than a small buffer takes to run; 50 us of looking
- * bounds the CPU spent on it. */
-#define MK_SPIN_NS 50000
+/* Waking a sleeping thread costs several microseconds (more in a VM), more than a small
+ * buffer takes to run. So a waiter looks for MK_WAIT_SPIN_NS before it sleeps, and an idle
+ * worker looks for the next commit MK_IDLE_SPIN_NS (while it does, commit needs no wake-up).
+ * Both are short: on a machine with few cores a looking thread takes a core from kernels. */
+#define MK_WAIT_SPIN_NS 10000
+#define MK_IDLE_SPIN_NS 30000
+
 #if MK_X86
 #include <immintrin.h>
 static void cpu_relax(void) { _mm_pause(); }
@@ -28,9 +32,9 @@ static int64_t now_ns(void) {
     return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
 }
 
-/* Look (without the lock) until stop(arg) or MK_SPIN_NS pass; returns stop(arg). */
-static int spin(int (*stop)(const void *), const void *arg) {
-    int64_t deadline = now_ns() + MK_SPIN_NS;
+/* Look (without the lock) until stop(arg) or `ns` pass; returns stop(arg). */
+static int spin(int (*stop)(const void *), const void *arg, int64_t ns) {
+    int64_t deadline = now_ns() + ns;
     for (;;) {
         for (int i = 0; i < 64; i++) {
             if (stop(arg)) return 1;
@@ -64,8 +68,9 @@ struct mk_queue {
     pthread_cond_t work, changed;   /* work: for the worker; changed: for waiters */
     mk_buffer *head, *tail;         /* enqueued, not yet taken */
     int running;                    /* a buffer of this queue is executing */
-    int worker_spinning;            /* the idle worker is looking: commit need not wake it */
+    int worker_looking;             /* the idle worker is looking: commit need not wake it */
     atomic_llong commits;           /* bumped by every commit */
+
     int shutdown, worker_started;
     pthread_t worker;
 };
@@ -206,13 +211,12 @@ static void *worker_main(void *arg) {
             pthread_mutex_unlock(&q->mu);
             execute(q, b);
             pthread_mutex_lock(&q->mu);
-            /* Look for the next commit a while before sleeping. */
             commits_since c = {q, atomic_load(&q->commits)};
-            q->worker_spinning = 1;
+            q->worker_looking = 1;
             pthread_mutex_unlock(&q->mu);
-            spin(new_commit, &c);
+            spin(new_commit, &c, MK_IDLE_SPIN_NS);
             pthread_mutex_lock(&q->mu);
-            q->worker_spinning = 0;
+            q->worker_looking = 0;
             continue;
         }
         if (q->shutdown && !q->head && !q->running) break;
@@ -239,16 +243,17 @@ mk_status mk_buffer_commit(mk_buffer *b, const mk_command *commands, int32_t cou
     if (atomic_load(&b->status) == ST_NOT_ENQUEUED) append(q, b);
     atomic_store(&b->status, ST_COMMITTED);
     atomic_fetch_add(&q->commits, 1);
-    if (!q->worker_spinning) pthread_cond_signal(&q->work);
+    int wake = !q->worker_looking;
     pthread_mutex_unlock(&q->mu);
+    if (wake) pthread_cond_signal(&q->work);   /* after unlocking: the lock is free for it */
     return MK_OK;
 }
 
-/* Another thread is running b or what precedes it: look before sleeping (see MK_SPIN_NS).
+/* Another thread is running b or what precedes it: look before sleeping.
  * Called and returns with q->mu held; returns whether done(b) holds. */
 static int spin_until(mk_buffer *b, int (*done)(const mk_buffer *), mk_queue *q) {
     pthread_mutex_unlock(&q->mu);
-    spin((int (*)(const void *))done, b);
+    spin((int (*)(const void *))done, b, MK_WAIT_SPIN_NS);
     pthread_mutex_lock(&q->mu);
     return done(b);
 }
