@@ -3,6 +3,8 @@ dst = clamp((primary_scale*x) OP (secondary_scale*y) + bias, minimum_value, maxi
 Broadcasting is MPS's: secondary_stride_in_pixels_x/_y = 0 repeats one column / row (a 1x1
 secondary with both at 0 is a per-channel vector), secondary_stride_in_feature_channels = 0
 repeats its first channel. The C kernels: src/elementwise/."""
+import math
+
 from mpskernels import _native
 from mpskernels.errors import ValidationError
 from mpskernels.kernel import CNNBinaryKernel
@@ -26,6 +28,9 @@ class CNNArithmetic(CNNBinaryKernel):
             if getattr(self, name) not in (0, 1):
                 raise ValidationError(f"{name} must be 0 (repeat the first channel) or 1, "
                                       f"got {getattr(self, name)}")
+        values = (self.primary_scale, self.secondary_scale, self.bias, self.minimum_value, self.maximum_value)
+        if any(math.isnan(float(v)) for v in values):
+            raise ValidationError(f"{self!r}: scales, bias, minimum_value and maximum_value must not be NaN")
         if self.minimum_value > self.maximum_value:
             raise ValidationError(f"minimum_value {self.minimum_value} > maximum_value {self.maximum_value}")
         args = (self._op, self.primary_scale, self.secondary_scale, self.bias,

@@ -2,7 +2,10 @@
 Every API that takes one also takes a plain tuple."""
 from typing import NamedTuple
 
+from mpskernels.errors import ValidationError
+
 NO_CLIP = 1 << 62  # MPSRectNoClip's size: "the whole destination"
+LIMIT = 1 << 40    # coordinates beyond this are mistakes (and would overflow the C strides)
 
 
 class Origin(NamedTuple):
@@ -37,11 +40,14 @@ RECT_NO_CLIP = Region(Origin(0, 0, 0), Size(NO_CLIP, NO_CLIP, NO_CLIP))
 
 def _ints(value, n, what):
     try:
-        items = tuple(int(v) for v in value)
+        items = tuple(value)
     except TypeError:
-        raise TypeError(f"{what} must be a tuple of {n} integers, got {value!r}") from None
-    if len(items) > n or len(items) == 0:
-        raise ValueError(f"{what} must have at most {n} integers, got {value!r}")
+        raise ValidationError(f"{what} must be a tuple of up to {n} integers, got {value!r}") from None
+    if not 0 < len(items) <= n or not all(isinstance(v, int) or hasattr(v, "__index__") for v in items):
+        raise ValidationError(f"{what} must be a tuple of up to {n} integers, got {value!r}")
+    items = tuple(v.__index__() for v in items)
+    if any(abs(v) > LIMIT for v in items):
+        raise ValidationError(f"{what} {value!r} is out of range (|value| <= 2**40)")
     return items
 
 
@@ -56,7 +62,7 @@ def as_origin(value):
         return value
     o = Origin(*_ints(value, 3, "origin"))
     if min(o) < 0:
-        raise ValueError(f"origin must not be negative, got {tuple(o)}")
+        raise ValidationError(f"origin must not be negative, got {tuple(o)}")
     return o
 
 
@@ -66,12 +72,15 @@ def as_region(value):
         return value
     value = tuple(value)
     if len(value) == 2:
-        region = Region(as_origin(value[0]), Size(*_ints(value[1], 3, "region size")))
+        size = value[1]
+        if isinstance(size, Size):
+            size = tuple(min(v, LIMIT) for v in size)   # RECT_NO_CLIP-style huge sizes
+        region = Region(as_origin(value[0]), Size(*_ints(size, 3, "region size")))
     elif len(value) == 4:
         x, y, w, h = _ints(value, 4, "region")
         region = Region(as_origin((x, y)), Size(w, h, 1))
     else:
-        raise ValueError(f"a region is ((x, y, z), (width, height, depth)) or (x, y, width, height), got {value!r}")
+        raise ValidationError(f"a region is ((x, y, z), (width, height, depth)) or (x, y, width, height), got {value!r}")
     if min(region.size) < 0:
-        raise ValueError(f"region size must not be negative, got {tuple(region.size)}")
+        raise ValidationError(f"region size must not be negative, got {tuple(region.size)}")
     return region

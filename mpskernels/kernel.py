@@ -132,8 +132,8 @@ class PointwiseSource:
         self.ox, self.oy, self.oz = offset
         self.sx, self.sy, self.c0, self.sc = sx, sy, c0, sc
         if edge_mode != 0 and edge_mode != 1:
-            raise ValidationError(f"edge mode {ImageEdgeMode(edge_mode).name} is only for NNPad; "
-                                  f"kernels take ZERO or CLAMP")
+            raise ValidationError(f"edge mode {edge_mode!r} is not for kernels: they take "
+                                  f"ImageEdgeMode.ZERO or CLAMP (MIRROR etc. are only for NNPad)")
         self.edge_mode = edge_mode
 
     def inside(self, w, h):
@@ -204,7 +204,21 @@ def record_pointwise(command_buffer, make_command, kernel, sources, destination,
             command_buffer._add(make_command((depth, yb - ya, xb - xa, channels)), operands, kernel)
 
 
+def _integer(name, value, minimum=0, maximum=1 << 31):
+    """A kernel property must be an int in [minimum, maximum] (ULONG_MAX counts as maximum)."""
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise ValidationError(f"{name} must be an integer, got {value!r}")
+    value = value.__index__()
+    if value == ULONG_MAX:
+        return maximum
+    if not minimum <= value <= maximum:
+        raise ValidationError(f"{name} must be in {minimum}..{maximum}, got {value}")
+    return value
+
+
 def _channels(image, offset, max_count, role):
+    offset = _integer(f"{role} feature channel offset", offset)
+    max_count = _integer(f"{role} feature channel max count", max_count)
     if not 0 <= offset < image.feature_channels:
         raise ValidationError(f"{role} feature channel offset {offset} is outside the "
                               f"{image.feature_channels} channels of {image!r}")
@@ -214,7 +228,7 @@ def _channels(image, offset, max_count, role):
 
 
 def _check_destination_channels(kernel, destination, channels):
-    offset = kernel.destination_feature_channel_offset
+    offset = _integer("destination_feature_channel_offset", kernel.destination_feature_channel_offset)
     if offset < 0 or offset + channels > destination.feature_channels:
         raise ValidationError(
             f"{kernel!r} writes {channels} channels at destination_feature_channel_offset {offset}, "
@@ -371,8 +385,9 @@ class CNNKernel(Kernel, _Encoding):
         region = clipped_region(self.clip_rect, destination)
         if min(region[3:]) <= 0:
             return
-        src = PointwiseSource(source, self.offset, 1, 1, self.source_feature_channel_offset, 1,
-                              self.edge_mode)
+        src = PointwiseSource(source, self.offset, 1, 1,
+                              _integer("source_feature_channel_offset", self.source_feature_channel_offset),
+                              1, self.edge_mode)
         record_pointwise(command_buffer, make_command, self, [src], destination,
                          self.destination_feature_channel_offset, channels, region)
 
@@ -487,18 +502,17 @@ class CNNBinaryKernel(Kernel, _Encoding):
         region = clipped_region(self.clip_rect, destination)
         if min(region[3:]) <= 0:
             return
-        for name in ("primary_stride_in_pixels_x", "primary_stride_in_pixels_y",
-                     "secondary_stride_in_pixels_x", "secondary_stride_in_pixels_y"):
-            if getattr(self, name) < 0:
-                raise ValidationError(f"{name} must not be negative")
+        strides = [_integer(name, getattr(self, name), 0, 1 << 20) for name in (
+            "primary_stride_in_pixels_x", "primary_stride_in_pixels_y",
+            "secondary_stride_in_pixels_x", "secondary_stride_in_pixels_y")]
         sources = [
-            PointwiseSource(primary, self.primary_offset, self.primary_stride_in_pixels_x,
-                            self.primary_stride_in_pixels_y,
-                            self.primary_source_feature_channel_offset, primary_channel_stride,
+            PointwiseSource(primary, self.primary_offset, strides[0], strides[1],
+                            _integer("primary_source_feature_channel_offset",
+                                     self.primary_source_feature_channel_offset), primary_channel_stride,
                             self.primary_edge_mode),
-            PointwiseSource(secondary, self.secondary_offset, self.secondary_stride_in_pixels_x,
-                            self.secondary_stride_in_pixels_y,
-                            self.secondary_source_feature_channel_offset, secondary_channel_stride,
+            PointwiseSource(secondary, self.secondary_offset, strides[2], strides[3],
+                            _integer("secondary_source_feature_channel_offset",
+                                     self.secondary_source_feature_channel_offset), secondary_channel_stride,
                             self.secondary_edge_mode),
         ]
         record_pointwise(command_buffer, make_command, self, sources, destination,

@@ -31,6 +31,16 @@ def f32(v):
 _erfc = np.frompyfunc(math.erfc, 1, 1)
 
 
+def ieee_pow(base, exponent):
+    """pow with IEEE 754 / C99 Annex F special cases. np.power follows them except for
+    pow(-inf, y) with y > 0 not an odd integer, which is +inf (NumPy gives NaN)."""
+    base, exponent = np.broadcast_arrays(np.asarray(base, np.float64), np.asarray(exponent, np.float64))
+    with np.errstate(all="ignore"):
+        r = np.power(base, exponent)
+        odd = (np.floor(exponent) == exponent) & (np.abs(np.fmod(exponent, 2.0)) == 1.0)
+        return np.where(np.isneginf(base) & (exponent > 0) & ~odd, np.inf, r)
+
+
 def neuron(neuron_type, x, a=0.0, b=0.0, c=0.0, slopes=None, channels=None):
     """f(x) of one neuron type, in float64. x: (..., C); channels: the SOURCE feature channel
     of each entry of the last axis (PReLU's slope index), default 0..C-1."""
@@ -68,10 +78,10 @@ def neuron(neuron_type, x, a=0.0, b=0.0, c=0.0, slopes=None, channels=None):
         if neuron_type == RELUN:
             return np.minimum(np.where(x >= 0, x, a * x), b)
         if neuron_type == POWER:
-            return np.power(a * x + b, c)
+            return ieee_pow(a * x + b, c)
         if neuron_type == EXPONENTIAL:
             t = a * x + b
-            return np.exp(t) if c == -1 else np.power(c, t)
+            return np.exp(t) if c == -1 else ieee_pow(c, t)
         if neuron_type == LOGARITHM:
             t = a * x + b
             return np.log(t) if c == -1 else np.log(t) / np.log(c)
@@ -96,6 +106,29 @@ def arithmetic(op, x, y, primary_scale=1.0, secondary_scale=1.0, bias=0.0,
         return np.minimum(np.maximum(r, f32(minimum)), f32(maximum))
 
 
+def flush_denormals(v):
+    """FTZ/DAZ: values below FLT_MIN in magnitude become ±0."""
+    v = np.asarray(v)
+    return np.where(np.abs(v) < FLT_MIN, np.copysign(0.0, v), v).astype(v.dtype)
+
+
+def arithmetic_f32_steps(op, x, y, primary_scale=1.0, secondary_scale=1.0, bias=0.0,
+                         minimum=-np.inf, maximum=np.inf):
+    """The same formula evaluated step by step in float32 with denormals flushed (FTZ/DAZ):
+    u = ps*x, v = ss*y, u OP v, + bias, clamp, each step rounded, as a kernel without FMA
+    computes it. Overflow to inf, and an intermediate flushed to 0, show as they do there
+    (e.g. FLT_MAX * (0.75 * FLT_MIN): the second factor flushes to 0, so the product is 0)."""
+    x = flush_denormals(np.asarray(x, np.float32))
+    y = flush_denormals(np.asarray(y, np.float32))
+    with np.errstate(all="ignore"):
+        u = flush_denormals(np.float32(primary_scale) * x)
+        v = flush_denormals(np.float32(secondary_scale) * y)
+        r = {ADD: np.add, SUB: np.subtract, MUL: np.multiply, DIV: np.divide}[op](u, v)
+        r = flush_denormals(flush_denormals(r) + np.float32(bias))
+        r = np.minimum(np.maximum(r, np.float32(minimum)), np.float32(maximum))
+    return r.astype(np.float64)
+
+
 # ---- storage formats (ImageFeatureChannelFormat values) ---------------------------------------
 
 UNORM8, UNORM16, FLOAT16, FLOAT32, BFLOAT16 = 1, 2, 3, 4, 5
@@ -114,14 +147,19 @@ def round_bf16(v):
 def round_to_format(v, fmt):
     """The float64 values v stored in format fmt and read back, as float64 (NaN → 0 for unorm)."""
     v = np.asarray(v, dtype=np.float64)
-    if fmt == FLOAT32:
-        return v.astype(np.float32).astype(np.float64)
-    if fmt == FLOAT16:
-        return v.astype(np.float32).astype(np.float16).astype(np.float64)
-    if fmt == BFLOAT16:
-        return round_bf16(v.astype(np.float32))
-    scale = 255.0 if fmt == UNORM8 else 65535.0
-    return np.rint(np.clip(np.nan_to_num(v, nan=0.0), 0.0, 1.0) * scale) / scale
+    with np.errstate(over="ignore"):
+        if fmt == FLOAT32:
+            return v.astype(np.float32).astype(np.float64)
+        if fmt == FLOAT16:
+            return v.astype(np.float32).astype(np.float16).astype(np.float64)
+        if fmt == BFLOAT16:
+            return round_bf16(v.astype(np.float32))
+    # unorm (mpskernels.h): clamp the float32 value to [0, 1] (NaN → 0), multiply by 255 or
+    # 65535 in float32, round half to even
+    scale = np.float32(255.0 if fmt == UNORM8 else 65535.0)
+    with np.errstate(over="ignore"):
+        clamped = np.clip(np.nan_to_num(v.astype(np.float32), nan=0.0), 0.0, 1.0).astype(np.float32)
+    return np.rint(clamped * scale).astype(np.float64) / np.float64(scale)
 
 
 def format_units(v, fmt):
@@ -132,7 +170,8 @@ def format_units(v, fmt):
     if fmt in (UNORM8, UNORM16):
         return np.rint(v * (255.0 if fmt == UNORM8 else 65535.0))
     if fmt == FLOAT16:
-        bits = v.astype(np.float16).view(np.uint16).astype(np.int64)
+        with np.errstate(over="ignore"):
+            bits = v.astype(np.float16).view(np.uint16).astype(np.int64)
         mag = bits & 0x7FFF
     elif fmt == BFLOAT16:
         bits = (v.astype(np.float32).view(np.uint32) >> 16).astype(np.int64)
@@ -216,3 +255,25 @@ def binary_pointwise(f, primary, secondary, dst, primary_offset=(0, 0, 0),
                secondary_c0, channels, secondary_channel_stride)
     out[z0:z0 + depth, y0:y0 + h, x0:x0 + w, dst_c0:dst_c0 + channels] = f(p, s)
     return out
+
+
+# ---- comparing float32 results --------------------------------------------------------------
+
+# Kernels flush denormal results and intermediates to zero (FTZ/DAZ): a result within a few
+# FLT_MIN of zero may come out as ±0. Tests allow this much absolute error everywhere.
+FTZ_ATOL = 2.0 ** -120
+
+
+def mismatches(got, refs, tol):
+    """Where got (float32 results as float64) matches none of the references: a reference r
+    is matched by NaN where r is NaN, by the exact value where float32(r) is infinite, and
+    elsewhere by float32(r) or anything within tol of r."""
+    bad = np.ones(got.shape, dtype=bool)
+    with np.errstate(all="ignore"):
+        for r in refs:
+            r32 = round_to_format(r, FLOAT32)
+            ok = np.where(np.isnan(r), np.isnan(got),
+                          np.where(np.isinf(r32), got == r32,
+                                   (got == r32) | (np.abs(got - r) <= tol)))
+            bad &= ~ok
+    return bad
