@@ -203,18 +203,19 @@ def test_cpu_info():
     assert info["num_threads"] >= 1 and isinstance(info["features"], dict)
 
 
-def test_max_isa_environment_caps_the_choice():
+def test_max_isa_environment_caps_the_choice(tmp_path):
     import subprocess
     import sys
+    # run outside the checkout so the installed package is imported, not the source folder
     for cap in ("generic", "avx2"):
         out = subprocess.run(
             [sys.executable, "-c", "import mpskernels; print(mpskernels.cpu_info()['isa'])"],
             capture_output=True, text=True, env={**__import__("os").environ, "MPSKERNELS_MAX_ISA": cap},
-            check=True)
+            check=True, cwd=tmp_path)
         isa = out.stdout.strip()
         assert isa == cap or (cap == "avx2" and isa == "generic")
     bad = subprocess.run([sys.executable, "-c", "import mpskernels"], capture_output=True, text=True,
-                         env={**__import__("os").environ, "MPSKERNELS_MAX_ISA": "sse9"})
+                         env={**__import__("os").environ, "MPSKERNELS_MAX_ISA": "sse9"}, cwd=tmp_path)
     assert bad.returncode != 0 and "MPSKERNELS_MAX_ISA" in bad.stderr
 
 
