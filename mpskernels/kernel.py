@@ -272,7 +272,7 @@ class _Encoding:
         descriptor = self.destination_image_descriptor(sources)
         return self.destination_image_allocator.image(command_buffer, descriptor, self)
 
-    def _descriptor_for(self, primary, channels, offset, source_images, source_states):
+    def _descriptor_for(self, primary, channels, offset):
         """Size by the padding policy; returns (descriptor, new offset)."""
         method = self.padding.padding_method()
         kw = (self.kernel_width - 1) * self.dilation_rate_x + 1
@@ -340,7 +340,7 @@ class CNNKernel(Kernel, _Encoding):
         """The descriptor the image-returning encode uses; sets self.offset (as MPS does)."""
         source = source_images[0]
         descriptor, self.offset = self._descriptor_for(
-            source, self._source_channels(source), self.offset, source_images, source_states)
+            source, self._source_channels(source), self.offset)
         return self._custom_padding(descriptor, source_images, source_states)
 
     def encode(self, command_buffer, source, destination=None, destination_state=None):
@@ -449,7 +449,7 @@ class CNNBinaryKernel(Kernel, _Encoding):
         """The descriptor the image-returning encode uses; sets primary_offset."""
         primary = source_images[0]
         descriptor, self.primary_offset = self._descriptor_for(
-            primary, self._primary_channels(primary), self.primary_offset, source_images, source_states)
+            primary, self._primary_channels(primary), self.primary_offset)
         return self._custom_padding(descriptor, source_images, source_states)
 
     def encode(self, command_buffer, primary, secondary, destination=None, destination_state=None):

@@ -181,20 +181,25 @@ AI VD ewd_exp2(VD y) {
 /* ---- the loops ---------------------------------------------------------------------- */
 
 /* y[i] = EXPR(v) where v is the vector of x; `s` is the matching slope vector if SL. */
+/* The single-vector loop and the masked tail, continuing from index i_. */
+#define EW_UNARY_REST(EXPR)                                                              \
+    for (; i_ + VL <= n; i_ += VL) {                                                     \
+        V v = v_load(x + i_);                                                            \
+        v_store(y + i_, (EXPR));                                                         \
+    }                                                                                    \
+    if (i_ < n) {                                                                        \
+        int r_ = (int)(n - i_);                                                          \
+        V v = v_load_n(x + i_, r_);                                                      \
+        v_store_n(y + i_, (EXPR), r_);                                                   \
+    }
+
 #define EW_UNARY_LOOP(EXPR)                                                              \
     do {                                                                                 \
         int64_t i_ = 0;                                                                  \
-        for (; i_ + VL <= n; i_ += VL) {                                                 \
-            V v = v_load(x + i_);                                                        \
-            v_store(y + i_, (EXPR));                                                     \
-        }                                                                                \
-        if (i_ < n) {                                                                    \
-            int r_ = (int)(n - i_);                                                      \
-            V v = v_load_n(x + i_, r_);                                                  \
-            v_store_n(y + i_, (EXPR), r_);                                               \
-        }                                                                                \
+        EW_UNARY_REST(EXPR)                                                              \
     } while (0)
 
+/* Two vectors per iteration (cheap neurons: more loads in flight), then the same rest. */
 #define EW_UNARY_LOOP2(EXPR)                                                             \
     do {                                                                                 \
         int64_t i_ = 0;                                                                  \
@@ -205,15 +210,7 @@ AI VD ewd_exp2(VD y) {
             v = w_;                                                                      \
             v_store(y + i_ + VL, (EXPR));                                                \
         }                                                                                \
-        for (; i_ + VL <= n; i_ += VL) {                                                 \
-            V v = v_load(x + i_);                                                        \
-            v_store(y + i_, (EXPR));                                                     \
-        }                                                                                \
-        if (i_ < n) {                                                                    \
-            int r_ = (int)(n - i_);                                                      \
-            V v = v_load_n(x + i_, r_);                                                  \
-            v_store_n(y + i_, (EXPR), r_);                                               \
-        }                                                                                \
+        EW_UNARY_REST(EXPR)                                                              \
     } while (0)
 
 #define EW_NEURON(NAME) \
