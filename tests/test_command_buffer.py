@@ -114,6 +114,24 @@ def test_commit_is_asynchronous_and_fire_and_forget_is_safe(device):
         assert np.array_equal(out.to_numpy()[0], np.maximum(x, 0))
 
 
+def test_worker_runs_a_buffer_nobody_waits_for(device):
+    """commit() alone is enough: the queue's worker runs the buffer (after its short grace
+    period, in which a waiting thread would have run it itself)."""
+    x, src, _ = images(device, (8, 8, 4))
+    out = Image(device, ImageDescriptor(F32, 8, 8, 4))
+    cb = device.make_command_queue().make_command_buffer()
+    mk.CNNNeuronReLU(device, a=0.0).encode(cb, src, out)
+    ran = threading.Event()
+    threads = []
+    cb.add_completed_handler(lambda b: (threads.append(threading.get_ident()), ran.set()))
+    cb.commit()
+    assert ran.wait(timeout=10), "the worker never ran a committed buffer"
+    assert len(threads) == 1 and threads[0] != threading.get_ident()   # the worker ran it
+    cb.wait_until_completed()
+    assert cb.status == S.COMPLETED
+    assert np.array_equal(out.to_numpy()[0], np.maximum(x, 0))
+
+
 def test_wait_inside_own_handler_raises(device):
     queue = device.make_command_queue()
     cb, later = queue.make_command_buffer(), queue.make_command_buffer()

@@ -14,9 +14,13 @@
 /* Waking a sleeping thread costs several microseconds (more in a VM), more than a small
  * buffer takes to run. So a waiter looks for MK_WAIT_SPIN_NS before it sleeps, and an idle
  * worker looks for the next commit MK_IDLE_SPIN_NS (while it does, commit needs no wake-up).
- * Both are short: on a machine with few cores a looking thread takes a core from kernels. */
+ * Both are short: on a machine with few cores a looking thread takes a core from kernels.
+ * The worker leaves a fresh commit alone for MK_HANDOFF_GRACE_NS: the common "commit, then
+ * wait" then runs on the waiting thread, which returns the moment the work is done instead of
+ * being woken by the worker (a wake-up costs 10-30 us, more than a small kernel). */
 #define MK_WAIT_SPIN_NS 10000
 #define MK_IDLE_SPIN_NS 30000
+#define MK_HANDOFF_GRACE_NS 20000
 
 #if MK_X86
 #include <immintrin.h>
@@ -61,6 +65,7 @@ struct mk_buffer {
     void *user;
     int32_t failed_command;
     mk_status failure;
+    int64_t committed_ns;       /* when commit() was called (the worker's grace period) */
 };
 
 struct mk_queue {
@@ -79,7 +84,11 @@ mk_queue *mk_queue_create(void) {
     mk_queue *q = calloc(1, sizeof *q);
     if (!q) return NULL;
     pthread_mutex_init(&q->mu, NULL);
-    pthread_cond_init(&q->work, NULL);
+    pthread_condattr_t monotonic;   /* the grace period is timed on CLOCK_MONOTONIC */
+    pthread_condattr_init(&monotonic);
+    pthread_condattr_setclock(&monotonic, CLOCK_MONOTONIC);
+    pthread_cond_init(&q->work, &monotonic);
+    pthread_condattr_destroy(&monotonic);
     pthread_cond_init(&q->changed, NULL);
     return q;
 }
@@ -202,10 +211,25 @@ static int new_commit(const void *arg) {
     return atomic_load(&c->q->commits) != c->seen;
 }
 
+/* With q->mu held: when the head is committed but younger than the grace period, the time
+ * (CLOCK_MONOTONIC ns) at which the worker may take it; else 0. */
+static int64_t grace_end(const mk_queue *q) {
+    const mk_buffer *b = q->head;
+    if (q->running || !b || atomic_load(&b->status) != ST_COMMITTED) return 0;
+    int64_t end = b->committed_ns + MK_HANDOFF_GRACE_NS;
+    return now_ns() < end ? end : 0;
+}
+
 static void *worker_main(void *arg) {
     mk_queue *q = arg;
     pthread_mutex_lock(&q->mu);
     for (;;) {
+        int64_t end = grace_end(q);
+        if (end) {   /* sleep, not spin: a waiter running the buffer needs every core */
+            struct timespec t = {end / 1000000000, end % 1000000000};
+            pthread_cond_timedwait(&q->work, &q->mu, &t);
+            continue;
+        }
         mk_buffer *b = take_runnable(q);
         if (b) {
             pthread_mutex_unlock(&q->mu);
@@ -235,6 +259,7 @@ mk_status mk_buffer_commit(mk_buffer *b, const mk_command *commands, int32_t cou
     }
     b->count = count;
     b->pool = pool;
+    b->committed_ns = now_ns();
     pthread_mutex_lock(&q->mu);
     if (!q->worker_started) {
         if (pthread_create(&q->worker, NULL, worker_main, q) == 0) q->worker_started = 1;
