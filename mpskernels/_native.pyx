@@ -372,3 +372,4 @@ cdef class Buffer:
     def wait_completed(self):
         with nogil:
             mk_buffer_wait_completed(self.buffer)
+include "_gemm.pxi"

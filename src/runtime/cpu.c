@@ -1,6 +1,7 @@
 /* CPU feature detection and the one place that picks the instruction set.
  * MPSKERNELS_MAX_ISA (generic | avx2 | avx512) caps the choice, read by the binding. */
 #include "mpskernels.h"
+#include "gemm/gemm.h"
 
 #if MK_X86
 #include <cpuid.h>
@@ -70,6 +71,7 @@ mk_isa mk_select_isa(mk_isa isa) {
     if (isa > best) isa = best;
     if (isa < MK_ISA_GENERIC) isa = MK_ISA_GENERIC;
     mk_elementwise_select_isa(isa);
+    mk_gemm_select_isa(isa);
     active = isa;
     return isa;
 }

@@ -1,0 +1,89 @@
+# ---- GEMM (src/gemm/) ----------------------------------------------------------------------
+# Included at the end of _native.pyx.
+from libc.stdint cimport intptr_t, uintptr_t
+
+cdef extern from "gemm/gemm.h" nogil:
+    enum: MK_GEMM_NR
+    ctypedef struct mk_gemm_epilogue:
+        float alpha, beta
+        const float *bias
+        float lo, hi
+    ctypedef void (*mk_gemm_ukernel_fn)(int mr, int nc, int64_t kc, int64_t ks,
+                                        const float *const *a, intptr_t a_offset,
+                                        const float *zero, const float *w, float *c, int64_t ldc,
+                                        const mk_gemm_epilogue *ep)
+    ctypedef struct mk_gemm_ukernel:
+        int mr
+        mk_gemm_ukernel_fn run
+        const char *name
+    const mk_gemm_ukernel *mk_gemm_ukernel_active()
+    mk_status mk_gemm_packed_b_floats(int64_t k, int64_t n, int64_t *floats)
+    void mk_gemm_pack_b(int64_t k, int64_t n, const void *b, int format, int64_t rs, int64_t cs,
+                        float *packed)
+
+GEMM_NR = MK_GEMM_NR
+
+
+def gemm_ukernel_info():
+    """(mr, name) of the active micro-kernel."""
+    cdef const mk_gemm_ukernel *u = mk_gemm_ukernel_active()
+    return u.mr, u.name.decode()
+
+
+def gemm_pack_b(b, int64_t k, int64_t n, int64_t rs, int64_t cs, int fmt):
+    """Pack B (a float32 or float16 array; element (r, j) at flat index r*rs + j*cs)."""
+    cdef int64_t floats
+    check(mk_gemm_packed_b_floats(k, n, &floats), "gemm_pack_b")
+    src = np.ascontiguousarray(b).reshape(-1)
+    need = (k - 1) * rs + (n - 1) * cs + 1 if k > 0 and n > 0 else 0
+    if src.dtype.itemsize != mk_format_size(fmt) or src.shape[0] < need:
+        raise ValueError("gemm_pack_b: the array does not hold B in that format")
+    packed = np.empty(floats, dtype=np.float32)
+    cdef float[::1] out = packed
+    cdef size_t address = src.ctypes.data
+    with nogil:
+        mk_gemm_pack_b(k, n, <const void *>address, fmt, rs, cs, &out[0] if floats else NULL)
+    return packed
+
+
+def gemm_ukernel_run(int mr, int nc, int64_t kc, int64_t ks, float[::1] a_base, rows,
+                     intptr_t a_offset, float[::1] w, float[::1] c, int64_t ldc, float alpha,
+                     float beta, bias, float lo, float hi):
+    """Test hook: one call of the active micro-kernel. rows[s*MR + i] is an element index into
+    a_base, -1 for the zero buffer or -2 for NULL (rows past mr: must never be read); the pointers handed over are moved back by a_offset
+    bytes, so the kernel must add a_offset to find the rows."""
+    cdef const mk_gemm_ukernel *u = mk_gemm_ukernel_active()
+    cdef int64_t[::1] r = np.ascontiguousarray(rows, dtype=np.int64)
+    if not (1 <= mr <= u.mr and 1 <= nc <= MK_GEMM_NR and kc >= 1 and ks >= 1
+            and r.shape[0] >= ks * u.mr and w.shape[0] >= ks * kc * MK_GEMM_NR
+            and c.shape[0] >= (mr - 1) * ldc + nc):
+        raise ValueError("gemm_ukernel_run: bad sizes")
+    zeros = np.zeros(kc, dtype=np.float32)
+    cdef float[::1] z = zeros
+    cdef const float **ptrs = <const float **>malloc(ks * u.mr * sizeof(float *))
+    if ptrs == NULL:
+        raise MemoryError()
+    cdef int64_t q
+    for q in range(ks * u.mr):
+        if r[q] == -1:
+            ptrs[q] = &z[0]
+        elif r[q] < 0:
+            ptrs[q] = NULL
+        else:
+            if r[q] + kc > a_base.shape[0]:
+                free(ptrs)
+                raise ValueError("gemm_ukernel_run: a row runs past a_base")
+            ptrs[q] = <const float *>(<uintptr_t>&a_base[r[q]] - <uintptr_t>a_offset)
+    cdef float[::1] b
+    cdef mk_gemm_epilogue ep
+    ep.alpha = alpha
+    ep.beta = beta
+    ep.lo = lo
+    ep.hi = hi
+    ep.bias = NULL
+    if bias is not None:
+        b = bias
+        ep.bias = &b[0]
+    with nogil:
+        u.run(mr, nc, kc, ks, ptrs, a_offset, &z[0], &w[0], &c[0], ldc, &ep)
+    free(ptrs)

@@ -1,0 +1,67 @@
+/* The GEMM family (src/gemm/): one register-tiled micro-kernel per ISA, shared by
+ * MatrixMultiplication, the convolution family (indirect GEMM) and the fully-connected kernels.
+ * The declarations down to mk_gemm_pack_b are the contract in GEMM_CONTRACT.md (fixed:
+ * additions allowed, changes not). */
+#ifndef MK_GEMM_H
+#define MK_GEMM_H
+
+#include "mpskernels.h"
+
+/* Columns per packed-B panel: the same for every ISA, so weights packed once at kernel
+ * creation stay valid whatever ISA is selected later. */
+#define MK_GEMM_NR 32
+
+/* Applied once a tile's whole K has been summed, in registers:
+ *   c = alpha * acc + beta * c_old + bias[j]   (beta == 0: c_old is never read, may be NaN;
+ *                                                bias == NULL: no bias)
+ *   then clamp to [lo, hi] (pass -INFINITY, INFINITY for none): fuses ReLU / ReLUN / clamp. */
+typedef struct mk_gemm_epilogue {
+    float alpha, beta;
+    const float *bias;      /* already offset to the tile's first column; nc floats */
+    float lo, hi;
+} mk_gemm_epilogue;
+
+/* One register tile: rows i < mr (1 <= mr <= the kernel's mr), columns j < nc (1 <= nc <= NR):
+ *   acc[i][j] = sum over s < ks, k < kc of  A(s, i)[k] * w[(s*kc + k) * MK_GEMM_NR + j]
+ * A(s, i): the row pointer p = a[s * MR + i] (MR = the kernel's mr); if p != zero it is moved
+ *   by a_offset BYTES ((const float *)((uintptr_t)p + a_offset)); p then points at kc contiguous
+ *   floats. `zero` is a buffer of >= kc zero floats the caller owns (padding taps point at it).
+ *   Rows i >= mr are never dereferenced.
+ * w: one packed panel: ks*kc rows of MK_GEMM_NR floats (columns >= nc hold zeros).
+ * c: row i starts at c + i*ldc (floats); only the mr x nc part is written (and read if beta).
+ * a_offset lets an indirection buffer built once (relative to a base) serve any image address,
+ * e.g. arena addresses only known at commit, and every image of a batch. */
+typedef void (*mk_gemm_ukernel_fn)(int mr, int nc, int64_t kc, int64_t ks,
+                                   const float *const *a, intptr_t a_offset, const float *zero,
+                                   const float *w, float *c, int64_t ldc,
+                                   const mk_gemm_epilogue *ep);
+
+typedef struct mk_gemm_ukernel {
+    int mr;                 /* rows per tile of this ISA's kernel */
+    mk_gemm_ukernel_fn run;
+    const char *name;       /* e.g. "gemm_12x32__avx512": shown by conv.implementation */
+} mk_gemm_ukernel;
+
+/* The micro-kernel of the ISA mk_select_isa chose (filled by mk_gemm_select_isa). */
+const mk_gemm_ukernel *mk_gemm_ukernel_active(void);
+
+/* Packed B: ceil(n / NR) panels, each k rows of MK_GEMM_NR floats (zero past column n).
+ * Source element (r, j) (r < k, j < n) is at b + r*rs + j*cs elements, in `format`
+ * MK_FMT_F32 or MK_FMT_F16 (converted to fp32 while packing). Returns MK_EINVAL on overflow. */
+mk_status mk_gemm_packed_b_floats(int64_t k, int64_t n, int64_t *floats);
+void mk_gemm_pack_b(int64_t k, int64_t n, const void *b, int format, int64_t rs, int64_t cs,
+                    float *packed);
+
+/* ---- additions to the contract ----------------------------------------------------------- */
+
+/* Fill the GEMM dispatch table for `isa` (called by mk_select_isa). */
+void mk_gemm_select_isa(mk_isa isa);
+
+/* The micro-kernel of each ISA (the per-ISA files define them). */
+extern const mk_gemm_ukernel mk_gemm_ukernel__generic;
+#if MK_X86
+extern const mk_gemm_ukernel mk_gemm_ukernel__avx2;
+extern const mk_gemm_ukernel mk_gemm_ukernel__avx512;
+#endif
+
+#endif

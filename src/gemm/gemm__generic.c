@@ -1,0 +1,35 @@
+/* Portable GEMM micro-kernel (no ISA flags; any architecture): 4 rows x 32 columns. */
+#include "gemm.h"
+
+#define MR 4
+#define NR MK_GEMM_NR
+
+static void gemm_4x32__generic(int mr, int nc, int64_t kc, int64_t ks, const float *const *a,
+                               intptr_t a_offset, const float *zero, const float *w, float *c,
+                               int64_t ldc, const mk_gemm_epilogue *ep) {
+    float acc[MR][NR] = {{0}};
+    for (int64_t s = 0; s < ks; s++) {
+        const float *row[MR];
+        for (int i = 0; i < MR; i++) {   /* rows past mr read the zero buffer, never a[] */
+            const float *p = i < mr ? a[s * MR + i] : zero;
+            row[i] = p == zero ? zero : (const float *)((uintptr_t)p + (uintptr_t)a_offset);
+        }
+        for (int64_t k = 0; k < kc; k++, w += NR)
+            for (int i = 0; i < MR; i++) {
+                float v = row[i][k];
+                for (int j = 0; j < NR; j++) acc[i][j] += v * w[j];
+            }
+    }
+    for (int i = 0; i < mr; i++) {
+        float *ci = c + i * ldc;
+        for (int j = 0; j < nc; j++) {
+            float v = ep->alpha * acc[i][j];
+            if (ep->beta != 0.0f) v += ep->beta * ci[j];
+            if (ep->bias) v += ep->bias[j];
+            v = v > ep->lo ? v : ep->lo;   /* max then min, as the SIMD paths do */
+            ci[j] = v < ep->hi ? v : ep->hi;
+        }
+    }
+}
+
+const mk_gemm_ukernel mk_gemm_ukernel__generic = {MR, gemm_4x32__generic, "gemm_4x32__generic"};

@@ -1,0 +1,107 @@
+"""The GEMM micro-kernel of every ISA and B packing (the contract in src/gemm/gemm.h), against
+float64 references written here. Matrix-level tests are in test_matrix.py."""
+import itertools
+
+import numpy as np
+import pytest
+
+from mpskernels import _native
+
+NR = _native.GEMM_NR
+F32, F16 = 4, 3   # mk_format values
+
+
+def _packed_reference(b, nr=NR):
+    """B (k x n) as ceil(n/NR) panels of k rows x NR columns, zero past column n."""
+    k, n = b.shape
+    panels = -(-n // nr)
+    out = np.zeros((panels, k, nr), dtype=np.float32)
+    for p in range(panels):
+        cols = b[:, p * nr:(p + 1) * nr]
+        out[p, :, :cols.shape[1]] = cols
+    return out.reshape(-1)
+
+
+@pytest.mark.parametrize("k,n", [(1, 1), (3, 32), (5, 33), (17, 70), (64, 96)])
+@pytest.mark.parametrize("fmt", [F32, F16])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_pack_b(rng, k, n, fmt, transposed):
+    dtype = np.float32 if fmt == F32 else np.float16
+    b = rng.standard_normal((k, n)).astype(dtype)
+    src = np.ascontiguousarray(b.T) if transposed else b
+    rs, cs = (1, k) if transposed else (n, 1)
+    packed = _native.gemm_pack_b(src, k, n, rs, cs, fmt)
+    np.testing.assert_array_equal(packed, _packed_reference(b.astype(np.float32)))
+
+
+def test_packed_b_overflow():
+    with pytest.raises(ValueError):
+        _native.gemm_pack_b(np.zeros(1, np.float32), 2 ** 40, 2 ** 40, 1, 1, F32)
+
+
+def _run_case(rng, mr, nc, kc, ks, a_offset, beta, with_bias, lo, hi, zero_rows=()):
+    MR, _ = _native.gemm_ukernel_info()
+    a_base = rng.standard_normal(ks * MR * kc + 7).astype(np.float32)
+    # Rows start at scattered element offsets (not aligned, overlapping is allowed).
+    rows = rng.integers(0, a_base.shape[0] - kc + 1, size=ks * MR)
+    for q in zero_rows:
+        rows[q] = -1
+    rows[[s * MR + i for s in range(ks) for i in range(mr, MR)]] = -2  # NULL: never read
+    w = np.zeros((ks * kc, NR), dtype=np.float32)
+    w[:, :nc] = rng.standard_normal((ks * kc, nc))
+    ldc = nc + 3
+    c_old = rng.standard_normal((MR, ldc)).astype(np.float32)
+    if beta == 0.0:
+        c_old[:mr, :nc] = np.nan          # must never be read
+    c = c_old.copy().reshape(-1)
+    bias = rng.standard_normal(nc).astype(np.float32) if with_bias else None
+    alpha = 0.75
+    _native.gemm_ukernel_run(mr, nc, kc, ks, a_base, rows, a_offset, w.reshape(-1), c, ldc,
+                             alpha, beta, bias, lo, hi)
+    # float64 reference
+    acc = np.zeros((mr, nc))
+    for s in range(ks):
+        for i in range(mr):   # rows past mr are NULL
+            q = rows[s * MR + i]
+            arow = np.zeros(kc) if q == -1 else a_base[q:q + kc].astype(np.float64)
+            acc[i] += arow @ w[s * kc:(s + 1) * kc, :nc].astype(np.float64)
+    ref = alpha * acc
+    if beta != 0.0:
+        ref += beta * c_old[:mr, :nc]
+    if bias is not None:
+        ref += bias
+    ref = np.minimum(np.maximum(ref, lo), hi)
+    c = c.reshape(MR, ldc)
+    tol = 1e-5 * np.sqrt(ks * kc) * (np.abs(acc).max() + 1)
+    np.testing.assert_allclose(c[:mr, :nc], ref, rtol=0, atol=tol)
+    # nothing outside the mr x nc tile is touched
+    outside = np.ones_like(c, dtype=bool)
+    outside[:mr, :nc] = False
+    np.testing.assert_array_equal(c[outside], c_old[outside])
+
+
+def test_ukernel_shapes(isa, rng):
+    MR, _ = _native.gemm_ukernel_info()
+    for mr, nc, kc in itertools.product(sorted({1, 2, MR - 1, MR} - {0}), (1, 7, 16, 17, 31, 32),
+                                        (1, 3, 8, 17, 64)):
+        _run_case(rng, mr, nc, kc, 1, 0, 0.0, False, -np.inf, np.inf)
+
+
+@pytest.mark.parametrize("ks", [2, 3, 9])
+@pytest.mark.parametrize("a_offset", [0, 4096, -64])
+def test_ukernel_indirect(isa, rng, ks, a_offset):
+    """ks taps with zero-buffer padding rows and an a_offset applied to the others only."""
+    MR, _ = _native.gemm_ukernel_info()
+    for mr in sorted({1, MR}):
+        zero_rows = [0, ks * MR - 1, MR + mr - 1]
+        _run_case(rng, mr, 29, 5, ks, a_offset, 0.0, False, -np.inf, np.inf, zero_rows)
+        _run_case(rng, mr, 32, 33, ks, a_offset, 0.0, True, -np.inf, np.inf, zero_rows)
+
+
+@pytest.mark.parametrize("beta", [0.0, 1.0, -0.5])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("lo,hi", [(-np.inf, np.inf), (0.0, np.inf), (0.0, 6.0), (-0.3, 0.2)])
+def test_ukernel_epilogue(isa, rng, beta, with_bias, lo, hi):
+    MR, _ = _native.gemm_ukernel_info()
+    for mr, nc in ((MR, 32), (max(MR - 1, 1), 13)):
+        _run_case(rng, mr, nc, 19, 2, 0, beta, with_bias, lo, hi)
