@@ -17,6 +17,7 @@ from mpskernels.image import (Image, ImageAllocator, ImageDescriptor, ImageReadW
                               TemporaryImage, image_batch_increment_read_count,
                               image_batch_iterate, image_batch_resource_size,
                               image_batch_synchronize)
+from mpskernels.texture import Texture, TextureDescriptor
 from mpskernels.kernel import CNNBinaryKernel, CNNKernel, Kernel, NNDefaultPadding, NNPadding
 from mpskernels.neuron import (CNNNeuron, CNNNeuronAbsolute, CNNNeuronELU, CNNNeuronExponential,
                                CNNNeuronGeLU, CNNNeuronHardSigmoid, CNNNeuronLinear,

@@ -4,6 +4,7 @@ import threading
 
 from mpskernels import _native
 from mpskernels.command_buffer import CommandBuffer
+from mpskernels.image import make_texture
 
 _lock = threading.Lock()
 _default_num_threads = None   # set by set_num_threads()
@@ -76,6 +77,10 @@ class Device:
 
     def make_command_queue(self):
         return CommandQueue(self)
+
+    def make_texture(self, descriptor):
+        """A texture (MTLTexture) of a TextureDescriptor's 2-D size, format and slices."""
+        return make_texture(self, descriptor)
 
     @property
     def arena_cache_bytes(self):

@@ -15,6 +15,7 @@ from mpskernels.enums import (DataLayout, ImageFeatureChannelFormat, PixelFormat
                               PurgeableState, StorageMode, TextureType, TextureUsage, CPUCacheMode)
 from mpskernels.errors import TemporaryImageError, ValidationError
 from mpskernels.geometry import as_region
+from mpskernels.texture import Texture, TextureDescriptor
 
 CHANNEL_ALIGNMENT = 16
 _MAX_DIM = (1 << 31) - 1
@@ -123,6 +124,7 @@ class _Geometry:
         self._root = self
         self._n0 = 0  # first image and first channel of this view inside the root's storage
         self._c0 = 0
+        self._texture = None
         self._esize = _FORMATS[self._format][0]
         self._cs = -(-self.feature_channels // CHANNEL_ALIGNMENT) * CHANNEL_ALIGNMENT
         self._nbytes = self.number_of_images * self.height * self.width * self._cs * self._esize
@@ -143,8 +145,9 @@ class _Geometry:
         self._root = root
         self._n0, self._c0 = parent._n0 + n0, parent._c0 + c0
         self._cs = root._cs
-        self._strides = root._strides
+        self._strides = parent._strides   # a texture-wrapped image may regroup its root's pixels
         self._nbytes = 0
+        self._texture = None
 
     # ---- properties of MPSImage ---------------------------------------------------------
 
@@ -177,8 +180,21 @@ class _Geometry:
         return StorageMode.PRIVATE if self._is_temporary else StorageMode.SHARED
 
     def resource_size(self):
-        """Bytes of backing store (0 for views made by sub_image / batch_representation)."""
+        """Bytes of backing store (0 for views: sub_image, batch_representation, from_texture)."""
         return self._nbytes
+
+    @property
+    def texture(self):
+        """The image as a texture (array) of 4-channel slices (1 or 2 channels: R, RG), sharing
+        its storage. Reading it allocates a persistent image's storage, as in MPS."""
+        if self._texture is None:
+            k = 4 if self.feature_channels >= 3 else self.feature_channels
+            mode = StorageMode.PRIVATE if self._is_temporary else StorageMode.SHARED
+            if not self._is_temporary:
+                self._address()
+            self._texture = Texture(self, k, -(-self.feature_channels // k), self.texture_type,
+                                    self.pixel_format, mode, _FORMATS[self._format][1])
+        return self._texture
 
     def descriptor(self):
         return ImageDescriptor(self._format, self.width, self.height, self.feature_channels,
@@ -197,9 +213,12 @@ class _Geometry:
         return ((self._n0 + n) * sn + y * sy + x * sx + self._c0 + c) * self._esize
 
     def _overlaps(self, other):
-        """Whether two views share any storage element."""
+        """Whether two views share any storage element (conservatively, when one regroups
+        the storage as a texture-wrapped image does)."""
         if self._root is not other._root:
             return False
+        if self._strides != other._strides:
+            return True
         return (self._n0 < other._n0 + other.number_of_images
                 and other._n0 < self._n0 + self.number_of_images
                 and self._c0 < other._c0 + other.feature_channels
@@ -244,6 +263,45 @@ class Image(_Geometry):
         view = Image.__new__(Image)
         view._init_view(self, n0, count, c0, channels)
         return view
+
+    @classmethod
+    def from_texture(cls, texture, feature_channels):
+        """MPSImage(texture:featureChannels:): an image over a texture's storage (no copy).
+        Each image takes ceil(feature_channels / components) slices, so the number of images
+        is array_length / that; pass 3 for RGB data in an RGBA texture."""
+        if not isinstance(texture, Texture):
+            raise TypeError(f"from_texture needs a Texture, got {type(texture).__name__}")
+        base = texture._image
+        if base._is_temporary:
+            raise ValidationError(
+                f"{texture!r} belongs to {base!r}, whose memory lives in its command buffer's "
+                f"arena: only kernels on that command buffer may use it, through the image itself")
+        channels = _positive("feature_channels", feature_channels)
+        k, group = texture._k, texture._s
+        if texture.texture_type == TextureType.TYPE_2D and channels > 4:
+            raise ValidationError(f"a TYPE_2D texture holds at most 4 feature channels, got "
+                                  f"{channels}; use a TYPE_2D_ARRAY texture")
+        slices = -(-channels // k)
+        if texture.array_length % slices:
+            raise ValidationError(
+                f"{channels} feature channels take {slices} slices of {k} per image, which does not "
+                f"divide the {texture.array_length} slices of {texture!r}")
+        sn, sy, sx, sc = base._strides
+        if slices == group:
+            strides, n0, c0 = base._strides, base._n0, base._c0
+        elif base.number_of_images == 1 and group % slices == 0:
+            # one store holds every slice side by side: regroup it into images of `slices`
+            strides, n0, c0 = (k * slices, sy, sx, sc), 0, base._c0 + base._n0 * sn
+        else:
+            raise ValidationError(
+                f"the slices of {texture!r} belong to images of {group} slices each; wrap it "
+                f"with {k * (group - 1) + 1}..{k * group} feature channels")
+        image = Image.__new__(Image)
+        image._init_view(base, 0, texture.array_length // slices, 0, channels)
+        image._strides, image._n0, image._c0 = strides, n0, c0
+        image.parent = None
+        image._texture = texture if slices == group and channels == base.feature_channels else None
+        return image
 
     def _address(self):
         """Address of the root storage, allocated (zeroed) on first use."""
@@ -439,6 +497,33 @@ class TemporaryImage(_Geometry):
         command_buffer._temporaries.append(self)
 
     @classmethod
+    def from_texture_descriptor(cls, command_buffer, texture_descriptor, feature_channels=None):
+        """MPSTemporaryImage(commandBuffer:textureDescriptor:[featureChannels:]). Without
+        feature_channels, every slice holds one image's channels side by side (one image of
+        components x array_length channels); with it, each image takes
+        ceil(feature_channels / components) slices."""
+        if not isinstance(texture_descriptor, TextureDescriptor):
+            raise TypeError(f"expected a TextureDescriptor, got {type(texture_descriptor).__name__}")
+        fmt, k, kind, length = texture_descriptor._checked("TemporaryImage.from_texture_descriptor")
+        usage = int(texture_descriptor.usage)
+        if not usage & (TextureUsage.SHADER_READ | TextureUsage.SHADER_WRITE):
+            raise ValidationError("a temporary image's texture usage must include SHADER_READ or SHADER_WRITE")
+        if texture_descriptor.storage_mode != StorageMode.PRIVATE:
+            raise ValidationError(f"a temporary image's texture must have PRIVATE storage, got "
+                                  f"{StorageMode(texture_descriptor.storage_mode).name}")
+        if feature_channels is None:
+            channels, images = k * length, 1
+        else:
+            channels = _positive("feature_channels", feature_channels)
+            slices = -(-channels // k)
+            if length % slices:
+                raise ValidationError(f"{channels} feature channels take {slices} slices of {k} per "
+                                      f"image, which does not divide array_length {length}")
+            images = length // slices
+        return cls(command_buffer, ImageDescriptor(fmt, texture_descriptor.width, texture_descriptor.height,
+                                                   channels, images, usage))
+
+    @classmethod
     def prefetch_storage(cls, command_buffer, image_descriptor_list):
         """A hint: warm the device's arena cache for temporaries of these sizes."""
         total = 0
@@ -588,3 +673,15 @@ def image_batch_iterate(batch, fn):
         if result is not None and result > -(2 ** 63):
             return result
     return -(2 ** 63)
+
+
+def make_texture(device, descriptor):
+    """Device.make_texture: a texture whose slices lie side by side in one image's pixels."""
+    if not isinstance(descriptor, TextureDescriptor):
+        raise TypeError(f"make_texture needs a TextureDescriptor, got {type(descriptor).__name__}")
+    fmt, k, kind, length = descriptor._checked("make_texture")
+    store = Image(device, ImageDescriptor(fmt, descriptor.width, descriptor.height, k * length, 1,
+                                          descriptor.usage))
+    store._address()
+    return Texture(store, k, length, kind, PixelFormat(descriptor.pixel_format),
+                   StorageMode(descriptor.storage_mode), _FORMATS[fmt][1])
