@@ -81,7 +81,8 @@ def _run_case(rng, mr, nc, kc, ks, a_offset, beta, with_bias, lo, hi, zero_rows=
 
 
 def test_ukernel_shapes(isa, rng):
-    MR, _ = _native.gemm_ukernel_info()
+    MR, name = _native.gemm_ukernel_info()
+    assert name.endswith(isa)
     for mr, nc, kc in itertools.product(sorted({1, 2, MR - 1, MR} - {0}), (1, 7, 16, 17, 31, 32),
                                         (1, 3, 8, 17, 64)):
         _run_case(rng, mr, nc, kc, 1, 0, 0.0, False, -np.inf, np.inf)

@@ -9,7 +9,12 @@ static _Atomic(const mk_gemm_ukernel *) g_ukernel;
 
 void mk_gemm_select_isa(mk_isa isa) {
     const mk_gemm_ukernel *k = &mk_gemm_ukernel__generic;
+#if MK_X86
+    if (isa == MK_ISA_AVX512) k = &mk_gemm_ukernel__avx512;
+    else if (isa == MK_ISA_AVX2) k = &mk_gemm_ukernel__avx2;
+#else
     (void)isa;
+#endif
     atomic_store_explicit(&g_ukernel, k, memory_order_release);
 }
 

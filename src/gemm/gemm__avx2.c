@@ -1,0 +1,90 @@
+/* AVX2 GEMM micro-kernel: 6 rows x 32 columns, computed as two 6 x 16 halves (12 ymm
+ * accumulators, 2 for B, 1 for the broadcast: 15 of 16 registers). A whole 6 x 32 tile would
+ * need 24 accumulators; the second half re-reads the A rows, which are in L1 by then. */
+#include <immintrin.h>
+
+#include "gemm.h"
+
+#define MR 6
+#define NR MK_GEMM_NR
+
+#define REP6(X) X(0) X(1) X(2) X(3) X(4) X(5)
+
+/* Lanes j < n of a ymm (n clamped to 0..8) as a maskload / maskstore mask. */
+static inline __m256i lanes(int n) {
+    n = n < 0 ? 0 : n > 8 ? 8 : n;
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+/* Columns [0, nc) of w (nc <= 16, w already at the half's first column). `masked`: columns
+ * >= nc of w may hold anything (an unpacked B); else they are zeros. */
+static inline __attribute__((always_inline)) void
+half_6x16(int mr, int nc, int64_t kc, int64_t ks, const float *const *a, intptr_t a_offset,
+          const float *zero, const float *w, int64_t ldw, int masked, float *c, int64_t ldc,
+          const mk_gemm_epilogue *ep) {
+    const __m256i m0 = lanes(nc), m1 = lanes(nc - 8);
+#define DECL(i) __m256 c##i##0 = _mm256_setzero_ps(), c##i##1 = _mm256_setzero_ps();
+    REP6(DECL)
+#undef DECL
+    for (int64_t s = 0; s < ks; s++, a += MR) {
+#define ROW(i)                                                                               \
+    const float *r##i = zero;                                                                \
+    if (i < mr && a[i] != zero) r##i = (const float *)((uintptr_t)a[i] + (uintptr_t)a_offset);
+        REP6(ROW)
+#undef ROW
+        for (int64_t k = 0; k < kc; k++, w += ldw) {
+            __m256 b0, b1;
+            if (masked) {
+                b0 = _mm256_maskload_ps(w, m0);
+                b1 = _mm256_maskload_ps(w + 8, m1);
+            } else {
+                b0 = _mm256_loadu_ps(w);
+                b1 = _mm256_loadu_ps(w + 8);
+            }
+#define FMA(i)                                                                               \
+    {                                                                                        \
+        __m256 v = _mm256_broadcast_ss(r##i + k);                                            \
+        c##i##0 = _mm256_fmadd_ps(v, b0, c##i##0);                                           \
+        c##i##1 = _mm256_fmadd_ps(v, b1, c##i##1);                                           \
+    }
+            REP6(FMA)
+#undef FMA
+        }
+    }
+    const __m256 alpha = _mm256_set1_ps(ep->alpha), beta = _mm256_set1_ps(ep->beta);
+    const __m256 lo = _mm256_set1_ps(ep->lo), hi = _mm256_set1_ps(ep->hi);
+    __m256 bias0 = _mm256_setzero_ps(), bias1 = _mm256_setzero_ps();
+    if (ep->bias) {
+        bias0 = _mm256_maskload_ps(ep->bias, m0);
+        bias1 = _mm256_maskload_ps(ep->bias + 8, m1);
+    }
+    const int use_beta = ep->beta != 0.0f;
+#define OUT(i)                                                                               \
+    if (i < mr) {                                                                            \
+        float *ci = c + i * ldc;                                                             \
+        __m256 v0 = _mm256_mul_ps(alpha, c##i##0), v1 = _mm256_mul_ps(alpha, c##i##1);       \
+        if (use_beta) {                                                                      \
+            v0 = _mm256_fmadd_ps(beta, _mm256_maskload_ps(ci, m0), v0);                      \
+            v1 = _mm256_fmadd_ps(beta, _mm256_maskload_ps(ci + 8, m1), v1);                  \
+        }                                                                                    \
+        v0 = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(v0, bias0), lo), hi);                 \
+        v1 = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(v1, bias1), lo), hi);                 \
+        _mm256_maskstore_ps(ci, m0, v0);                                                     \
+        _mm256_maskstore_ps(ci + 8, m1, v1);                                                 \
+    }
+    REP6(OUT)
+#undef OUT
+}
+
+static void gemm_6x32__avx2(int mr, int nc, int64_t kc, int64_t ks, const float *const *a,
+                            intptr_t a_offset, const float *zero, const float *w, float *c,
+                            int64_t ldc, const mk_gemm_epilogue *ep) {
+    half_6x16(mr, nc < 16 ? nc : 16, kc, ks, a, a_offset, zero, w, NR, 0, c, ldc, ep);
+    if (nc > 16) {
+        mk_gemm_epilogue ep1 = *ep;
+        if (ep->bias) ep1.bias = ep->bias + 16;
+        half_6x16(mr, nc - 16, kc, ks, a, a_offset, zero, w + 16, NR, 0, c + 16, ldc, &ep1);
+    }
+}
+
+const mk_gemm_ukernel mk_gemm_ukernel__avx2 = {MR, gemm_6x32__avx2, "gemm_6x32__avx2"};

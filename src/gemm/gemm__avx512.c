@@ -1,0 +1,79 @@
+/* AVX-512 GEMM micro-kernel: 12 rows x 32 columns (24 zmm accumulators, 2 for B, 1 for the
+ * broadcast A value: 27 of 32 registers). Each k step issues 24 FMAs for 2 B loads and 12
+ * broadcasts, so the two 256-bit FMA pipes of Zen 4 are the only bound. */
+#include <immintrin.h>
+
+#include "gemm.h"
+
+#define MR 12
+#define NR MK_GEMM_NR
+
+#define REP12(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
+
+/* `masked`: columns >= nc of w may hold anything (an unpacked B); else they are zeros. */
+static inline __attribute__((always_inline)) void
+tile_12x32(int mr, int nc, int64_t kc, int64_t ks, const float *const *a, intptr_t a_offset,
+           const float *zero, const float *w, int64_t ldw, int masked, float *c, int64_t ldc,
+           const mk_gemm_epilogue *ep) {
+    __mmask16 m0 = (__mmask16)(nc >= 16 ? 0xffff : (1u << nc) - 1);
+    __mmask16 m1 = (__mmask16)(nc >= 32 ? 0xffff : nc <= 16 ? 0 : (1u << (nc - 16)) - 1);
+#define DECL(i) __m512 c##i##0 = _mm512_setzero_ps(), c##i##1 = _mm512_setzero_ps();
+    REP12(DECL)
+#undef DECL
+    for (int64_t s = 0; s < ks; s++, a += MR) {
+#define ROW(i)                                                                               \
+    const float *r##i = zero;                                                                \
+    if (i < mr && a[i] != zero) r##i = (const float *)((uintptr_t)a[i] + (uintptr_t)a_offset);
+        REP12(ROW)
+#undef ROW
+        for (int64_t k = 0; k < kc; k++, w += ldw) {
+            __m512 b0, b1;
+            if (masked) {
+                b0 = _mm512_maskz_loadu_ps(m0, w);
+                b1 = _mm512_maskz_loadu_ps(m1, w + 16);
+            } else {
+                b0 = _mm512_loadu_ps(w);
+                b1 = _mm512_loadu_ps(w + 16);
+            }
+#define FMA(i)                                                                               \
+    {                                                                                        \
+        __m512 v = _mm512_set1_ps(r##i[k]);                                                  \
+        c##i##0 = _mm512_fmadd_ps(v, b0, c##i##0);                                           \
+        c##i##1 = _mm512_fmadd_ps(v, b1, c##i##1);                                           \
+    }
+            REP12(FMA)
+#undef FMA
+        }
+    }
+    const __m512 alpha = _mm512_set1_ps(ep->alpha), beta = _mm512_set1_ps(ep->beta);
+    const __m512 lo = _mm512_set1_ps(ep->lo), hi = _mm512_set1_ps(ep->hi);
+    __m512 bias0 = _mm512_setzero_ps(), bias1 = _mm512_setzero_ps();
+    if (ep->bias) {
+        bias0 = _mm512_maskz_loadu_ps(m0, ep->bias);
+        bias1 = _mm512_maskz_loadu_ps(m1, ep->bias + 16);
+    }
+    const int use_beta = ep->beta != 0.0f;
+#define OUT(i)                                                                               \
+    if (i < mr) {                                                                            \
+        float *ci = c + i * ldc;                                                             \
+        __m512 v0 = _mm512_mul_ps(alpha, c##i##0), v1 = _mm512_mul_ps(alpha, c##i##1);       \
+        if (use_beta) {                                                                      \
+            v0 = _mm512_fmadd_ps(beta, _mm512_maskz_loadu_ps(m0, ci), v0);                   \
+            v1 = _mm512_fmadd_ps(beta, _mm512_maskz_loadu_ps(m1, ci + 16), v1);              \
+        }                                                                                    \
+        v0 = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(v0, bias0), lo), hi);                 \
+        v1 = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(v1, bias1), lo), hi);                 \
+        _mm512_mask_storeu_ps(ci, m0, v0);                                                   \
+        _mm512_mask_storeu_ps(ci + 16, m1, v1);                                              \
+    }
+    REP12(OUT)
+#undef OUT
+}
+
+static void gemm_12x32__avx512(int mr, int nc, int64_t kc, int64_t ks, const float *const *a,
+                               intptr_t a_offset, const float *zero, const float *w, float *c,
+                               int64_t ldc, const mk_gemm_epilogue *ep) {
+    tile_12x32(mr, nc, kc, ks, a, a_offset, zero, w, NR, 0, c, ldc, ep);
+}
+
+const mk_gemm_ukernel mk_gemm_ukernel__avx512 = {MR, gemm_12x32__avx512, "gemm_12x32__avx512"};
