@@ -7,6 +7,7 @@ import os as _os
 from mpskernels import _native
 from mpskernels.arithmetic import CNNAdd, CNNArithmetic, CNNDivide, CNNMultiply, CNNSubtract
 from mpskernels.command_buffer import CommandBuffer, MemoryStats
+from mpskernels.convolution import *  # noqa: F401,F403  (the convolution family)
 from mpskernels.device import (CommandQueue, Device, create_system_default_device,
                                get_num_threads, set_num_threads)
 from mpskernels.enums import *  # noqa: F401,F403  (Apple's enums)

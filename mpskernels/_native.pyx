@@ -373,3 +373,4 @@ cdef class Buffer:
         with nogil:
             mk_buffer_wait_completed(self.buffer)
 include "_gemm.pxi"
+include "_conv.pxi"

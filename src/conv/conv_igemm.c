@@ -1,0 +1,233 @@
+/* The general convolution kernel: indirect GEMM (XNNPACK's "indirect convolution") over the
+ * shared micro-kernel of src/gemm/. Accepts every shape.
+ *
+ * Rows are output pixels, flattened over (image, y, x); columns are output channels, one
+ * packed-B panel of MK_GEMM_NR per group and column block; K = taps x group channels.
+ * The indirection buffer (built once per geometry) holds, for every tile of mr rows and every
+ * tap, a pointer to the tap's source pixel relative to a private base, or the zero buffer
+ * (ZERO padding and the stuffed zeros of a transpose); CLAMP taps point at the edge pixel.
+ * At run time a_offset = source address (+ the group's first channel) - base. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "conv/conv.h"
+#include "gemm/gemm.h"
+
+#define IGEMM_MAX_MR 32
+#define IGEMM_CHUNK_ROWS 128   /* rows per parallel work item (then all column blocks) */
+
+typedef struct igemm_plan {
+    const mk_gemm_ukernel *uk;   /* the micro-kernel the indirection was laid out for */
+    const float **indirection;   /* tiles x taps x mr */
+    float *zero;                 /* cin_g zeros (64-byte aligned) */
+    int64_t a_n, a_y, a_x;       /* element strides of the A image the offsets refer to */
+} igemm_plan;
+
+static const char *base_of(const igemm_plan *s) { return (const char *)s->zero + 64; }
+
+static int igemm_supports(const mk_conv_params *shape) {
+    (void)shape;
+    return 1;
+}
+
+static int64_t panels_of(const mk_conv_params *s) {
+    return (s->cout_g + MK_GEMM_NR - 1) / MK_GEMM_NR;
+}
+
+static mk_status igemm_pack(mk_conv_weights *w, const void *weights, int format) {
+    const mk_conv_params *s = &w->shape;
+    const int64_t k = (int64_t)s->kh * s->kw * s->cin_g;
+    int64_t per_group;
+    if (mk_gemm_packed_b_floats(k, s->cout_g, &per_group) != MK_OK) return MK_EINVAL;
+    if (per_group > INT64_MAX / 4 / s->groups) return MK_EINVAL;
+    w->packed = aligned_alloc(64, (size_t)((per_group * s->groups * 4 + 63) / 64 * 64));
+    if (w->packed == NULL) return MK_ENOMEM;
+    const size_t es = mk_format_size(format);
+    for (int64_t g = 0; g < s->groups; g++)
+        mk_gemm_pack_b(k, s->cout_g, (const char *)weights + g * s->cout_g * k * (int64_t)es,
+                       format, 1, k, w->packed + g * per_group);
+    return MK_OK;
+}
+
+static void igemm_unpack(const mk_conv_weights *w, float *weights) {
+    const mk_conv_params *s = &w->shape;
+    const int64_t k = (int64_t)s->kh * s->kw * s->cin_g, panels = panels_of(s);
+    for (int64_t g = 0; g < s->groups; g++)
+        for (int64_t o = 0; o < s->cout_g; o++) {
+            const float *panel = w->packed + (g * panels + o / MK_GEMM_NR) * k * MK_GEMM_NR;
+            float *dst = weights + (g * s->cout_g + o) * k;
+            for (int64_t r = 0; r < k; r++) dst[r] = panel[r * MK_GEMM_NR + o % MK_GEMM_NR];
+        }
+}
+
+static const char *igemm_implementation(const mk_conv_weights *w, char *buffer, size_t size) {
+    (void)w;
+    const char *name = mk_gemm_ukernel_active()->name;
+    if (strncmp(name, "gemm_", 5) == 0) name += 5;
+    snprintf(buffer, size, "igemm_%s", name);
+    return buffer;
+}
+
+static void igemm_free_plan(mk_conv_plan *plan) {
+    igemm_plan *s = plan->state;
+    if (s == NULL) return;
+    free(s->indirection);
+    free(s->zero);
+    free(s);
+    plan->state = NULL;
+}
+
+static mk_status igemm_plan_create(mk_conv_plan *plan) {
+    const mk_conv_params *p = &plan->params;
+    const mk_gemm_ukernel *uk = mk_gemm_ukernel_active();
+    const int mr = uk->mr;
+    if (mr < 1 || mr > IGEMM_MAX_MR) return MK_EINVAL;
+    const int64_t m = (int64_t)p->n * p->out_h * p->out_w;
+    const int64_t tiles = (m + mr - 1) / mr, taps = (int64_t)p->kh * p->kw;
+    if (tiles > INT64_MAX / 8 / taps / mr) return MK_EINVAL;
+    igemm_plan *s = calloc(1, sizeof *s);
+    if (s == NULL) return MK_ENOMEM;
+    plan->state = s;
+    s->uk = uk;
+    s->zero = aligned_alloc(64, (size_t)(((int64_t)p->cin_g * 4 + 63) / 64 * 64));
+    s->indirection = malloc((size_t)(tiles * taps * mr) * sizeof(float *));
+    if (s->zero == NULL || s->indirection == NULL) {
+        igemm_free_plan(plan);
+        return MK_ENOMEM;
+    }
+    memset(s->zero, 0, (size_t)p->cin_g * 4);
+    if (p->src.format == MK_FMT_F32) {
+        s->a_n = p->src.stride_n;
+        s->a_y = p->src.stride_y;
+        s->a_x = p->src.stride_x;
+    } else {   /* run() converts the source into a tight float32 copy first */
+        const int64_t cin = (int64_t)p->groups * p->cin_g;
+        s->a_x = cin;
+        s->a_y = cin * p->src_w;
+        s->a_n = cin * p->src_w * p->src_h;
+    }
+    const char *base = base_of(s);
+    for (int64_t t = 0; t < tiles; t++)
+        for (int i = 0; i < mr; i++) {
+            const float **dst = s->indirection + t * taps * mr + i;
+            const int64_t row = t * mr + i;
+            if (row >= m) {
+                for (int64_t tap = 0; tap < taps; tap++) dst[tap * mr] = s->zero;
+                continue;
+            }
+            const int64_t plane = (int64_t)p->out_h * p->out_w;
+            const int64_t img = row / plane, oy = (row % plane) / p->out_w, ox = row % p->out_w;
+            for (int64_t q = 0; q < p->kh; q++) {
+                const int64_t y = mk_conv_source_index(p->top + oy * p->sy + q * p->dy, p->src_h,
+                                                       p->up_y, p->edge_mode);
+                for (int64_t pp = 0; pp < p->kw; pp++) {
+                    const int64_t x = mk_conv_source_index(p->left + ox * p->sx + pp * p->dx,
+                                                           p->src_w, p->up_x, p->edge_mode);
+                    const float **at = dst + (q * p->kw + pp) * mr;
+                    if (x < 0 || y < 0)
+                        *at = s->zero;
+                    else
+                        *at = (const float *)(base + (img * s->a_n + y * s->a_y + x * s->a_x) * 4);
+                }
+            }
+        }
+    return MK_OK;
+}
+
+typedef struct igemm_ctx {
+    const mk_conv_params *p;
+    const mk_conv_weights *w;
+    const igemm_plan *s;
+    const char *a;              /* float32 source, group 0's first channel */
+    int64_t m, tiles, chunk_tiles, chunks, panels, k;
+    int fused;                  /* the neuron is the epilogue's clamp */
+    float lo, hi;
+    mk_status status;
+} igemm_ctx;
+
+static void igemm_task(void *arg, int64_t begin, int64_t end) {
+    igemm_ctx *c = arg;
+    const mk_conv_params *p = c->p;
+    const igemm_plan *s = c->s;
+    const mk_gemm_ukernel *uk = s->uk;
+    const int mr = uk->mr;
+    const int64_t taps = (int64_t)p->kh * p->kw;
+    float tile[IGEMM_MAX_MR * MK_GEMM_NR] __attribute__((aligned(64)));
+    for (int64_t item = begin; item < end; item++) {
+        const int64_t chunk = item % c->chunks, block = item / c->chunks;
+        const int64_t g = block / c->panels, panel = block % c->panels;
+        const int64_t o0 = g * p->cout_g + panel * MK_GEMM_NR;
+        int64_t nc = p->cout_g - panel * MK_GEMM_NR;
+        if (nc > MK_GEMM_NR) nc = MK_GEMM_NR;
+        const float *wp = c->w->packed + block * c->k * MK_GEMM_NR;
+        const intptr_t a_offset = (intptr_t)((uintptr_t)(c->a + g * p->cin_g * 4) -
+                                             (uintptr_t)base_of(s));
+        const mk_gemm_epilogue ep = {1.0f, 0.0f, c->w->bias + o0, c->lo, c->hi};
+        int64_t t1 = (chunk + 1) * c->chunk_tiles;
+        if (t1 > c->tiles) t1 = c->tiles;
+        for (int64_t t = chunk * c->chunk_tiles; t < t1; t++) {
+            const int64_t m0 = t * mr;
+            const int rows = (int)(c->m - m0 < mr ? c->m - m0 : mr);
+            const float *const *ind = s->indirection + t * taps * mr;
+            float *out;
+            int64_t ldc;
+            mk_status st = MK_OK;
+            if (mk_conv_direct(p, m0, rows, o0, &out, &ldc)) {
+                uk->run(rows, (int)nc, p->cin_g, taps, ind, a_offset, s->zero, wp, out, ldc, &ep);
+                if (!c->fused) {   /* in place, while the tile is in L1 */
+                    mk_neuron_params n = p->neuron;
+                    if (n.type == MK_NEURON_PRELU) n.prelu += o0;
+                    mk_operand v = {out, MK_FMT_F32, 0, 0, ldc, 1};
+                    st = mk_neuron(&n, &v, &v, (mk_extent){1, 1, rows, (int32_t)nc}, NULL);
+                }
+            } else {
+                uk->run(rows, (int)nc, p->cin_g, taps, ind, a_offset, s->zero, wp, tile,
+                        MK_GEMM_NR, &ep);
+                st = mk_conv_store(p, tile, MK_GEMM_NR, m0, rows, o0, (int)nc);
+            }
+            if (st != MK_OK) c->status = st;
+        }
+    }
+}
+
+static mk_status igemm_run(const mk_conv_plan *plan, const mk_conv_params *p, mk_pool *pool) {
+    const igemm_plan *s = plan->state;
+    igemm_ctx c;
+    memset(&c, 0, sizeof c);
+    c.p = p;
+    c.w = plan->weights;
+    c.s = s;
+    c.status = MK_OK;
+    float *converted = NULL;
+    if (p->src.format == MK_FMT_F32) {
+        c.a = p->src.data;
+    } else {
+        const int64_t cin = (int64_t)p->groups * p->cin_g;
+        converted = malloc((size_t)(s->a_n * p->n) * sizeof(float));
+        if (converted == NULL) return MK_ENOMEM;
+        mk_operand dst = {converted, MK_FMT_F32, s->a_n, s->a_y, s->a_x, 1};
+        mk_status st = mk_copy(&p->src, &dst, (mk_extent){p->n, p->src_h, p->src_w, (int32_t)cin}, pool);
+        if (st != MK_OK) {
+            free(converted);
+            return st;
+        }
+        c.a = (const char *)converted;
+    }
+    const int mr = s->uk->mr;
+    c.m = (int64_t)p->n * p->out_h * p->out_w;
+    c.tiles = (c.m + mr - 1) / mr;
+    c.chunk_tiles = (IGEMM_CHUNK_ROWS + mr - 1) / mr;
+    c.chunks = (c.tiles + c.chunk_tiles - 1) / c.chunk_tiles;
+    c.panels = panels_of(p);
+    c.k = (int64_t)p->kh * p->kw * p->cin_g;
+    c.fused = mk_conv_clamp(&p->neuron, &c.lo, &c.hi);
+    mk_parallel_for(pool, (int64_t)p->groups * c.panels * c.chunks, 1, igemm_task, &c);
+    free(converted);
+    return c.status;
+}
+
+const mk_conv_kernel mk_conv_kernel_igemm = {
+    "igemm", igemm_supports, igemm_pack, igemm_unpack, igemm_plan_create, igemm_free_plan,
+    igemm_run, igemm_implementation,
+};
