@@ -25,6 +25,7 @@ class MemoryStats:
 
 
 _NO_STATS = MemoryStats(0, 0, 0, 0, 0)
+_COMMITTED = int(CommandBufferStatus.COMMITTED)
 
 
 class CommandBuffer:
@@ -69,7 +70,7 @@ class CommandBuffer:
         return f"command buffer {self.label!r}" if self.label else "the command buffer"
 
     def _check_encodable(self):
-        if self._native.status >= CommandBufferStatus.COMMITTED:
+        if self._native.status >= _COMMITTED:
             raise CommandBufferStateError(
                 f"cannot encode onto {self._name()}: it is already committed "
                 f"(status {self.status.name}); make a new command buffer")
@@ -80,7 +81,7 @@ class CommandBuffer:
         """Record `command`; operands are (image, byte offset, strides) in operand order;
         description (a kernel, or a string) names it if it fails."""
         time = len(self._commands)
-        for k, (image, byte_offset, strides) in enumerate(operands):
+        for k, (image, byte_offset, (sn, sy, sx, sc)) in enumerate(operands):
             root = image._root
             if root._is_temporary:
                 root._touch(time)
@@ -88,7 +89,7 @@ class CommandBuffer:
                 address = 0
             else:
                 address = root._address() + byte_offset
-            command.set_operand(k, address, image._format, *strides)
+            command.set_operand(k, address, image._format, sn, sy, sx, sc)
         command.description = description
         self._commands.append(command)
 

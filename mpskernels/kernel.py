@@ -184,12 +184,14 @@ def record_pointwise(command_buffer, make_command, kernel, sources, destination,
     """Record one command per band of the destination region in which every source is
     uniformly inside, before or after its image (at most 9 for one source; usually 1)."""
     x0, y0, z0, w, h, depth = region
+    inside = True
     for s in sources:
         if s.oz < 0 or s.oz + depth > s.image.number_of_images:
             raise ValidationError(
                 f"{s.image!r} has {s.image.number_of_images} images; the kernel reads images "
                 f"{s.oz}..{s.oz + depth - 1} (offset.z and clip_rect depth)")
-    if all(s.inside(w, h) for s in sources):  # the common case: one command
+        inside = inside and s.inside(w, h)
+    if inside:  # the common case: one command
         operands = [s.operand(0, 0) for s in sources]
         operands.append((destination, destination._byte_offset(z0, y0, x0, dst_c0), destination._strides))
         command_buffer._add(make_command((depth, h, w, channels)), operands, kernel)
@@ -206,6 +208,8 @@ def record_pointwise(command_buffer, make_command, kernel, sources, destination,
 
 def _integer(name, value, minimum=0, maximum=1 << 31):
     """A kernel property must be an int in [minimum, maximum] (ULONG_MAX counts as maximum)."""
+    if type(value) is int and minimum <= value <= maximum:   # the usual case, checked fast
+        return value
     if isinstance(value, bool) or not hasattr(value, "__index__"):
         raise ValidationError(f"{name} must be an integer, got {value!r}")
     value = value.__index__()
