@@ -20,6 +20,7 @@ from mpskernels.image import (Image, ImageAllocator, ImageDescriptor, ImageReadW
                               image_batch_synchronize)
 from mpskernels.texture import Texture, TextureDescriptor
 from mpskernels.kernel import CNNBinaryKernel, CNNKernel, Kernel, NNDefaultPadding, NNPadding
+from mpskernels.reduction import *  # noqa: F401,F403  (NNReduce*)
 from mpskernels.neuron import (CNNNeuron, CNNNeuronAbsolute, CNNNeuronELU, CNNNeuronExponential,
                                CNNNeuronGeLU, CNNNeuronHardSigmoid, CNNNeuronLinear,
                                CNNNeuronLogarithm, CNNNeuronPower, CNNNeuronPReLU, CNNNeuronReLU,

@@ -374,3 +374,4 @@ cdef class Buffer:
             mk_buffer_wait_completed(self.buffer)
 include "_gemm.pxi"
 include "_conv.pxi"
+include "_reduce.pxi"

@@ -1,0 +1,112 @@
+/* AVX2 reduction microkernels: the 16 logical lanes are two ymm (lanes 0-7 and 8-15); tails
+ * through vmaskmovps. The loops are in reduce_simd.h. */
+#include "reduce.h"
+
+#if MK_X86
+#include <immintrin.h>
+#include <math.h>
+
+#define RDN(name) name##__avx2
+#define VL 8
+
+typedef struct { __m256 lo, hi; } L;
+typedef __m256 V;
+
+static inline __m256i rd_tail(int r) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(r), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+/* a < b ? a : b (vminps), except where a is NaN: a stays. */
+static inline __m256 v_min(__m256 a, __m256 b) {
+    return _mm256_blendv_ps(a, _mm256_min_ps(a, b), _mm256_cmp_ps(a, a, _CMP_ORD_Q));
+}
+static inline __m256 v_max(__m256 a, __m256 b) {
+    return _mm256_blendv_ps(a, _mm256_max_ps(a, b), _mm256_cmp_ps(a, a, _CMP_ORD_Q));
+}
+#define v_add _mm256_add_ps
+#define v_load(p) _mm256_loadu_ps(p)
+#define v_load_n(p, r) _mm256_maskload_ps((p), rd_tail(r))
+#define v_store(p, v) _mm256_storeu_ps((p), (v))
+#define v_store_n(p, v, r) _mm256_maskstore_ps((p), rd_tail(r), (v))
+
+#define L_PAIR(NAME, F)                                                                  \
+    static inline L NAME(L a, L b) { return (L){F(a.lo, b.lo), F(a.hi, b.hi)}; }
+L_PAIR(l_add, _mm256_add_ps)
+L_PAIR(l_mul, _mm256_mul_ps)
+L_PAIR(l_min, v_min)
+L_PAIR(l_max, v_max)
+
+static inline L l_load(const float *p) { return (L){_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+static inline __m256 load8_n(const float *p, int r, float fill) {
+    if (r <= 0) return _mm256_set1_ps(fill);
+    if (r >= 8) return _mm256_loadu_ps(p);
+    __m256i m = rd_tail(r);
+    return _mm256_blendv_ps(_mm256_set1_ps(fill), _mm256_maskload_ps(p, m), _mm256_castsi256_ps(m));
+}
+static inline L l_load_n(const float *p, int r, float fill) {
+    return (L){load8_n(p, r, fill), load8_n(p + 8, r - 8, fill)};
+}
+static inline __m256 ne0(__m256 x) {
+    return _mm256_and_ps(_mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_NEQ_UQ), _mm256_set1_ps(1.0f));
+}
+static inline L l_ne0(L x) { return (L){ne0(x.lo), ne0(x.hi)}; }
+
+#define RD_FIND(MASK)                                                                    \
+    for (; c + 8 <= C; c += 8) {                                                         \
+        __m256 v = _mm256_loadu_ps(p + c);                                               \
+        int k = _mm256_movemask_ps(MASK);                                                \
+        if (k) return c + __builtin_ctz((unsigned)k);                                    \
+    }                                                                                    \
+    if (c < C) {                                                                         \
+        __m256 v = _mm256_maskload_ps(p + c, rd_tail((int)(C - c)));                     \
+        int k = _mm256_movemask_ps(MASK) & ((1 << (C - c)) - 1);                         \
+        if (k) return c + __builtin_ctz((unsigned)k);                                    \
+    }
+static inline int64_t l_find(const float *p, int64_t C, float m) {
+    const __m256 vm = _mm256_set1_ps(m);
+    int64_t c = 0;
+    if (m != m) {
+        RD_FIND(_mm256_cmp_ps(v, v, _CMP_UNORD_Q))
+    } else {
+        RD_FIND(_mm256_cmp_ps(v, vm, _CMP_EQ_OQ))
+    }
+    return 0; /* not reached: m is one of the values */
+}
+
+static inline __m128 h_op(int op, __m128 a, __m128 b) {
+    if (op == MK_REDUCE_SUM) return _mm_add_ps(a, b);
+    __m128 ord = _mm_cmpord_ps(a, a);
+    return _mm_blendv_ps(a, op == MK_REDUCE_MIN ? _mm_min_ps(a, b) : _mm_max_ps(a, b), ord);
+}
+/* lanes k with k+8, k+4, k+2, k+1 */
+static inline float l_fold(int op, L v) {
+    __m256 a = op == MK_REDUCE_SUM ? _mm256_add_ps(v.lo, v.hi)
+             : op == MK_REDUCE_MIN ? v_min(v.lo, v.hi) : v_max(v.lo, v.hi);
+    __m128 b = h_op(op, _mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    b = h_op(op, b, _mm_movehl_ps(b, b));
+    b = h_op(op, b, _mm_shuffle_ps(b, b, 1));
+    return _mm_cvtss_f32(b);
+}
+
+static uint64_t read_or__avx2(const uint64_t *x, int64_t n) {
+    __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        a0 = _mm256_or_si256(a0, _mm256_loadu_si256((const __m256i *)(x + i)));
+        a1 = _mm256_or_si256(a1, _mm256_loadu_si256((const __m256i *)(x + i + 4)));
+        a2 = _mm256_or_si256(a2, _mm256_loadu_si256((const __m256i *)(x + i + 8)));
+        a3 = _mm256_or_si256(a3, _mm256_loadu_si256((const __m256i *)(x + i + 12)));
+    }
+    __m256i a = _mm256_or_si256(_mm256_or_si256(a0, a1), _mm256_or_si256(a2, a3));
+    uint64_t t[4];
+    _mm256_storeu_si256((__m256i *)t, a);
+    uint64_t r = t[0] | t[1] | t[2] | t[3];
+    for (; i < n; i++) r |= x[i];
+    return r;
+}
+
+#include "reduce_simd.h"
+
+const mk_rd_kernels mk_rd_kernels__avx2 = RD_TABLE("avx2");
+
+#endif /* MK_X86 */

@@ -1,0 +1,104 @@
+/* AVX-512 reduction microkernels: the 16 logical lanes are one zmm; tails through masks.
+ * The loops are in reduce_simd.h. */
+#include "reduce.h"
+
+#if MK_X86
+#include <immintrin.h>
+#include <math.h>
+
+#define RDN(name) name##__avx512
+#define VL 16
+
+typedef __m512 L;
+typedef __m512 V;
+
+static inline __mmask16 rd_tail(int r) { return (__mmask16)((1u << r) - 1u); }
+
+/* a < b ? a : b (vminps), except where a is NaN: a stays. */
+static inline __m512 l_min(__m512 a, __m512 b) {
+    return _mm512_mask_min_ps(a, _mm512_cmp_ps_mask(a, a, _CMP_ORD_Q), a, b);
+}
+static inline __m512 l_max(__m512 a, __m512 b) {
+    return _mm512_mask_max_ps(a, _mm512_cmp_ps_mask(a, a, _CMP_ORD_Q), a, b);
+}
+#define l_add _mm512_add_ps
+#define l_mul _mm512_mul_ps
+#define l_load(p) _mm512_loadu_ps(p)
+#define l_load_n(p, r, fill) _mm512_mask_loadu_ps(_mm512_set1_ps(fill), rd_tail(r), (p))
+#define l_ne0(x) _mm512_maskz_mov_ps(_mm512_cmp_ps_mask((x), _mm512_setzero_ps(), _CMP_NEQ_UQ), \
+                                     _mm512_set1_ps(1.0f))
+
+#define RD_FIND(MASK)                                                                    \
+    for (; c + 16 <= C; c += 16) {                                                       \
+        __m512 v = _mm512_loadu_ps(p + c);                                               \
+        __mmask16 k = MASK;                                                              \
+        if (k) return c + __builtin_ctz(k);                                              \
+    }                                                                                    \
+    if (c < C) {                                                                         \
+        __m512 v = _mm512_maskz_loadu_ps(rd_tail((int)(C - c)), p + c);                  \
+        __mmask16 k = (MASK) & rd_tail((int)(C - c));                                    \
+        if (k) return c + __builtin_ctz(k);                                              \
+    }
+static inline int64_t l_find(const float *p, int64_t C, float m) {
+    const __m512 vm = _mm512_set1_ps(m);
+    int64_t c = 0;
+    if (m != m) {
+        RD_FIND(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q))
+    } else {
+        RD_FIND(_mm512_cmp_ps_mask(v, vm, _CMP_EQ_OQ))
+    }
+    return 0; /* not reached: m is one of the values */
+}
+
+static inline __m128 h_min(__m128 a, __m128 b) {
+    return _mm_blendv_ps(a, _mm_min_ps(a, b), _mm_cmpord_ps(a, a));
+}
+static inline __m128 h_max(__m128 a, __m128 b) {
+    return _mm_blendv_ps(a, _mm_max_ps(a, b), _mm_cmpord_ps(a, a));
+}
+static inline __m128 h_op(int op, __m128 a, __m128 b) {
+    return op == MK_REDUCE_SUM ? _mm_add_ps(a, b) : op == MK_REDUCE_MIN ? h_min(a, b) : h_max(a, b);
+}
+static inline __m256 h_op8(int op, __m256 a, __m256 b) {
+    if (op == MK_REDUCE_SUM) return _mm256_add_ps(a, b);
+    __m256 ord = _mm256_cmp_ps(a, a, _CMP_ORD_Q);
+    return _mm256_blendv_ps(a, op == MK_REDUCE_MIN ? _mm256_min_ps(a, b) : _mm256_max_ps(a, b), ord);
+}
+/* lanes k with k+8, k+4, k+2, k+1 */
+static inline float l_fold(int op, __m512 v) {
+    __m256 a = h_op8(op, _mm512_castps512_ps256(v),
+                     _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+    __m128 b = h_op(op, _mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    b = h_op(op, b, _mm_movehl_ps(b, b));
+    b = h_op(op, b, _mm_shuffle_ps(b, b, 1));
+    return _mm_cvtss_f32(b);
+}
+
+#define v_load(p) _mm512_loadu_ps(p)
+#define v_load_n(p, r) _mm512_maskz_loadu_ps(rd_tail(r), (p))
+#define v_store(p, v) _mm512_storeu_ps((p), (v))
+#define v_store_n(p, v, r) _mm512_mask_storeu_ps((p), rd_tail(r), (v))
+#define v_add _mm512_add_ps
+#define v_min l_min
+#define v_max l_max
+
+static uint64_t read_or__avx512(const uint64_t *x, int64_t n) {
+    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        a0 = _mm512_or_si512(a0, _mm512_loadu_si512((const void *)(x + i)));
+        a1 = _mm512_or_si512(a1, _mm512_loadu_si512((const void *)(x + i + 8)));
+        a2 = _mm512_or_si512(a2, _mm512_loadu_si512((const void *)(x + i + 16)));
+        a3 = _mm512_or_si512(a3, _mm512_loadu_si512((const void *)(x + i + 24)));
+    }
+    uint64_t r = (uint64_t)_mm512_reduce_or_epi64(
+        _mm512_or_si512(_mm512_or_si512(a0, a1), _mm512_or_si512(a2, a3)));
+    for (; i < n; i++) r |= x[i];
+    return r;
+}
+
+#include "reduce_simd.h"
+
+const mk_rd_kernels mk_rd_kernels__avx512 = RD_TABLE("avx512");
+
+#endif /* MK_X86 */

@@ -1,0 +1,74 @@
+/* Portable reduction microkernels (no ISA flags; any architecture): the 16 logical lanes are
+ * an array, the strided kernel works one float at a time. Same operation order as the SIMD
+ * paths (reduce_simd.h), so the results are bitwise identical to them. */
+#include <math.h>
+
+#include "reduce.h"
+
+#define RDN(name) name##__generic
+#define VL 1
+
+typedef struct { float v[16]; } L;
+typedef float V;
+
+static inline float rd_min1(float a, float b) { return a != a ? a : (a < b ? a : b); }
+static inline float rd_max1(float a, float b) { return a != a ? a : (a > b ? a : b); }
+
+#define L_LANEWISE(NAME, EXPR)                                                           \
+    static inline L NAME(L a, L b) {                                                     \
+        L r;                                                                             \
+        for (int k = 0; k < 16; k++) r.v[k] = EXPR;                                      \
+        return r;                                                                        \
+    }
+L_LANEWISE(l_add, a.v[k] + b.v[k])
+L_LANEWISE(l_mul, a.v[k] * b.v[k])
+L_LANEWISE(l_min, rd_min1(a.v[k], b.v[k]))
+L_LANEWISE(l_max, rd_max1(a.v[k], b.v[k]))
+
+static inline L l_load(const float *p) {
+    L r;
+    for (int k = 0; k < 16; k++) r.v[k] = p[k];
+    return r;
+}
+static inline L l_load_n(const float *p, int n, float fill) {
+    L r;
+    for (int k = 0; k < 16; k++) r.v[k] = k < n ? p[k] : fill;
+    return r;
+}
+static inline L l_ne0(L a) {
+    L r;
+    for (int k = 0; k < 16; k++) r.v[k] = a.v[k] != 0.0f ? 1.0f : 0.0f;
+    return r;
+}
+static inline int64_t l_find(const float *p, int64_t C, float m) {
+    int64_t c = 0;
+    if (m != m) while (c < C - 1 && p[c] == p[c]) c++;
+    else while (c < C - 1 && p[c] != m) c++;
+    return c;
+}
+static inline float rd_op1(int op, float a, float b) {
+    return op == MK_REDUCE_SUM ? a + b : op == MK_REDUCE_MIN ? rd_min1(a, b) : rd_max1(a, b);
+}
+static inline float l_fold(int op, L a) {
+    for (int half = 8; half >= 1; half /= 2)
+        for (int k = 0; k < half; k++) a.v[k] = rd_op1(op, a.v[k], a.v[k + half]);
+    return a.v[0];
+}
+
+#define v_load(p) (*(p))
+#define v_load_n(p, r) ((void)(r), *(p))
+#define v_store(p, v) (*(p) = (v))
+#define v_store_n(p, v, r) ((void)(r), *(p) = (v))
+#define v_add(a, b) ((a) + (b))
+#define v_min rd_min1
+#define v_max rd_max1
+
+static uint64_t read_or__generic(const uint64_t *x, int64_t n) {
+    uint64_t r = 0;
+    for (int64_t i = 0; i < n; i++) r |= x[i];
+    return r;
+}
+
+#include "reduce_simd.h"
+
+const mk_rd_kernels mk_rd_kernels__generic = RD_TABLE("generic");
