@@ -12,13 +12,16 @@ from mpskernels.device import (CommandQueue, Device, create_system_default_devic
                                get_num_threads, set_num_threads)
 from mpskernels.enums import *  # noqa: F401,F403  (Apple's enums)
 from mpskernels.errors import (CommandBufferExecutionError, CommandBufferStateError,
-                               MPSKernelsError, TemporaryImageError, ValidationError)
+                               HazardError, MPSKernelsError, TemporaryImageError,
+                               TensorCreationError, ValidationError)
 from mpskernels.geometry import RECT_NO_CLIP, Offset, Origin, Region, Size
 from mpskernels.image import (Image, ImageAllocator, ImageDescriptor, ImageReadWriteParams,
                               TemporaryImage, image_batch_increment_read_count,
                               image_batch_iterate, image_batch_resource_size,
                               image_batch_synchronize)
 from mpskernels.texture import Texture, TextureDescriptor
+from mpskernels.heap import Buffer, Heap, HeapDescriptor
+from mpskernels.tensor import Tensor, TensorDescriptor, TensorExtents
 from mpskernels.kernel import CNNBinaryKernel, CNNKernel, Kernel, NNDefaultPadding, NNPadding
 from mpskernels.reduction import *  # noqa: F401,F403  (NNReduce*)
 from mpskernels.neuron import (CNNNeuron, CNNNeuronAbsolute, CNNNeuronELU, CNNNeuronExponential,

@@ -4,7 +4,11 @@ import threading
 
 from mpskernels import _native
 from mpskernels.command_buffer import CommandBuffer
+from mpskernels.enums import StorageMode
+from mpskernels.errors import ValidationError
+from mpskernels.heap import Buffer, Heap, aligned_bytes
 from mpskernels.image import make_texture
+from mpskernels.tensor import Tensor
 
 _lock = threading.Lock()
 _default_num_threads = None   # set by set_num_threads()
@@ -53,15 +57,21 @@ class Device:
     num_threads: threads a kernel may use (default: default_num_threads()).
     poison_temporaries: fill a temporary image's memory with NaN the moment its read_count
     reaches 0, so a kernel that reads it afterwards shows the bug (default: the
-    MPSKERNELS_POISON environment variable)."""
+    MPSKERNELS_POISON environment variable).
+    validate_passes: the pass validation layer (Metal 4 encoders): a pass that touches memory
+    an earlier pass writes, with no barrier or fence between them, raises HazardError
+    (default on; MPSKERNELS_VALIDATE_PASSES=0 turns it off)."""
 
-    def __init__(self, num_threads=None, poison_temporaries=None):
+    def __init__(self, num_threads=None, poison_temporaries=None, validate_passes=None):
         n = default_num_threads() if num_threads is None else _check_threads(num_threads)
         self._pool = _native.Pool(n)
         self._blocks = _native.BlockCache()
         if poison_temporaries is None:
             poison_temporaries = os.environ.get("MPSKERNELS_POISON", "") not in ("", "0")
         self.poison_temporaries = bool(poison_temporaries)
+        if validate_passes is None:
+            validate_passes = os.environ.get("MPSKERNELS_VALIDATE_PASSES", "1") != "0"
+        self.validate_passes = bool(validate_passes)
         self.name = _cpu_name()
 
     def __repr__(self):
@@ -81,6 +91,28 @@ class Device:
     def make_texture(self, descriptor):
         """A texture (MTLTexture) of a TextureDescriptor's 2-D size, format and slices."""
         return make_texture(self, descriptor)
+
+    def make_buffer(self, length, options=StorageMode.SHARED):
+        """A zeroed buffer (MTLBuffer) of `length` bytes; options: its StorageMode."""
+        if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+            raise ValidationError(f"make_buffer: length must be a positive integer, got {length!r}")
+        return Buffer(self, aligned_bytes(length), options)
+
+    def make_heap(self, descriptor):
+        """A heap (MTLHeap) of descriptor.size bytes to place buffers and tensors in."""
+        return Heap(self, descriptor)
+
+    def make_tensor(self, descriptor):
+        """A zeroed tensor (MTLTensor) with its own memory; raises TensorCreationError."""
+        return Tensor._on_device(self, descriptor)
+
+    def make_argument_table(self, descriptor):
+        from mpskernels.ml import ArgumentTable
+        return ArgumentTable(self, descriptor)
+
+    def make_compiler(self):
+        from mpskernels.ml import Compiler
+        return Compiler(self)
 
     @property
     def arena_cache_bytes(self):

@@ -174,3 +174,72 @@ class CNNNeuronType(IntEnum):
     LOGARITHM = 14
     GELU = 15
     COUNT = 16
+
+
+# ---- Metal 4 tensors, heaps and passes (MPS_REFERENCE.md §9) --------------------------------
+
+class TensorDataType(IntEnum):
+    """MTLTensorDataType: the values of the matching MTLDataType."""
+    NONE = 0
+    FLOAT32 = 3
+    FLOAT16 = 16
+    BFLOAT16 = 121
+    INT8 = 45
+    UINT8 = 49
+    INT16 = 37
+    UINT16 = 41
+    INT32 = 29
+    UINT32 = 33
+
+
+class TensorUsage(IntFlag):
+    COMPUTE = 1
+    RENDER = 2
+    MACHINE_LEARNING = 4
+
+
+class TensorError(IntEnum):
+    NONE = 0
+    INTERNAL_ERROR = 1
+    INVALID_DESCRIPTOR = 2
+
+
+class HazardTrackingMode(IntEnum):
+    DEFAULT = 0
+    UNTRACKED = 1
+    TRACKED = 2
+
+
+class HeapType(IntEnum):
+    AUTOMATIC = 0
+    PLACEMENT = 1
+    SPARSE = 2
+
+
+class Stages(IntFlag):
+    """MTLStages: the GPU stages a barrier orders. Our passes run in DISPATCH (compute),
+    BLIT and MACHINE_LEARNING."""
+    VERTEX = 1 << 0
+    FRAGMENT = 1 << 1
+    TILE = 1 << 2
+    OBJECT = 1 << 3
+    MESH = 1 << 4
+    RESOURCE_STATE = 1 << 26
+    DISPATCH = 1 << 27
+    BLIT = 1 << 28
+    ACCELERATION_STRUCTURE = 1 << 29
+    MACHINE_LEARNING = 1 << 30
+    ALL = (1 << 63) - 1   # Int.max
+
+
+class VisibilityOptions(IntFlag):
+    NONE = 0
+    DEVICE = 1
+    RESOURCE_ALIAS = 2
+
+
+class BindingAccess(IntEnum):
+    """MTLBindingAccess."""
+    READ_ONLY = 0
+    READ_WRITE = 1
+    WRITE_ONLY = 2

@@ -23,3 +23,17 @@ class CommandBufferExecutionError(MPSKernelsError, RuntimeError):
     def __init__(self, message, code):
         super().__init__(message)
         self.code = code
+
+
+class TensorCreationError(ValidationError):
+    """A tensor could not be made (MTLTensorDomain); `code` is a TensorError."""
+
+    def __init__(self, message, code):
+        super().__init__(message)
+        self.code = code
+
+
+class HazardError(ValidationError):
+    """The pass validation layer: a pass touches memory that an earlier pass writes (or reads,
+    for a write) with no barrier or fence ordering the two, so on a device that overlaps
+    passes the result would depend on timing."""
