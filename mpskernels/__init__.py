@@ -22,6 +22,11 @@ from mpskernels.image import (Image, ImageAllocator, ImageDescriptor, ImageReadW
 from mpskernels.texture import Texture, TextureDescriptor
 from mpskernels.heap import Buffer, Heap, HeapDescriptor
 from mpskernels.tensor import Tensor, TensorDescriptor, TensorExtents
+from mpskernels.ml import (ArgumentTable, ArgumentTableDescriptor, Binding, Compiler,
+                           ComputeCommandEncoder, Fence, FunctionDescriptor, Library,
+                           LibraryFunctionDescriptor, MachineLearningCommandEncoder,
+                           MachineLearningPipelineDescriptor, MachineLearningPipelineReflection,
+                           MachineLearningPipelineState)
 from mpskernels.kernel import CNNBinaryKernel, CNNKernel, Kernel, NNDefaultPadding, NNPadding
 from mpskernels.reduction import *  # noqa: F401,F403  (NNReduce*)
 from mpskernels.neuron import (CNNNeuron, CNNNeuronAbsolute, CNNNeuronELU, CNNNeuronExponential,

@@ -43,6 +43,8 @@ class CommandBuffer:
         self._leftover = ()
         self.memory_stats = _NO_STATS
         self.retained_references = True
+        self._encoder = None       # the Metal 4 pass encoder being encoded, if any (ml.py)
+        self._pass_log = None      # its passes' dispatches, for the hazard check (ml.py)
 
     def __repr__(self):
         return f"<CommandBuffer label={self.label!r} status={self.status.name}>"
@@ -107,6 +109,18 @@ class CommandBuffer:
             self._add(fill, [(root, 0, root._strides)], f"poison of released {root!r}")
         root._last = len(self._commands) - 1
 
+    # ---- Metal 4 passes (mpskernels/ml.py) ---------------------------------------------------
+
+    def make_compute_command_encoder(self):
+        """A compute pass whose tensor operations run our kernels on tensors."""
+        from mpskernels.ml import ComputeCommandEncoder
+        return ComputeCommandEncoder(self)
+
+    def make_machine_learning_command_encoder(self):
+        """A machine-learning pass: runs a MachineLearningPipelineState's network."""
+        from mpskernels.ml import MachineLearningCommandEncoder
+        return MachineLearningCommandEncoder(self)
+
     # ---- handlers -------------------------------------------------------------------------
 
     def add_scheduled_handler(self, handler):
@@ -156,6 +170,9 @@ class CommandBuffer:
     def commit(self):
         if self._native.status >= CommandBufferStatus.COMMITTED:
             raise CommandBufferStateError(f"{self._name()} is already committed: commit() may be called once")
+        if self._encoder is not None:
+            raise CommandBufferStateError(f"commit on {self._name()} while {self._encoder._name} is "
+                                          f"still encoding: call its end_encoding() first")
         block = self._plan_arena()
         self._leftover = tuple(t for t in self._temporaries if t._read_count > 0)
         needs_python = self._scheduled_handlers or self._completed_handlers or self._leftover

@@ -110,6 +110,10 @@ class Device:
         from mpskernels.ml import ArgumentTable
         return ArgumentTable(self, descriptor)
 
+    def make_fence(self):
+        from mpskernels.ml import Fence
+        return Fence(self)
+
     def make_compiler(self):
         from mpskernels.ml import Compiler
         return Compiler(self)

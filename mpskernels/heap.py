@@ -13,6 +13,11 @@ from mpskernels.errors import ValidationError
 
 ALIGNMENT = 64   # of every heap placement (MK_ALIGNMENT); one cache line, one AVX-512 vector
 _ids = itertools.count(1)
+_live = weakref.WeakValueDictionary()   # gpu_resource_id -> resource
+
+
+def resource_by_id(resource_id):
+    return _live.get(resource_id)
 
 
 def aligned_bytes(nbytes):
@@ -48,6 +53,7 @@ class Resource:
         self.heap = heap
         self.heap_offset = heap_offset if heap is not None else 0
         self.gpu_resource_id = next(_ids)
+        _live[self.gpu_resource_id] = self
         self._memory = memory           # uint8 array: this resource's bytes
         self._aliasable = False
 

@@ -1,0 +1,947 @@
+"""Metal 4 machine-learning passes on the CPU (MPS_REFERENCE.md §9): the network IR a pipeline
+runs, libraries, pipelines, argument tables, the compute and machine-learning encoders, the
+barriers and fences that order passes, and the validation layer that reports hazards.
+
+Tensor operations (compute encoder `encode`, and every IR node) run the existing kernels on
+tensors: neurons and arithmetic through src/elementwise, convolution through src/conv (NHWC
+tensors). Passes run in encoding order, one after another (a valid schedule of what Metal
+allows); the validation layer checks the program would also be right if passes that no
+barrier orders ran at the same time. The design is in docs/ml.md."""
+import itertools
+
+import numpy as np
+
+from mpskernels import _native
+from mpskernels.arithmetic import CNNArithmetic
+from mpskernels.convolution import CNNConvolution, CNNConvolutionDescriptor, _ConvolutionBase
+from mpskernels.enums import (BindingAccess, CNNNeuronType, Stages, TensorDataType, TensorUsage,
+                              VisibilityOptions)
+from mpskernels.errors import CommandBufferStateError, HazardError, ValidationError
+from mpskernels.geometry import Offset
+from mpskernels.heap import Heap, resource_by_id
+from mpskernels.neuron import CNNNeuron, NNNeuronDescriptor
+from mpskernels.tensor import _TYPES, Tensor, TensorExtents, data_type_of, element_size
+
+# ==== operands: a tensor, or a slot of the intermediates heap, as the kernels see it ==========
+
+
+class _Operand:
+    """A strided float array at a fixed address: what a tensor op reads or writes. numpy order
+    shape and element strides; `_root`/`_is_temporary`/`_format` make it a CommandBuffer._add
+    operand like an image."""
+    __slots__ = ("address", "shape", "strides", "_format", "esize", "name", "nbytes")
+    _is_temporary = False
+
+    def __init__(self, address, shape, strides, data_type, name):
+        self.address = address
+        self.shape = tuple(shape)
+        self.strides = tuple(strides)
+        self.esize = element_size(data_type)
+        self._format = _kernel_format(data_type, name)
+        self.name = name
+        self.nbytes = (sum((d - 1) * s for d, s in zip(self.shape, self.strides)) + 1) * self.esize
+
+    @property
+    def _root(self):
+        return self
+
+    def _address(self):
+        return self.address
+
+    def span(self):
+        return self.address, self.address + self.nbytes
+
+
+def _kernel_format(data_type, name):
+    fmt = _TYPES[TensorDataType(data_type)][1]
+    if fmt is None:
+        raise ValidationError(f"{name} is {TensorDataType(data_type).name}: tensor operations "
+                              f"take FLOAT32, FLOAT16 or BFLOAT16 tensors")
+    return fmt
+
+
+def _tensor_operand(tensor, name=None):
+    if not isinstance(tensor, Tensor):
+        raise TypeError(f"expected a Tensor, got {type(tensor).__name__}")
+    return _Operand(tensor._address(), tensor.shape, tensor._elements[::-1], tensor.data_type,
+                    name or (f"tensor {tensor.label!r}" if tensor.label else repr(tensor)))
+
+
+def _packed(shape):
+    strides, step = [], 1
+    for d in reversed(shape):
+        strides.append(step)
+        step *= d
+    return tuple(reversed(strides))
+
+
+# ==== tensor operations: record existing kernels' commands over operands ======================
+
+def _loops(shape, operand_strides, keep_inner=False):
+    """Merge dimensions contiguous in every operand and split the rest into an outer loop and
+    a 4-D kernel extent. Returns (outer shape, per-operand outer strides, extent (n, h, w, c),
+    per-operand 4 strides). keep_inner: never merge the innermost dimension (PReLU's channels)."""
+    dims = [(d, [s[i] for s in operand_strides]) for i, d in enumerate(shape) if d != 1]
+    merged = []
+    for d, st in reversed(dims):          # innermost first
+        if merged and not (keep_inner and len(merged) == 1 and merged[0][2]):
+            inner_d, inner_st, _ = merged[-1]
+            if all(o == i * inner_d for o, i in zip(st, inner_st)):
+                merged[-1] = (inner_d * d, inner_st, merged[-1][2])
+                continue
+        merged.append((d, st, not merged))
+    if keep_inner and (not shape or shape[-1] == 1):
+        merged.insert(0, (1, [0] * len(operand_strides), True))
+    merged = [(d, st) for d, st, _ in merged][::-1]   # outermost first
+    while len(merged) < 4:
+        merged.insert(0, (1, [0] * len(operand_strides)))
+    outer, inner = merged[:-4], merged[-4:]
+    extent = tuple(d for d, _ in inner)
+    return ([d for d, _ in outer], [[st[k] for _, st in outer] for k in range(len(operand_strides))],
+            extent, [tuple(st[k] for _, st in inner) for k in range(len(operand_strides))])
+
+
+def _record_elementwise(cb, make, operands, shape, strides, description, keep_inner=False):
+    """One command per outer index (usually one): make(extent) builds it."""
+    outer, outer_strides, extent, inner = _loops(shape, strides, keep_inner)
+    for index in itertools.product(*[range(d) for d in outer]):
+        cb._add(make(extent), [
+            (op, sum(i * s for i, s in zip(index, os)) * op.esize, st)
+            for op, os, st in zip(operands, outer_strides, inner)], description)
+
+
+def _broadcast(shape, op, what):
+    """op's strides broadcast to `shape` (NumPy rules: stride 0 where op has extent 1)."""
+    pad = len(shape) - len(op.shape)
+    if pad < 0:
+        raise ValidationError(f"{what}: {op.name} of shape {op.shape} has more dimensions than "
+                              f"the destination {shape}")
+    out = []
+    for d, (e, s) in zip(shape, [(1, 0)] * pad + list(zip(op.shape, op.strides))):
+        if e == d:
+            out.append(s if d != 1 else 0)
+        elif e == 1:
+            out.append(0)
+        else:
+            raise ValidationError(f"{what}: {op.name} of shape {op.shape} does not broadcast to "
+                                  f"the destination shape {shape}")
+    return out
+
+
+def _check_same_shape(src, dst, what):
+    if src.shape != dst.shape:
+        raise ValidationError(f"{what}: the source {src.name} has shape {src.shape} but the "
+                              f"destination {dst.name} has {dst.shape}")
+
+
+def _overlapping(a, b):
+    (a0, a1), (b0, b1) = a.span(), b.span()
+    return a0 < b1 and b0 < a1
+
+
+def neuron_op(cb, neuron, src, dst, description):
+    """dst = f(src) for a neuron descriptor or CNNNeuron; PReLU slopes run along the
+    innermost dimension."""
+    _check_same_shape(src, dst, f"{description}")
+    if _overlapping(src, dst) and (src.address, src.strides) != (dst.address, dst.strides):
+        raise ValidationError(f"{description}: the destination {dst.name} partly overlaps the source {src.name}")
+    slopes = None
+    if neuron.neuron_type == CNNNeuronType.PRELU:
+        data = np.asarray(neuron.data, np.float32).reshape(-1)
+        channels = src.shape[-1] if src.shape else 1
+        if data.size not in (1, channels):
+            raise ValidationError(f"{description}: PReLU has {data.size} slopes; the innermost "
+                                  f"dimension has {channels}")
+        slopes = np.array(np.broadcast_to(data, (channels,)))   # a writable copy
+    t, a, b, c = int(neuron.neuron_type), neuron.a, neuron.b, neuron.c
+
+    def make(extent):
+        return _native.ElementwiseCommand.neuron(extent, t, a, b, c, slopes)
+
+    _record_elementwise(cb, make, [src, dst], dst.shape, [src.strides, dst.strides],
+                        description, keep_inner=slopes is not None)
+
+
+def arithmetic_op(cb, kernel, a, b, dst, description):
+    """dst = clamp((primary_scale*a) OP (secondary_scale*b) + bias, min, max), a and b
+    broadcast to dst's shape (NumPy rules)."""
+    for src in (a, b):
+        if _overlapping(src, dst) and (src.address, src.strides, src.shape) != (dst.address, dst.strides, dst.shape):
+            raise ValidationError(f"{description}: the destination {dst.name} partly overlaps {src.name}")
+    args = (kernel._op, kernel.primary_scale, kernel.secondary_scale, kernel.bias,
+            kernel.minimum_value, kernel.maximum_value)
+    if kernel.minimum_value > kernel.maximum_value:
+        raise ValidationError(f"{description}: minimum_value > maximum_value")
+
+    def make(extent):
+        return _native.ElementwiseCommand.arithmetic(extent, *args)
+
+    _record_elementwise(cb, make, [a, b, dst], dst.shape,
+                        [_broadcast(dst.shape, a, description), _broadcast(dst.shape, b, description),
+                         dst.strides], description)
+
+
+def copy_op(cb, src, dst, description, perm=None):
+    """dst = src, or src's dimensions permuted (dst dimension i is src dimension perm[i]),
+    converting between float formats."""
+    if perm is None:
+        perm = range(len(src.shape))
+    shape = tuple(src.shape[p] for p in perm)
+    if shape != dst.shape:
+        raise ValidationError(f"{description}: {src.name} gives shape {shape}, the destination "
+                              f"{dst.name} has {dst.shape}")
+    if _overlapping(src, dst):
+        raise ValidationError(f"{description}: the destination {dst.name} overlaps the source {src.name}")
+    _record_elementwise(cb, _native.ElementwiseCommand.copy, [src, dst], shape,
+                        [[src.strides[p] for p in perm], dst.strides], description)
+
+
+class _NHWCImage:
+    """An NHWC operand seen as an image, so the convolution family's encode path runs on it."""
+
+    def __init__(self, op):
+        if len(op.shape) != 4 or op.strides[3] != 1:
+            raise ValidationError(f"convolution takes NHWC tensors (rank 4, channels innermost "
+                                  f"and contiguous); {op.name} has shape {op.shape}")
+        self._op = op
+        self.number_of_images, self.height, self.width, self.feature_channels = op.shape
+        self._format = op._format
+        self._strides = op.strides
+        self._root = op
+
+    def _byte_offset(self, n, y, x, c):
+        sn, sy, sx, sc = self._strides
+        return (n * sn + y * sy + x * sx + c * sc) * self._op.esize
+
+    def __repr__(self):
+        return self._op.name
+
+
+def convolution_op(cb, kernel, src, dst, description):
+    """A CNNConvolution (any of its forms) over NHWC tensors, placed by kernel.offset and
+    clip_rect as on images (the IR sets offset from ONNX-style pads)."""
+    if _overlapping(src, dst):
+        raise ValidationError(f"{description}: the destination {dst.name} overlaps the source {src.name}")
+    kernel._encode(cb, _NHWCImage(src), _NHWCImage(dst))
+
+
+# ==== the network IR =============================================================================
+
+class Value:
+    """A tensor of the network: an input, an output, or an intermediate (heap-placed).
+    shape is in NumPy order; -1 marks a free dimension of an input, and values computed from
+    such an input have shape None until a pipeline fixes the input's dimensions."""
+
+    def __init__(self, network, name, shape, data_type, producer=None):
+        self.network = network
+        self.name = name
+        self.shape = None if shape is None else tuple(shape)   # None: known once inputs are
+        self.data_type = data_type
+        self.producer = producer
+
+    def __repr__(self):
+        return f"<Value {self.name!r} {self.shape} {self.data_type.name}>"
+
+
+class Node:
+    """One op: kind (a string naming the op), inputs and outputs (Values), attrs (plain data:
+    numbers, tuples, NumPy arrays), so that a file format can store it as it is."""
+
+    def __init__(self, kind, inputs, outputs, attrs, name):
+        self.kind, self.inputs, self.outputs, self.attrs, self.name = kind, inputs, outputs, attrs, name
+
+    def __repr__(self):
+        return f"<Node {self.name!r} {self.kind}>"
+
+
+def _shape_arg(shape, what):
+    shape = tuple(-1 if d is None else d for d in shape)
+    for d in shape:
+        if isinstance(d, bool) or not isinstance(d, (int, np.integer)) or (d < 1 and d != -1):
+            raise ValidationError(f"{what}: dimensions must be positive integers or -1/None (free), got {shape}")
+    return tuple(int(d) for d in shape)
+
+
+class Network:
+    """A graph of our kernels over tensors, built in order (each node's inputs exist before it).
+    Inputs get binding indices 0.. in declaration order, outputs follow."""
+
+    def __init__(self, name="main"):
+        self.name = name
+        self.inputs, self.outputs, self.nodes = [], [], []
+        self._names = set()
+
+    def _value(self, name, shape, data_type, producer=None):
+        if name in self._names:
+            raise ValidationError(f"network {self.name!r} already has a value named {name!r}")
+        self._names.add(name)
+        return Value(self, name, shape, data_type, producer)
+
+    def _node(self, kind, inputs, attrs, name, out_shape_fn):
+        for v in inputs:
+            if not isinstance(v, Value) or v.network is not self:
+                raise ValidationError(f"{kind}: {v!r} is not a value of network {self.name!r}")
+        name = name or f"{kind}_{len(self.nodes)}"
+        node = Node(kind, list(inputs), [], attrs, name)
+        node.infer = out_shape_fn
+        out = self._value(name, None, inputs[0].data_type, node)
+        if all(v.shape is not None and -1 not in v.shape for v in inputs):   # static: check now
+            out.shape = out_shape_fn([v.shape for v in inputs])
+        node.outputs.append(out)
+        self.nodes.append(node)
+        return out
+
+    def input(self, name, shape, data_type=TensorDataType.FLOAT32):
+        value = self._value(name, _shape_arg(shape, f"input {name!r}"), data_type_of(data_type))
+        self.inputs.append(value)
+        return value
+
+    def output(self, value, name=None):
+        """Make value a network output (its own binding); returns it."""
+        if value.producer is None:
+            raise ValidationError(f"{value!r} is an input: an output must be computed by a node")
+        if value in self.outputs:
+            raise ValidationError(f"{value!r} is already an output")
+        if name is not None and name != value.name:
+            self._names.discard(value.name)
+            self._names.add(name)
+            value.name = name
+        self.outputs.append(value)
+        return value
+
+    # ---- ops -------------------------------------------------------------------------------
+
+    def neuron(self, x, neuron_type, a=0.0, b=0.0, c=0.0, prelu=None, name=None):
+        d = NNNeuronDescriptor(neuron_type, a, b, c,
+                               None if prelu is None else np.asarray(prelu, np.float32).reshape(-1))
+        return self._node("neuron", [x], {"descriptor": d}, name, lambda s: s[0])
+
+    def _arith(self, op, a, b, name):
+        return self._node(op, [a, b], {}, name, lambda s: _broadcast_shapes(s[0], s[1], op))
+
+    def add(self, a, b, name=None):
+        return self._arith("add", a, b, name)
+
+    def sub(self, a, b, name=None):
+        return self._arith("sub", a, b, name)
+
+    def mul(self, a, b, name=None):
+        return self._arith("mul", a, b, name)
+
+    def div(self, a, b, name=None):
+        return self._arith("div", a, b, name)
+
+    def transpose(self, x, perm, name=None):
+        perm = tuple(int(p) for p in perm)
+
+        def infer(shapes):
+            if sorted(perm) != list(range(len(shapes[0]))):
+                raise ValidationError(f"transpose: {perm} is not a permutation of {len(shapes[0])} dimensions")
+            return tuple(shapes[0][p] for p in perm)
+
+        return self._node("transpose", [x], {"perm": perm}, name, infer)
+
+    def conv2d(self, x, weights, bias=None, strides=(1, 1), dilations=(1, 1), pads=(0, 0, 0, 0),
+               groups=1, neuron=None, name=None):
+        """x NHWC; weights [out][kh][kw][in/groups] float32; pads (top, left, bottom, right);
+        neuron: an NNNeuronDescriptor applied to the result (fused)."""
+        w = np.ascontiguousarray(weights, np.float32)
+        if w.ndim != 4:
+            raise ValidationError(f"conv2d: weights must be [out][kh][kw][in/groups], got shape {w.shape}")
+        out_c, kh, kw, cin_g = w.shape
+        sy, sx = strides
+        dy, dx = dilations
+        top, left, bottom, right = pads
+        attrs = {"weights": w, "bias": None if bias is None else np.asarray(bias, np.float32).reshape(-1),
+                 "strides": (sy, sx), "dilations": (dy, dx), "pads": (top, left, bottom, right),
+                 "groups": groups, "neuron": neuron}
+
+        def infer(shapes):
+            n, h, wd, c = _rank(shapes[0], 4, "conv2d input (NHWC)")
+            if c != cin_g * groups:
+                raise ValidationError(f"conv2d: the input has {c} channels; the weights take "
+                                      f"{cin_g} x {groups} groups")
+            oh = (h + top + bottom - dy * (kh - 1) - 1) // sy + 1
+            ow = (wd + left + right - dx * (kw - 1) - 1) // sx + 1
+            if oh < 1 or ow < 1:
+                raise ValidationError(f"conv2d: an input of {h}x{wd} is too small for this window")
+            return (n, oh, ow, out_c)
+
+        return self._node("conv2d", [x], attrs, name, infer)
+
+
+def _rank(shape, rank, what):
+    if len(shape) != rank:
+        raise ValidationError(f"{what} must have rank {rank}, got shape {shape}")
+    return shape
+
+
+def _broadcast_shapes(a, b, op):
+    try:
+        return tuple(np.broadcast_shapes(a, b))
+    except ValueError:
+        raise ValidationError(f"{op}: shapes {a} and {b} do not broadcast") from None
+
+
+# ==== libraries, descriptors, pipelines =======================================================
+
+class Library:
+    """MTLLibrary of networks: Library(device, {name: Network}) builds one in memory (loading
+    a package file is device.make_library(path), not yet implemented)."""
+
+    def __init__(self, device, networks):
+        if isinstance(networks, Network):
+            networks = {networks.name: networks}
+        for name, net in networks.items():
+            if not isinstance(net, Network):
+                raise TypeError(f"library function {name!r} must be a Network, got {type(net).__name__}")
+            if not net.outputs:
+                raise ValidationError(f"network {name!r} has no outputs: mark them with network.output()")
+        self.device = device
+        self.label = None
+        self._networks = dict(networks)
+
+    @property
+    def function_names(self):
+        return list(self._networks)
+
+
+class FunctionDescriptor:
+    """MTL4FunctionDescriptor (base)."""
+
+
+class LibraryFunctionDescriptor(FunctionDescriptor):
+    def __init__(self, name=None, library=None):
+        self.name = name
+        self.library = library
+
+
+class MachineLearningPipelineDescriptor:
+    """MTL4MachineLearningPipelineDescriptor."""
+
+    def __init__(self, machine_learning_function_descriptor=None, label=None):
+        self.label = label
+        self.machine_learning_function_descriptor = machine_learning_function_descriptor
+        self._dims = {}
+
+    def set_input_dimensions(self, dimensions, buffer_index):
+        """Fix the shape of the input at buffer_index (None clears it)."""
+        if dimensions is not None and not isinstance(dimensions, TensorExtents):
+            raise TypeError(f"dimensions must be a TensorExtents or None, got {dimensions!r}")
+        if dimensions is None:
+            self._dims.pop(buffer_index, None)
+        else:
+            self._dims[int(buffer_index)] = dimensions
+
+    def set_input_dimensions_range(self, dimensions, indices):
+        """Many at once: indices a range (Apple's NSRange); None entries clear."""
+        indices = list(indices)
+        if len(dimensions) != len(indices):
+            raise ValidationError(f"{len(dimensions)} dimensions for a range of {len(indices)} indices")
+        for d, i in zip(dimensions, indices):
+            self.set_input_dimensions(d, i)
+
+    def input_dimensions(self, buffer_index):
+        return self._dims.get(buffer_index)
+
+    def reset(self):
+        self.__init__()
+
+
+class Binding:
+    """MTLTensorBinding: one input or output of a pipeline."""
+
+    def __init__(self, name, index, access, data_type, dimensions):
+        self.name, self.index, self.access = name, index, access
+        self.data_type, self.dimensions = data_type, dimensions
+        self.type = "tensor"
+        self.is_used = True
+
+    def __repr__(self):
+        return (f"<Binding {self.index} {self.name!r} {self.access.name} {self.data_type.name} "
+                f"shape {self.dimensions.shape}>")
+
+
+class MachineLearningPipelineReflection:
+    def __init__(self, bindings):
+        self.bindings = bindings
+
+
+class _Step:
+    """One node of a compiled network: a record function and its operand slots."""
+    __slots__ = ("node", "run", "slots")
+
+    def __init__(self, node, run, slots):
+        self.node, self.run, self.slots = node, run, slots
+
+
+class MachineLearningPipelineState:
+    """A network compiled for fixed input shapes: kernels made and weights packed once, every
+    intermediate's offset in the intermediates heap planned (mk_arena_plan)."""
+
+    def __init__(self, device, descriptor):
+        fd = descriptor.machine_learning_function_descriptor
+        if not isinstance(fd, LibraryFunctionDescriptor) or not isinstance(fd.library, Library):
+            raise ValidationError("the descriptor's machine_learning_function_descriptor must be a "
+                                  "LibraryFunctionDescriptor(name, library)")
+        if fd.name not in fd.library._networks:
+            raise ValidationError(f"library has no function {fd.name!r}; it has "
+                                  f"{fd.library.function_names}")
+        net = fd.library._networks[fd.name]
+        self.device = device
+        self.label = descriptor.label
+        self.network = net
+        shapes = self._input_shapes(net, descriptor)
+        for node in net.nodes:   # shapes with the inputs fixed
+            shapes[node.outputs[0]] = node.infer([shapes[v] for v in node.inputs])
+        self._shapes = shapes
+        self._plan(net, shapes)
+        self._steps = [self._compile(node) for node in net.nodes]
+        self.reflection = MachineLearningPipelineReflection(
+            [Binding(v.name, i, BindingAccess.READ_ONLY, v.data_type, TensorExtents.from_shape(shapes[v]))
+             for i, v in enumerate(net.inputs)]
+            + [Binding(v.name, len(net.inputs) + i, BindingAccess.WRITE_ONLY, v.data_type,
+                       TensorExtents.from_shape(shapes[v])) for i, v in enumerate(net.outputs)])
+
+    @staticmethod
+    def _input_shapes(net, descriptor):
+        shapes = {}
+        for i, v in enumerate(net.inputs):
+            given = descriptor.input_dimensions(i)
+            if given is None:
+                if -1 in v.shape:
+                    raise ValidationError(
+                        f"input {v.name!r} (binding {i}) has free dimensions {v.shape}: fix them "
+                        f"with descriptor.set_input_dimensions(TensorExtents, {i})")
+                shapes[v] = v.shape
+                continue
+            shape = given.shape
+            if len(shape) != len(v.shape) or any(m != -1 and m != g for m, g in zip(v.shape, shape)):
+                raise ValidationError(f"set_input_dimensions for input {v.name!r} (binding {i}): "
+                                      f"shape {shape} does not fit the model's {v.shape}")
+            if any(d < 1 for d in shape):
+                raise ValidationError(f"set_input_dimensions for input {v.name!r}: {shape} has free dimensions")
+            shapes[v] = shape
+        return shapes
+
+    def _plan(self, net, shapes):
+        """Offsets of the intermediates: live from their node to their last reader."""
+        bound = set(net.inputs) | set(net.outputs)
+        last = {}
+        for t, node in enumerate(net.nodes):
+            for v in node.inputs:
+                last[v] = t
+        order = [n.outputs[0] for n in net.nodes if n.outputs[0] not in bound]
+        first = {n.outputs[0]: t for t, n in enumerate(net.nodes)}
+        self._offsets = {}
+        self.memory_stats = {"peak_bytes": 0, "requested_bytes": 0, "lower_bound_bytes": 0}
+        if order:
+            sizes = [int(np.prod(shapes[v])) * element_size(v.data_type) for v in order]
+            offsets, self.memory_stats = _native.plan_arena(
+                sizes, [first[v] for v in order], [last.get(v, first[v]) for v in order])
+            self._offsets = {v: int(o) for v, o in zip(order, offsets)}
+        self.intermediates_heap_size = int(self.memory_stats["peak_bytes"])
+
+    def _compile(self, node):
+        attrs = node.attrs
+        if node.kind == "neuron":
+            d = attrs["descriptor"]
+            return _Step(node, lambda cb, ops, name: neuron_op(cb, d, ops[0], ops[1], name), node.inputs + node.outputs)
+        if node.kind in ("add", "sub", "mul", "div"):
+            from mpskernels import arithmetic
+            kernel = {"add": arithmetic.CNNAdd, "sub": arithmetic.CNNSubtract, "mul": arithmetic.CNNMultiply,
+                      "div": arithmetic.CNNDivide}[node.kind](self.device)
+            return _Step(node, lambda cb, ops, name: arithmetic_op(cb, kernel, *ops, name), node.inputs + node.outputs)
+        if node.kind == "transpose":
+            perm = attrs["perm"]
+            return _Step(node, lambda cb, ops, name: copy_op(cb, ops[0], ops[1], name, perm), node.inputs + node.outputs)
+        if node.kind == "conv2d":
+            kernel = _conv_kernel(self.device, attrs)
+            return _Step(node, lambda cb, ops, name: convolution_op(cb, kernel, ops[0], ops[1], name),
+                         node.inputs + node.outputs)
+        raise ValidationError(f"node {node.name!r}: unknown op {node.kind!r}")
+
+    @property
+    def allocated_size(self):
+        return 0
+
+
+def _conv_kernel(device, attrs):
+    w = attrs["weights"]
+    out_c, kh, kw, cin_g = w.shape
+    (sy, sx), (dy, dx), (top, left, _, _) = attrs["strides"], attrs["dilations"], attrs["pads"]
+    d = CNNConvolutionDescriptor(kw, kh, cin_g * attrs["groups"], out_c)
+    d.stride_in_pixels_x, d.stride_in_pixels_y = sx, sy
+    d.dilation_rate_x, d.dilation_rate_y = dx, dy
+    d.groups = attrs["groups"]
+    if attrs["neuron"] is not None:
+        d.fused_neuron_descriptor = attrs["neuron"]
+    kernel = CNNConvolution.from_arrays(device, d, w, attrs["bias"])
+    # window of output i starts at i*stride - pad: its centre is offset + i*stride (§4.5)
+    kernel.offset = Offset(((kw - 1) * dx + 1) // 2 - left, ((kh - 1) * dy + 1) // 2 - top, 0)
+    return kernel
+
+
+class Compiler:
+    """MTL4Compiler."""
+
+    def __init__(self, device):
+        self.device = device
+
+    def make_machine_learning_pipeline_state(self, descriptor):
+        if not isinstance(descriptor, MachineLearningPipelineDescriptor):
+            raise TypeError(f"expected a MachineLearningPipelineDescriptor, got {type(descriptor).__name__}")
+        return MachineLearningPipelineState(self.device, descriptor)
+
+
+class ArgumentTableDescriptor:
+    def __init__(self, max_buffer_bind_count=31, max_texture_bind_count=0, max_sampler_state_bind_count=0):
+        self.max_buffer_bind_count = max_buffer_bind_count
+        self.max_texture_bind_count = max_texture_bind_count
+        self.max_sampler_state_bind_count = max_sampler_state_bind_count
+
+
+class ArgumentTable:
+    """MTL4ArgumentTable: tensors bound to buffer indices (the pipeline's binding indices)."""
+
+    def __init__(self, device, descriptor):
+        if not isinstance(descriptor, ArgumentTableDescriptor):
+            raise TypeError(f"expected an ArgumentTableDescriptor, got {type(descriptor).__name__}")
+        count = descriptor.max_buffer_bind_count
+        if isinstance(count, bool) or not isinstance(count, int) or not 0 < count <= 1 << 16:
+            raise ValidationError(f"max_buffer_bind_count must be a positive integer, got {count!r}")
+        self.device = device
+        self.label = None
+        self.max_buffer_bind_count = count
+        self._tensors = {}
+
+    def set_tensor(self, tensor, index):
+        if not isinstance(tensor, Tensor):
+            raise TypeError(f"set_tensor takes a Tensor, got {type(tensor).__name__}")
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < self.max_buffer_bind_count:
+            raise ValidationError(f"buffer index {index!r} is outside 0..{self.max_buffer_bind_count - 1} "
+                                  f"(max_buffer_bind_count)")
+        self._tensors[index] = tensor
+
+    def set_resource(self, resource_id, buffer_index):
+        """Apple's spelling: bind the tensor whose gpu_resource_id this is."""
+        tensor = resource_by_id(resource_id)
+        if not isinstance(tensor, Tensor):
+            raise ValidationError(f"no live tensor has gpu_resource_id {resource_id!r}")
+        self.set_tensor(tensor, buffer_index)
+
+
+# ==== passes: encoders, barriers, fences, the validation layer ===============================
+
+class Fence:
+    """MTLFence: orders work in one pass after work in an earlier pass."""
+
+    def __init__(self, device):
+        self.device = device
+        self.label = None
+
+
+class _Dispatch:
+    __slots__ = ("id", "pass_", "stage", "what", "reads", "writes", "ancestors")
+
+
+class _PassLog:
+    """Every dispatch of one command buffer's passes, what it reads and writes, and the
+    orderings barriers and fences give; raises HazardError for unordered conflicts."""
+
+    def __init__(self):
+        self.passes = []
+        self.dispatches = []
+
+    def add(self, encoder, what, reads, writes):
+        d = _Dispatch()
+        d.id, d.pass_, d.stage, d.what = len(self.dispatches), encoder, encoder._stage, what
+        d.reads, d.writes = reads, writes
+        preds = []
+        for kind, pos, after, before, source in encoder._orders:
+            if not d.stage & before:
+                continue
+            if kind == "encoder":
+                preds += [e for e in encoder._dispatches[:pos] if e.stage & after]
+            elif kind == "queue":
+                preds += [e for p in self.passes if p is not encoder for e in p._dispatches if e.stage & after]
+            else:   # fence: source = (pass, position) of its update
+                p, upto = source
+                preds += [e for e in p._dispatches[:upto] if e.stage & after]
+        for p in self.passes:
+            if p is encoder:
+                continue
+            for pos, after, before_queue in p._producer_barriers:
+                if d.stage & before_queue:
+                    preds += [e for e in p._dispatches[:pos] if e.stage & after]
+        ancestors = set()
+        for e in preds:
+            ancestors.add(e.id)
+            ancestors |= e.ancestors
+        d.ancestors = ancestors
+        if encoder.device.validate_passes:
+            for e in self.dispatches:
+                if e.id not in ancestors:
+                    self._check(e, d)
+        encoder._dispatches.append(d)
+        self.dispatches.append(d)
+
+    @staticmethod
+    def _check(e, d):
+        """e is earlier than d and not ordered before it: they must not conflict."""
+        for verb, mine, their_verb, theirs in (("reads", d.reads, "writes", e.writes),
+                                               ("writes", d.writes, "writes", e.writes),
+                                               ("writes", d.writes, "reads", e.reads)):
+            for a0, a1, name in mine:
+                for b0, b1, other in theirs:
+                    if a0 < b1 and b0 < a1:
+                        alias = f" (as {other})" if other != name else ""
+                        if e.pass_ is d.pass_:
+                            raise HazardError(
+                                f"hazard in {d.pass_._name}: {d.what} {verb} {name}, which {e.what} "
+                                f"{their_verb}{alias}, and no barrier_after_encoder_stages orders them")
+                        raise HazardError(
+                            f"hazard: {d.what} of {d.pass_._name} {verb} {name}, which {e.what} of "
+                            f"{e.pass_._name} {their_verb}{alias}, and no barrier or fence orders the "
+                            f"two passes: e.g. barrier_after_queue_stages({Stages(e.stage)!r}, "
+                            f"{Stages(d.stage)!r}) in {d.pass_._name} before the dispatch")
+
+
+class _Encoder:
+    """MTL4CommandEncoder: barriers, fences, end_encoding."""
+
+    _stage = Stages.DISPATCH
+    _kind = "pass"
+
+    def __init__(self, command_buffer):
+        command_buffer._check_encodable()
+        if command_buffer._encoder is not None:
+            raise CommandBufferStateError(
+                f"{command_buffer._encoder._name} is still encoding: call its end_encoding() before "
+                f"making another encoder")
+        log = command_buffer._pass_log
+        if log is None:
+            log = command_buffer._pass_log = _PassLog()
+        self.command_buffer = command_buffer
+        self.device = command_buffer.device
+        self._log = log
+        self._index = len(log.passes)
+        self._label = None
+        self._dispatches = []
+        self._orders = []              # (kind, position, after stages, before stages, fence source)
+        self._producer_barriers = []   # (position, after stages, before queue stages)
+        self._ended = False
+        self._retained = []            # what the commands point into: alive until the buffer is
+        log.passes.append(self)
+        command_buffer._encoder = self
+
+    @property
+    def label(self):
+        return self._label
+
+    @label.setter
+    def label(self, value):
+        self._label = value
+
+    @property
+    def _name(self):
+        return f"{self._kind} {self._label!r}" if self._label else f"{self._kind} {self._index}"
+
+    def __repr__(self):
+        return f"<{type(self).__name__} {self._name}>"
+
+    def _check_open(self, what):
+        if self._ended:
+            raise CommandBufferStateError(f"{what} on {self._name} after end_encoding(): make a new encoder")
+
+    def _stages(self, value, what):
+        try:
+            return Stages(value)
+        except (ValueError, TypeError):
+            raise ValidationError(f"{what} must be Stages, got {value!r}") from None
+
+    def barrier_after_queue_stages(self, after_queue_stages, before_stages,
+                                   visibility_options=VisibilityOptions.DEVICE):
+        """Consumer barrier: this pass's before_stages work (encoded after this call) waits for
+        the after_queue_stages work of every earlier pass of the queue."""
+        self._check_open("barrier_after_queue_stages")
+        VisibilityOptions(visibility_options)
+        self._orders.append(("queue", len(self._dispatches), self._stages(after_queue_stages, "after_queue_stages"),
+                             self._stages(before_stages, "before_stages"), None))
+
+    def barrier_after_stages(self, after_stages, before_queue_stages,
+                             visibility_options=VisibilityOptions.DEVICE):
+        """Producer barrier: later passes' before_queue_stages work waits for this pass's
+        after_stages work encoded so far."""
+        self._check_open("barrier_after_stages")
+        VisibilityOptions(visibility_options)
+        self._producer_barriers.append((len(self._dispatches), self._stages(after_stages, "after_stages"),
+                                        self._stages(before_queue_stages, "before_queue_stages")))
+
+    def barrier_after_encoder_stages(self, after_encoder_stages, before_encoder_stages,
+                                     visibility_options=VisibilityOptions.DEVICE):
+        """Intra-pass barrier: later work of this pass waits for earlier work of this pass."""
+        self._check_open("barrier_after_encoder_stages")
+        VisibilityOptions(visibility_options)
+        self._orders.append(("encoder", len(self._dispatches),
+                             self._stages(after_encoder_stages, "after_encoder_stages"),
+                             self._stages(before_encoder_stages, "before_encoder_stages"), None))
+
+    def update_fence(self, fence, after_encoder_stages):
+        self._check_open("update_fence")
+        if not isinstance(fence, Fence):
+            raise TypeError(f"update_fence takes a Fence, got {type(fence).__name__}")
+        fence._update = (self, len(self._dispatches), self._stages(after_encoder_stages, "after_encoder_stages"),
+                         self.command_buffer)
+
+    def wait_for_fence(self, fence, before_encoder_stages):
+        self._check_open("wait_for_fence")
+        update = getattr(fence, "_update", None)
+        if update is None or update[3] is not self.command_buffer or update[0] is self:
+            raise ValidationError(f"wait_for_fence in {self._name}: no earlier pass of this command "
+                                  f"buffer updated the fence (update_fence first, in the producing pass)")
+        encoder, position, after, _ = update
+        self._orders.append(("fence", len(self._dispatches), after,
+                             self._stages(before_encoder_stages, "before_encoder_stages"), (encoder, position)))
+
+    def end_encoding(self):
+        self._check_open("end_encoding")
+        self._ended = True
+        self.command_buffer._encoder = None
+
+    def _dispatch(self, what, reads, writes):
+        """Register one dispatch's memory with the pass log (hazard check) before recording."""
+        self._log.add(self, what, [(*op.span(), op.name) for op in reads],
+                      [(*op.span(), op.name) for op in writes])
+
+
+# kernel class -> (number of sources, record function(cb, kernel, *sources, destination, name))
+TENSOR_OPS = {
+    CNNNeuron: (1, neuron_op),
+    CNNArithmetic: (2, arithmetic_op),
+    _ConvolutionBase: (1, convolution_op),
+}
+
+
+class ComputeCommandEncoder(_Encoder):
+    """A compute pass (stage DISPATCH) whose tensor operations run our kernels on tensors:
+    encode(kernel, *sources, destination) for a CNNNeuron, a CNNArithmetic (NumPy
+    broadcasting) or a CNNConvolution (NHWC tensors); copy(source, destination)."""
+
+    _stage = Stages.DISPATCH
+    _kind = "compute pass"
+
+    def encode(self, kernel, *tensors):
+        self._check_open("encode")
+        self.command_buffer._check_encodable()
+        for cls, (count, record) in TENSOR_OPS.items():
+            if isinstance(kernel, cls):
+                break
+        else:
+            raise TypeError(f"{type(kernel).__name__} has no tensor operation; supported: "
+                            f"{', '.join(c.__name__ for c in TENSOR_OPS)}")
+        if len(tensors) != count + 1:
+            raise ValidationError(f"{kernel!r} takes {count} source tensor(s) and a destination, "
+                                  f"got {len(tensors)} tensors")
+        ops = [_tensor_operand(t) for t in tensors]
+        self._retained += tensors
+        what = f"dispatch {len(self._dispatches)} ({type(kernel).__name__})"
+        self._dispatch(what, ops[:-1], ops[-1:])
+        record(self.command_buffer, kernel, *ops, what)
+
+    def copy(self, source, destination):
+        self._check_open("copy")
+        self.command_buffer._check_encodable()
+        ops = [_tensor_operand(source), _tensor_operand(destination)]
+        self._retained += (source, destination)
+        what = f"dispatch {len(self._dispatches)} (copy)"
+        self._dispatch(what, ops[:1], ops[1:])
+        copy_op(self.command_buffer, ops[0], ops[1], what)
+
+
+class MachineLearningCommandEncoder(_Encoder):
+    """MTL4MachineLearningCommandEncoder: runs a pipeline's network (stage MACHINE_LEARNING)."""
+
+    _stage = Stages.MACHINE_LEARNING
+    _kind = "machine-learning pass"
+
+    def __init__(self, command_buffer):
+        super().__init__(command_buffer)
+        self._pipeline = None
+        self._table = None
+
+    def set_pipeline_state(self, pipeline_state):
+        self._check_open("set_pipeline_state")
+        if not isinstance(pipeline_state, MachineLearningPipelineState):
+            raise TypeError(f"expected a MachineLearningPipelineState, got {type(pipeline_state).__name__}")
+        self._pipeline = pipeline_state
+
+    def set_argument_table(self, argument_table):
+        self._check_open("set_argument_table")
+        if not isinstance(argument_table, ArgumentTable):
+            raise TypeError(f"expected an ArgumentTable, got {type(argument_table).__name__}")
+        self._table = argument_table
+
+    def dispatch_network(self, intermediates_heap):
+        """Run the pipeline's network on the bound tensors, intermediates in the heap."""
+        self._check_open("dispatch_network")
+        self.command_buffer._check_encodable()
+        state, table = self._pipeline, self._table
+        where = f"dispatch_network in {self._name}"
+        if state is None or table is None:
+            raise ValidationError(f"{where}: set_pipeline_state and set_argument_table first")
+        if not isinstance(intermediates_heap, Heap):
+            raise TypeError(f"{where}: intermediates_heap must be a Heap, got {type(intermediates_heap).__name__}")
+        if intermediates_heap.size < state.intermediates_heap_size:
+            raise ValidationError(
+                f"{where}: the intermediates heap has {intermediates_heap.size} bytes; the pipeline "
+                f"needs intermediates_heap_size = {state.intermediates_heap_size}")
+        operands = {}
+        heap_base = intermediates_heap._address()
+        heap_op = _HeapRange(heap_base, state.intermediates_heap_size) if state.intermediates_heap_size else None
+        for binding in state.reflection.bindings:
+            tensor = table._tensors.get(binding.index)
+            label = f"binding {binding.name!r} (index {binding.index})"
+            if tensor is None:
+                raise ValidationError(f"{where}: no tensor bound for {label}; argument_table.set_tensor(tensor, {binding.index})")
+            if tensor.data_type != binding.data_type:
+                raise ValidationError(f"{where}: {label} takes {binding.data_type.name}, the bound "
+                                      f"tensor is {tensor.data_type.name}")
+            if tensor.dimensions != binding.dimensions:
+                raise ValidationError(f"{where}: {label} takes shape {binding.dimensions.shape} "
+                                      f"(extents {list(binding.dimensions)}), the bound tensor has "
+                                      f"{tensor.shape}")
+            if not tensor.usage & TensorUsage.MACHINE_LEARNING:
+                raise ValidationError(f"{where}: the tensor for {label} lacks TensorUsage.MACHINE_LEARNING")
+            op = _tensor_operand(tensor, f"{label} ({tensor!r})")
+            if heap_op is not None and _overlapping(op, heap_op):
+                raise ValidationError(f"{where}: the tensor for {label} lies in the intermediates heap's "
+                                      f"first {state.intermediates_heap_size} bytes, which the network overwrites")
+            operands[state.network.inputs[binding.index] if binding.index < len(state.network.inputs)
+                     else state.network.outputs[binding.index - len(state.network.inputs)]] = op
+        outputs = [operands[v] for v in state.network.outputs]
+        for i, a in enumerate(outputs):
+            for b in list(operands.values()):
+                if a is not b and _overlapping(a, b):
+                    raise ValidationError(f"{where}: {a.name} overlaps {b.name}")
+        self._retained += (state, intermediates_heap, *table._tensors.values())
+        what = f"dispatch {len(self._dispatches)} (network {state.network.name!r})"
+        extra = [heap_op] if heap_op is not None else []
+        self._dispatch(what, [operands[v] for v in state.network.inputs] + extra, outputs + extra)
+        for v, offset in state._offsets.items():
+            operands[v] = _Operand(heap_base + offset, state._shapes[v], _packed(state._shapes[v]),
+                                   v.data_type, f"intermediate {v.name!r}")
+        for step in state._steps:
+            step.run(self.command_buffer, [operands[v] for v in step.slots],
+                     f"node {step.node.name!r} ({step.node.kind}) of {what} in {self._name}")
+
+
+class _HeapRange:
+    """The intermediates region of a heap, for the hazard check."""
+    __slots__ = ("address", "nbytes", "name")
+
+    def __init__(self, address, nbytes):
+        self.address, self.nbytes, self.name = address, nbytes, "the intermediates heap"
+
+    def span(self):
+        return self.address, self.address + self.nbytes

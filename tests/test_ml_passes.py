@@ -1,0 +1,363 @@
+"""Metal 4 passes: networks compiled to pipelines, compute and machine-learning passes in one
+command buffer, barriers and fences, the hazard check, and misuse. References: NumPy float64."""
+import numpy as np
+import pytest
+
+import mpskernels as mk
+from mpskernels import ml
+
+S = mk.Stages
+ML_USAGE = mk.TensorUsage.COMPUTE | mk.TensorUsage.MACHINE_LEARNING
+RTOL = 1e-5   # fp32 sums of at most a few hundred products, against float64
+
+
+def conv_reference(x, w, b, strides, dilations, pads, groups):
+    """NHWC float64 convolution: w [out][kh][kw][in/groups], pads (top, left, bottom, right)."""
+    x = np.pad(x.astype(np.float64), ((0, 0), (pads[0], pads[2]), (pads[1], pads[3]), (0, 0)))
+    n, h, wd, c = x.shape
+    out_c, kh, kw, cin_g = w.shape
+    (sy, sx), (dy, dx) = strides, dilations
+    oh, ow = (h - dy * (kh - 1) - 1) // sy + 1, (wd - dx * (kw - 1) - 1) // sx + 1
+    y = np.zeros((n, oh, ow, out_c))
+    cout_g = out_c // groups
+    for g in range(groups):
+        for q in range(kh):
+            for p in range(kw):
+                patch = x[:, q * dy:q * dy + (oh - 1) * sy + 1:sy, p * dx:p * dx + (ow - 1) * sx + 1:sx,
+                          g * cin_g:(g + 1) * cin_g]
+                y[..., g * cout_g:(g + 1) * cout_g] += patch @ w[g * cout_g:(g + 1) * cout_g, q, p, :].T
+    return y + (0 if b is None else b)
+
+
+def residual_network(rng, cin=5, cout=7):
+    """x NHWC -> conv3x3 (+bias, ReLU fused) -> conv1x1 (stride 2) + residual -> sigmoid -> NCHW."""
+    net = ml.Network("block")
+    x = net.input("x", (-1, 9, 8, cin))
+    w1, b1 = rng.standard_normal((cout, 3, 3, cin)), rng.standard_normal(cout)
+    w2 = rng.standard_normal((cout, 1, 1, cout))
+    h = net.conv2d(x, w1, b1, pads=(1, 1, 1, 1), neuron=mk.NNNeuronDescriptor(mk.CNNNeuronType.RELU))
+    r = net.conv2d(h, w2, strides=(2, 2), name="down")
+    skip = net.conv2d(x, w2[:, :, :, :cout][:, :, :, :cin] if cin == cout else rng.standard_normal((cout, 1, 1, cin)),
+                      strides=(2, 2), name="skip")
+    s = net.neuron(net.add(r, skip), mk.CNNNeuronType.SIGMOID, a=1.0)
+    net.output(net.transpose(s, (0, 3, 1, 2)), "y")
+    ws = net.nodes[2].attrs["weights"]
+
+    def reference(xv):
+        hv = np.maximum(conv_reference(xv, w1, b1, (1, 1), (1, 1), (1, 1, 1, 1), 1), 0)
+        rv = conv_reference(hv, w2, None, (2, 2), (1, 1), (0, 0, 0, 0), 1)
+        sv = conv_reference(xv, ws, None, (2, 2), (1, 1), (0, 0, 0, 0), 1)
+        return (1 / (1 + np.exp(-(rv + sv)))).transpose(0, 3, 1, 2)
+    return net, reference
+
+
+def pipeline(device, net, **input_dims):
+    d = ml.MachineLearningPipelineDescriptor(ml.LibraryFunctionDescriptor(net.name, ml.Library(device, net)))
+    for index, shape in input_dims.items():
+        d.set_input_dimensions(mk.TensorExtents.from_shape(shape), int(index[1:]))
+    return device.make_compiler().make_machine_learning_pipeline_state(d)
+
+
+def tensor(device, array):
+    return mk.Tensor.from_numpy(device, np.asarray(array, np.float32), usage=ML_USAGE)
+
+
+def empty(device, shape, dtype=mk.TensorDataType.FLOAT32):
+    return device.make_tensor(mk.TensorDescriptor(mk.TensorExtents.from_shape(shape), data_type=dtype,
+                                                  usage=ML_USAGE))
+
+
+def table(device, *tensors):
+    t = device.make_argument_table(ml.ArgumentTableDescriptor(max_buffer_bind_count=8))
+    for i, x in enumerate(tensors):
+        t.set_tensor(x, i)
+    return t
+
+
+def heap_for(device, state):
+    return device.make_heap(mk.HeapDescriptor(size=max(state.intermediates_heap_size, 4096)))
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_network_matches_reference(device, batch):
+    rng = np.random.default_rng(batch)
+    net, reference = residual_network(rng)
+    state = pipeline(device, net, i0=(batch, 9, 8, 5))
+    b = state.reflection.bindings
+    assert [(x.name, x.index, x.access) for x in b] == [
+        ("x", 0, mk.BindingAccess.READ_ONLY), ("y", 1, mk.BindingAccess.WRITE_ONLY)]
+    assert b[0].dimensions == mk.TensorExtents(4, [5, 8, 9, batch]) and b[1].dimensions.shape == (batch, 7, 5, 4)
+    # intermediates: h (9x8x7), down and skip (5x4x7), their sum, the sigmoid: planned with reuse
+    stats = state.memory_stats
+    assert stats["peak_bytes"] < stats["requested_bytes"] and stats["lower_bound_bytes"] <= stats["peak_bytes"]
+    xv = rng.standard_normal((batch, 9, 8, 5)).astype(np.float32)
+    x, y = tensor(device, xv), empty(device, (batch, 7, 5, 4))
+    cb = device.make_command_queue().make_command_buffer()
+    enc = cb.make_machine_learning_command_encoder()
+    enc.set_pipeline_state(state)
+    enc.set_argument_table(table(device, x, y))
+    enc.dispatch_network(heap_for(device, state))
+    enc.end_encoding()
+    cb.commit()
+    cb.wait_until_completed()
+    assert cb.error is None
+    np.testing.assert_allclose(y.to_numpy(), reference(xv), rtol=RTOL, atol=1e-6)
+
+
+def chain(device, rng, barrier=True, how="consumer"):
+    """compute (x -> a = tanh x) -> ML (a -> y) -> compute (z = y * c); returns the tensors."""
+    net, reference = residual_network(rng)
+    state = pipeline(device, net, i0=(2, 9, 8, 5))
+    xv = rng.standard_normal((2, 9, 8, 5)).astype(np.float32)
+    cv = rng.standard_normal((1, 7, 1, 1)).astype(np.float32)     # broadcast over batch, H, W
+    x, a, c = tensor(device, xv), empty(device, xv.shape), tensor(device, cv)
+    y, z = empty(device, (2, 7, 5, 4)), empty(device, (2, 7, 5, 4))
+    cb = device.make_command_queue().make_command_buffer()
+    fence = ml.Fence(device)
+    pre = cb.make_compute_command_encoder()
+    pre.label = "pre"
+    pre.encode(mk.CNNNeuronTanH(device, 1.0, 1.0), x, a)
+    if barrier and how == "producer":
+        pre.barrier_after_stages(S.DISPATCH, S.MACHINE_LEARNING)
+    if barrier and how == "fence":
+        pre.update_fence(fence, S.DISPATCH)
+    pre.end_encoding()
+    enc = cb.make_machine_learning_command_encoder()
+    enc.label = "net"
+    if barrier and how == "consumer":
+        enc.barrier_after_queue_stages(S.DISPATCH, S.MACHINE_LEARNING)
+    if barrier and how == "fence":
+        enc.wait_for_fence(fence, S.MACHINE_LEARNING)
+    enc.set_pipeline_state(state)
+    enc.set_argument_table(table(device, a, y))
+    enc.dispatch_network(heap_for(device, state))
+    if barrier and how != "consumer":
+        enc.barrier_after_stages(S.MACHINE_LEARNING, S.DISPATCH)
+    enc.end_encoding()
+    post = cb.make_compute_command_encoder()
+    post.label = "post"
+    if barrier and how == "consumer":
+        post.barrier_after_queue_stages(S.MACHINE_LEARNING, S.DISPATCH)
+    post.encode(mk.CNNMultiply(device), y, c, z)
+    post.end_encoding()
+    cb.commit()
+    cb.wait_until_completed()
+    return z.to_numpy(), reference(np.tanh(xv.astype(np.float64))) * cv
+
+
+@pytest.mark.parametrize("how", ["consumer", "producer", "fence"])
+def test_compute_ml_compute_chain(device, how):
+    got, want = chain(device, np.random.default_rng(7), True, how)
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=1e-6)
+
+
+def test_chain_without_barrier_is_a_hazard(device):
+    with pytest.raises(mk.HazardError) as e:
+        chain(device, np.random.default_rng(7), barrier=False)
+    message = str(e.value)
+    assert "machine-learning pass 'net'" in message and "compute pass 'pre'" in message
+    assert "binding 'x' (index 0)" in message and "reads" in message and "writes" in message
+
+
+def test_validation_can_be_switched_off(device):
+    quiet = mk.Device(num_threads=1, validate_passes=False)
+    got, want = chain(quiet, np.random.default_rng(7), barrier=False)
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=1e-6)   # passes run in order here
+
+
+def test_barrier_stages_must_match(device):
+    """A barrier for the wrong stages orders nothing."""
+    x, a, b = tensor(device, np.ones((4, 16))), empty(device, (4, 16)), empty(device, (4, 16))
+    cb = device.make_command_queue().make_command_buffer()
+    p = cb.make_compute_command_encoder()
+    p.encode(mk.CNNNeuronReLU(device, 0.0), x, a)
+    p.end_encoding()
+    q = cb.make_compute_command_encoder()
+    q.barrier_after_queue_stages(S.BLIT, S.DISPATCH)
+    with pytest.raises(mk.HazardError, match="compute pass 1 reads .* which dispatch 0 .* of compute pass 0 writes"):
+        q.encode(mk.CNNNeuronReLU(device, 0.0), a, b)
+
+
+def test_hazards_inside_a_pass(device):
+    x, a, b = tensor(device, np.ones((4, 16))), empty(device, (4, 16)), empty(device, (4, 16))
+    cb = device.make_command_queue().make_command_buffer()
+    p = cb.make_compute_command_encoder()
+    p.encode(mk.CNNNeuronReLU(device, 0.0), x, a)
+    p.encode(mk.CNNNeuronReLU(device, 0.0), x, b)            # reads x again: no conflict
+    with pytest.raises(mk.HazardError, match="no barrier_after_encoder_stages"):
+        p.encode(mk.CNNNeuronAbsolute(device), a, b)
+    p.barrier_after_encoder_stages(S.DISPATCH, S.DISPATCH)
+    p.encode(mk.CNNNeuronAbsolute(device), a, b)
+    p.end_encoding()
+    cb.commit()
+    cb.wait_until_completed()
+    np.testing.assert_array_equal(b.to_numpy(), 1)
+
+
+def test_two_networks_sharing_a_heap_need_ordering(device):
+    rng = np.random.default_rng(3)
+    net, _ = residual_network(rng)
+    state = pipeline(device, net, i0=(1, 9, 8, 5))
+    heap = heap_for(device, state)
+    x = tensor(device, rng.standard_normal((1, 9, 8, 5)))
+    y1, y2 = empty(device, (1, 7, 5, 4)), empty(device, (1, 7, 5, 4))
+    cb = device.make_command_queue().make_command_buffer()
+    for i, y in enumerate((y1, y2)):
+        enc = cb.make_machine_learning_command_encoder()
+        enc.set_pipeline_state(state)
+        enc.set_argument_table(table(device, x, y))
+        if i == 0:
+            enc.dispatch_network(heap)
+        else:
+            with pytest.raises(mk.HazardError, match="the intermediates heap"):
+                enc.dispatch_network(heap)
+            enc.barrier_after_queue_stages(S.MACHINE_LEARNING, S.MACHINE_LEARNING)
+            enc.dispatch_network(heap)
+        enc.end_encoding()
+    cb.commit()
+    cb.wait_until_completed()
+    np.testing.assert_array_equal(y1.to_numpy(), y2.to_numpy())
+
+
+@pytest.mark.parametrize("dtype", [mk.TensorDataType.FLOAT32, mk.TensorDataType.FLOAT16])
+def test_compute_tensor_ops(device, dtype):
+    """Neurons (PReLU along the innermost dimension), broadcast arithmetic, copy and conv on
+    tensors of odd shapes and rank up to 6, against NumPy."""
+    rng = np.random.default_rng(11)
+    tol = 1e-6 if dtype == mk.TensorDataType.FLOAT32 else 2e-3
+    npdt = np.float32 if dtype == mk.TensorDataType.FLOAT32 else np.float16
+    av = rng.standard_normal((2, 3, 1, 5, 2, 7)).astype(npdt)
+    bv = rng.standard_normal((3, 4, 1, 1, 7)).astype(npdt)
+    slopes = rng.standard_normal(7).astype(np.float32)
+    a = mk.Tensor.from_numpy(device, av)
+    b = mk.Tensor.from_numpy(device, bv)
+    s, p, c = empty(device, (2, 3, 4, 5, 2, 7), dtype), empty(device, av.shape, dtype), empty(device, (7, 2, 5, 1, 3, 2), dtype)
+    cb = device.make_command_queue().make_command_buffer()
+    enc = cb.make_compute_command_encoder()
+    sub = mk.CNNSubtract(device)
+    sub.primary_scale, sub.bias = 2.0, 0.5
+    enc.encode(sub, a, b, s)
+    enc.encode(mk.CNNNeuronPReLU(device, slopes), a, p)
+    enc.barrier_after_encoder_stages(S.DISPATCH, S.DISPATCH)
+    enc.copy(p, empty(device, av.shape, dtype))
+    enc.end_encoding()
+    cb.commit()
+    cb.wait_until_completed()
+    a64, b64 = av.astype(np.float64), bv.astype(np.float64)
+    np.testing.assert_allclose(s.to_numpy(), 2 * a64 - b64 + 0.5, rtol=tol, atol=tol)
+    np.testing.assert_allclose(p.to_numpy(), np.where(a64 > 0, a64, a64 * slopes), rtol=tol, atol=tol)
+    del c
+
+
+def test_conv_on_tensors_grouped_dilated(device):
+    rng = np.random.default_rng(5)
+    net = ml.Network("conv")
+    x = net.input("x", (2, 11, 10, 6))
+    w = rng.standard_normal((9, 3, 2, 2)).astype(np.float32)
+    net.output(net.conv2d(x, w, rng.standard_normal(9), strides=(2, 1), dilations=(2, 3),
+                          pads=(2, 1, 1, 3), groups=3), "y")
+    state = pipeline(device, net)
+    assert state.intermediates_heap_size == 0
+    xv = rng.standard_normal((2, 11, 10, 6)).astype(np.float32)
+    want = conv_reference(xv, w, net.nodes[0].attrs["bias"], (2, 1), (2, 3), (2, 1, 1, 3), 3)
+    y = empty(device, want.shape)
+    cb = device.make_command_queue().make_command_buffer()
+    enc = cb.make_machine_learning_command_encoder()
+    enc.set_pipeline_state(state)
+    enc.set_argument_table(table(device, tensor(device, xv), y))
+    enc.dispatch_network(device.make_heap(mk.HeapDescriptor(size=64)))
+    enc.end_encoding()
+    cb.commit()
+    cb.wait_until_completed()
+    np.testing.assert_allclose(y.to_numpy(), want, rtol=RTOL, atol=1e-5)
+
+
+# ---- misuse ------------------------------------------------------------------------------------
+
+def ml_encoder(device, state, *tensors):
+    cb = device.make_command_queue().make_command_buffer()
+    enc = cb.make_machine_learning_command_encoder()
+    enc.set_pipeline_state(state)
+    enc.set_argument_table(table(device, *tensors))
+    return cb, enc
+
+
+def test_bad_bindings_and_heaps(device):
+    rng = np.random.default_rng(1)
+    net, _ = residual_network(rng)
+    state = pipeline(device, net, i0=(1, 9, 8, 5))
+    x, y = empty(device, (1, 9, 8, 5)), empty(device, (1, 7, 5, 4))
+    heap = heap_for(device, state)
+    cases = [
+        ((empty(device, (2, 9, 8, 5)), y), heap, r"binding 'x' \(index 0\) takes shape \(1, 9, 8, 5\)"),
+        ((empty(device, (1, 9, 8, 5), mk.TensorDataType.FLOAT16), y), heap, "takes FLOAT32, the bound tensor is FLOAT16"),
+        ((x,), heap, r"no tensor bound for binding 'y' \(index 1\)"),
+        ((x, y), device.make_heap(mk.HeapDescriptor(size=64)),
+         f"has 64 bytes; the pipeline needs intermediates_heap_size = {state.intermediates_heap_size}"),
+        ((mk.Tensor.from_numpy(device, np.zeros((1, 9, 8, 5), np.float32), usage=mk.TensorUsage.COMPUTE), y),
+         heap, "lacks TensorUsage.MACHINE_LEARNING"),
+    ]
+    for tensors, h, message in cases:
+        cb, enc = ml_encoder(device, state, *tensors)
+        with pytest.raises(mk.ValidationError, match=message):
+            enc.dispatch_network(h)
+    inside = device.make_heap(mk.HeapDescriptor(size=state.intermediates_heap_size, storage_mode=mk.StorageMode.SHARED))
+    cb, enc = ml_encoder(device, state, x, inside.make_tensor(mk.TensorDescriptor(
+        mk.TensorExtents.from_shape((1, 7, 5, 4)), usage=ML_USAGE)))
+    with pytest.raises(mk.ValidationError, match="lies in the intermediates heap"):
+        enc.dispatch_network(inside)
+
+
+def test_encoder_life_cycle(device):
+    rng = np.random.default_rng(2)
+    net, _ = residual_network(rng)
+    state = pipeline(device, net, i0=(1, 9, 8, 5))
+    cb, enc = ml_encoder(device, state, empty(device, (1, 9, 8, 5)), empty(device, (1, 7, 5, 4)))
+    with pytest.raises(mk.CommandBufferStateError, match="still encoding"):
+        cb.make_compute_command_encoder()
+    with pytest.raises(mk.CommandBufferStateError, match="end_encoding"):
+        cb.commit()
+    enc.end_encoding()
+    for call in (lambda: enc.dispatch_network(heap_for(device, state)), enc.end_encoding,
+                 lambda: enc.set_pipeline_state(state),
+                 lambda: enc.barrier_after_encoder_stages(S.ALL, S.ALL)):
+        with pytest.raises(mk.CommandBufferStateError, match="after end_encoding"):
+            call()
+    cb.commit()
+    with pytest.raises(mk.CommandBufferStateError, match="already committed"):
+        cb.make_machine_learning_command_encoder()
+    enc = device.make_command_queue().make_command_buffer().make_machine_learning_command_encoder()
+    with pytest.raises(mk.ValidationError, match="set_pipeline_state and set_argument_table first"):
+        enc.dispatch_network(heap_for(device, state))
+    with pytest.raises(mk.ValidationError, match="no earlier pass of this command buffer updated the fence"):
+        enc.wait_for_fence(ml.Fence(device), S.MACHINE_LEARNING)
+
+
+def test_pipeline_descriptor_checks(device):
+    net, _ = residual_network(np.random.default_rng(0))
+    with pytest.raises(mk.ValidationError, match=r"input 'x' \(binding 0\) has free dimensions"):
+        pipeline(device, net)
+    with pytest.raises(mk.ValidationError, match=r"shape \(1, 9, 9, 5\) does not fit the model's \(-1, 9, 8, 5\)"):
+        pipeline(device, net, i0=(1, 9, 9, 5))
+    d = ml.MachineLearningPipelineDescriptor(ml.LibraryFunctionDescriptor("nope", ml.Library(device, net)))
+    with pytest.raises(mk.ValidationError, match="no function 'nope'"):
+        device.make_compiler().make_machine_learning_pipeline_state(d)
+    d.set_input_dimensions(mk.TensorExtents.from_shape((1, 9, 8, 5)), 0)
+    assert d.input_dimensions(0).shape == (1, 9, 8, 5)
+    d.reset()
+    assert d.input_dimensions(0) is None and d.machine_learning_function_descriptor is None
+    with pytest.raises(mk.ValidationError, match="do not broadcast"):
+        n = ml.Network()
+        n.add(n.input("a", (2, 3)), n.input("b", (4, 3)))
+    with pytest.raises(mk.ValidationError, match="input has 4 channels"):
+        n = ml.Network()
+        n.conv2d(n.input("a", (1, 5, 5, 4)), np.zeros((2, 3, 3, 3)))
+
+
+def test_set_resource_binds_by_id(device):
+    t = empty(device, (2, 16))
+    table_ = device.make_argument_table(ml.ArgumentTableDescriptor(max_buffer_bind_count=2))
+    table_.set_resource(t.gpu_resource_id, 1)
+    assert table_._tensors[1] is t
+    with pytest.raises(mk.ValidationError, match=r"outside 0..1"):
+        table_.set_tensor(t, 2)
