@@ -304,11 +304,6 @@ class Tensor(Resource):
         """The whole tensor as a NumPy array (numpy order) of its storage dtype, no copy."""
         return _strided(self._memory, self._dtype, self.dimensions.values, self._elements)
 
-    def _span(self):
-        """[start, end) byte addresses this tensor may touch."""
-        start = self._address()
-        return start, start + self._memory.size
-
     # ---- CPU access ----------------------------------------------------------------------
 
     def to_numpy(self):

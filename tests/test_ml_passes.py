@@ -361,3 +361,22 @@ def test_set_resource_binds_by_id(device):
     assert table_._tensors[1] is t
     with pytest.raises(mk.ValidationError, match=r"outside 0..1"):
         table_.set_tensor(t, 2)
+
+
+def test_metal4_queue_commits_in_order(device):
+    from mpskernels import metal4
+    queue = metal4.CommandQueue(device)
+    allocator = metal4.CommandAllocator(device)
+    x, a, b = tensor(device, -np.ones((2, 16))), empty(device, (2, 16)), empty(device, (2, 16))
+    first, second = queue.make_command_buffer(allocator), queue.make_command_buffer(allocator)
+    enc = first.make_compute_command_encoder()
+    enc.encode(mk.CNNNeuronAbsolute(device), x, a)
+    enc.end_encoding()
+    enc = second.make_compute_command_encoder()
+    enc.encode(mk.CNNNeuronLinear(device, 2.0, 1.0), a, b)
+    enc.end_encoding()
+    queue.commit([first, second])
+    second.wait_until_completed()
+    np.testing.assert_array_equal(b.to_numpy(), 3.0)
+    with pytest.raises(mk.ValidationError, match="not made by this queue"):
+        queue.commit([device.make_command_queue().make_command_buffer()])
