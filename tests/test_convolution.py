@@ -636,3 +636,18 @@ def test_validation(device):
         _run(device, lambda cb: conv.encode(cb, src, dst))
     with pytest.raises(TypeError):
         mk.CNNConvolution(device, "not a data source")
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_depthwise_register_blocks(device, isa, seed):
+    """Multiplier 1 with 32- and 16-channel blocks plus a remainder (the per-ISA rows)."""
+    rng = np.random.default_rng(700 + seed)
+    case = draw_case(rng)
+    cin = (53, 144, 32, 16, 48, 70)[seed]
+    case.update(kind="depthwise", mult=1, cin=cin, cout=cin, groups=1, r=1,
+                src=(case["depth"] + case["oz"], 9, 10, cin + 3), c0=3,
+                dst=(case["depth"], 8, 9, cin + 2))
+    case.update(region=(0, 0, 0, 9, 8, case["depth"]), clip=None)
+    check_case(device, case, rng)
+    conv, *_ = make_convolution(device, case, rng)
+    assert conv.implementation == f"dwconv__{isa}"

@@ -10,6 +10,7 @@
  * Specialised kernels (Winograd F(4,3), depthwise, direct for few input channels) go before
  * the general indirect GEMM, which accepts every shape. */
 static const mk_conv_kernel *const kernels[] = {
+    &mk_conv_kernel_dwconv,
     &mk_conv_kernel_igemm,
 };
 
@@ -200,16 +201,50 @@ int mk_conv_direct(const mk_conv_params *p, int64_t m0, int rows, int64_t o0, fl
                    int64_t *ldc) {
     if (p->dst.format != MK_FMT_F32 || p->sub_pixel != 1) return 0;
     const mk_operand *d = &p->dst;
-    int64_t first = 0, step = 0;
-    for (int r = 0; r < rows; r++) {
-        int64_t img, y, x;
-        row_position(p, m0 + r, &img, &y, &x);
-        int64_t at = img * d->stride_n + y * d->stride_y + x * d->stride_x;
-        if (r == 0) first = at;
-        else if (r == 1) step = at - first;
-        else if (at - first != step * r) return 0;
-    }
-    *c = (float *)p->dst.data + first + o0;
-    *ldc = step;
+    int64_t img, y, x;
+    row_position(p, m0, &img, &y, &x);
+    /* rows are evenly spaced if they stay on one output row, or if output rows (and images)
+     * follow each other in the destination with no gap */
+    const int64_t last = m0 + rows - 1, plane = (int64_t)p->out_h * p->out_w;
+    const int one_row = x + rows <= p->out_w;
+    const int rows_packed = (int64_t)p->out_w * d->stride_x == d->stride_y;
+    const int one_image = last / plane == img;
+    if (!(one_row || (rows_packed && (one_image || p->out_h * d->stride_y == d->stride_n))))
+        return 0;
+    *c = (float *)p->dst.data + img * d->stride_n + y * d->stride_y + x * d->stride_x + o0;
+    *ldc = d->stride_x;
     return 1;
+}
+
+void mk_conv_source_strides(const mk_conv_params *p, int64_t *a_n, int64_t *a_y, int64_t *a_x) {
+    if (p->src.format == MK_FMT_F32) {
+        *a_n = p->src.stride_n;
+        *a_y = p->src.stride_y;
+        *a_x = p->src.stride_x;
+    } else {
+        *a_x = (int64_t)p->groups * p->cin_g;
+        *a_y = *a_x * p->src_w;
+        *a_n = *a_y * p->src_h;
+    }
+}
+
+mk_status mk_conv_source_f32(const mk_conv_params *p, mk_pool *pool, const float **a, float **copy,
+                             int64_t *a_n, int64_t *a_y, int64_t *a_x) {
+    mk_conv_source_strides(p, a_n, a_y, a_x);
+    *copy = NULL;
+    if (p->src.format == MK_FMT_F32) {
+        *a = p->src.data;
+        return MK_OK;
+    }
+    *copy = malloc((size_t)(*a_n * p->n) * sizeof(float));
+    if (*copy == NULL) return MK_ENOMEM;
+    mk_operand dst = {*copy, MK_FMT_F32, *a_n, *a_y, *a_x, 1};
+    mk_extent e = {p->n, p->src_h, p->src_w, (int32_t)*a_x};
+    mk_status st = mk_copy(&p->src, &dst, e, pool);
+    if (st != MK_OK) {
+        free(*copy);
+        *copy = NULL;
+    }
+    *a = *copy;
+    return st;
 }

@@ -108,6 +108,12 @@ mk_status mk_conv_store(const mk_conv_params *p, const float *tile, int64_t ld, 
  * destination: float32, no sub-pixel, rows evenly spaced. Sets *c and *ldc if so. */
 int mk_conv_direct(const mk_conv_params *p, int64_t m0, int rows, int64_t o0, float **c,
                    int64_t *ldc);
+/* The float32 source a kernel reads: p->src itself when it is float32, else a tight copy
+ * (*copy, to be freed by the caller) converted now. Sets the element strides of the result. */
+mk_status mk_conv_source_f32(const mk_conv_params *p, mk_pool *pool, const float **a, float **copy,
+                             int64_t *a_n, int64_t *a_y, int64_t *a_x);
+/* The element strides mk_conv_source_f32 will give (known at plan time). */
+void mk_conv_source_strides(const mk_conv_params *p, int64_t *a_n, int64_t *a_y, int64_t *a_x);
 /* The up-sampled coordinate u (axis of size `size` real pixels, up-sampling `up`): the real
  * pixel it reads, or -1 for zero (outside with edge mode ZERO, or a stuffed zero). */
 static inline int64_t mk_conv_source_index(int64_t u, int64_t size, int64_t up, int edge_mode) {
@@ -119,6 +125,7 @@ static inline int64_t mk_conv_source_index(int64_t u, int64_t size, int64_t up, 
     return u % up ? -1 : u / up;
 }
 
+extern const mk_conv_kernel mk_conv_kernel_dwconv;
 extern const mk_conv_kernel mk_conv_kernel_igemm;
 
 #endif

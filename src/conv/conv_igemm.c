@@ -97,16 +97,7 @@ static mk_status igemm_plan_create(mk_conv_plan *plan) {
         return MK_ENOMEM;
     }
     memset(s->zero, 0, (size_t)p->cin_g * 4);
-    if (p->src.format == MK_FMT_F32) {
-        s->a_n = p->src.stride_n;
-        s->a_y = p->src.stride_y;
-        s->a_x = p->src.stride_x;
-    } else {   /* run() converts the source into a tight float32 copy first */
-        const int64_t cin = (int64_t)p->groups * p->cin_g;
-        s->a_x = cin;
-        s->a_y = cin * p->src_w;
-        s->a_n = cin * p->src_w * p->src_h;
-    }
+    mk_conv_source_strides(p, &s->a_n, &s->a_y, &s->a_x);
     const char *base = base_of(s);
     for (int64_t t = 0; t < tiles; t++)
         for (int i = 0; i < mr; i++) {
@@ -199,21 +190,12 @@ static mk_status igemm_run(const mk_conv_plan *plan, const mk_conv_params *p, mk
     c.w = plan->weights;
     c.s = s;
     c.status = MK_OK;
-    float *converted = NULL;
-    if (p->src.format == MK_FMT_F32) {
-        c.a = p->src.data;
-    } else {
-        const int64_t cin = (int64_t)p->groups * p->cin_g;
-        converted = malloc((size_t)(s->a_n * p->n) * sizeof(float));
-        if (converted == NULL) return MK_ENOMEM;
-        mk_operand dst = {converted, MK_FMT_F32, s->a_n, s->a_y, s->a_x, 1};
-        mk_status st = mk_copy(&p->src, &dst, (mk_extent){p->n, p->src_h, p->src_w, (int32_t)cin}, pool);
-        if (st != MK_OK) {
-            free(converted);
-            return st;
-        }
-        c.a = (const char *)converted;
-    }
+    float *converted;
+    const float *a;
+    int64_t an, ay, ax;
+    mk_status st = mk_conv_source_f32(p, pool, &a, &converted, &an, &ay, &ax);
+    if (st != MK_OK) return st;
+    c.a = (const char *)a;
     const int mr = s->uk->mr;
     c.m = (int64_t)p->n * p->out_h * p->out_w;
     c.tiles = (c.m + mr - 1) / mr;

@@ -1,0 +1,197 @@
+/* Depthwise convolution (one input channel per group, any multiplier m = cout_g): a direct
+ * kernel over channel blocks. Weights are packed [taps][cpad] (output channel fastest, zero
+ * past cout), so one tap of a block is one contiguous vector load; the source rows and columns
+ * each output reads are tabulated once per geometry (-1: a zero tap, skipped). Multiplier 1
+ * runs the per-ISA register-blocked rows (conv_dwconv__*.c) on 32- and 16-channel blocks;
+ * other multipliers and the last < 16 channels run the portable loop below.
+ * Threads split over output rows. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "conv/conv_dwconv.h"
+
+#define DW_BLOCK 32
+
+typedef struct dw_plan {
+    const mk_dw_rows *rows;  /* the ISA's row functions, fixed at plan time */
+    int32_t *ys;             /* out_h x kh */
+    int32_t *xs;             /* out_w x kw */
+} dw_plan;
+
+static const mk_dw_rows *dw_active(void) {
+#if MK_X86
+    switch (mk_active_isa()) {
+    case MK_ISA_AVX512: return &mk_dw_rows__avx512;
+    case MK_ISA_AVX2: return &mk_dw_rows__avx2;
+    default: break;
+    }
+#endif
+    return &mk_dw_rows__generic;
+}
+
+static int64_t cpad_of(const mk_conv_params *s) {
+    int64_t cout = (int64_t)s->groups * s->cout_g;
+    return (cout + DW_BLOCK - 1) / DW_BLOCK * DW_BLOCK;
+}
+
+static int dw_supports(const mk_conv_params *s) { return s->cin_g == 1; }
+
+static mk_status dw_pack(mk_conv_weights *w, const void *weights, int format) {
+    const mk_conv_params *s = &w->shape;
+    const int64_t taps = (int64_t)s->kh * s->kw, cout = (int64_t)s->groups * s->cout_g;
+    const int64_t cpad = cpad_of(s);
+    w->packed = aligned_alloc(64, (size_t)(taps * cpad * 4 + 63) / 64 * 64);
+    if (w->packed == NULL) return MK_ENOMEM;
+    memset(w->packed, 0, (size_t)(taps * cpad * 4));
+    /* [o][tap] -> [tap][o], converting through mk_copy (f16 or f32) */
+    mk_operand src = {(void *)weights, format, 0, 0, 1, taps};
+    mk_operand dst = {w->packed, MK_FMT_F32, 0, 0, cpad, 1};
+    return mk_copy(&src, &dst, (mk_extent){1, 1, (int32_t)taps, (int32_t)cout}, NULL);
+}
+
+static void dw_unpack(const mk_conv_weights *w, float *weights) {
+    const mk_conv_params *s = &w->shape;
+    const int64_t taps = (int64_t)s->kh * s->kw, cout = (int64_t)s->groups * s->cout_g;
+    const int64_t cpad = cpad_of(s);
+    for (int64_t o = 0; o < cout; o++)
+        for (int64_t t = 0; t < taps; t++) weights[o * taps + t] = w->packed[t * cpad + o];
+}
+
+static const char *dw_implementation(const mk_conv_weights *w, char *buffer, size_t size) {
+    (void)w;
+    snprintf(buffer, size, "%s", dw_active()->name);
+    return buffer;
+}
+
+static void dw_free_plan(mk_conv_plan *plan) {
+    dw_plan *s = plan->state;
+    if (s == NULL) return;
+    free(s->ys);
+    free(s->xs);
+    free(s);
+    plan->state = NULL;
+}
+
+static mk_status dw_plan_create(mk_conv_plan *plan) {
+    const mk_conv_params *p = &plan->params;
+    dw_plan *s = calloc(1, sizeof *s);
+    if (s == NULL) return MK_ENOMEM;
+    plan->state = s;
+    s->rows = dw_active();
+    s->ys = malloc((size_t)p->out_h * p->kh * sizeof(int32_t));
+    s->xs = malloc((size_t)p->out_w * p->kw * sizeof(int32_t));
+    if (s->ys == NULL || s->xs == NULL) {
+        dw_free_plan(plan);
+        return MK_ENOMEM;
+    }
+    for (int64_t j = 0; j < p->out_h; j++)
+        for (int64_t q = 0; q < p->kh; q++)
+            s->ys[j * p->kh + q] = (int32_t)mk_conv_source_index(p->top + j * p->sy + q * p->dy,
+                                                                 p->src_h, p->up_y, p->edge_mode);
+    for (int64_t i = 0; i < p->out_w; i++)
+        for (int64_t q = 0; q < p->kw; q++)
+            s->xs[i * p->kw + q] = (int32_t)mk_conv_source_index(p->left + i * p->sx + q * p->dx,
+                                                                 p->src_w, p->up_x, p->edge_mode);
+    return MK_OK;
+}
+
+typedef struct dw_ctx {
+    const mk_conv_params *p;
+    const mk_conv_weights *w;
+    const dw_plan *s;
+    const float *a;
+    int64_t an, ay, ax, cout, cpad;
+    int fused;
+    float lo, hi;
+    mk_status status;
+} dw_ctx;
+
+/* Any multiplier, any block width: out[x][j] for channels o0 + j, j < nc. */
+static void dw_row_portable(const dw_ctx *c, const mk_dw_row *r, int64_t o0, int nc) {
+    const int64_t m = c->p->cout_g;
+    for (int32_t ox = 0; ox < r->out_w; ox++) {
+        float acc[DW_BLOCK];
+        for (int j = 0; j < nc; j++) acc[j] = r->bias[j];
+        for (int32_t q = 0; q < r->kh; q++) {
+            if (r->ys[q] < 0) continue;
+            for (int32_t p = 0; p < r->kw; p++) {
+                const int32_t x = r->xs[(int64_t)ox * r->kw + p];
+                if (x < 0) continue;
+                const float *in = r->a + r->ys[q] * r->ay + x * r->ax;   /* channel 0 */
+                const float *wt = r->w + (int64_t)(q * r->kw + p) * r->cpad;
+                for (int j = 0; j < nc; j++) acc[j] += wt[j] * in[(o0 + j) / m];
+            }
+        }
+        float *out = r->out + ox * r->ld;
+        for (int j = 0; j < nc; j++) {
+            float v = acc[j];
+            if (r->lo > -INFINITY || r->hi < INFINITY) v = v < r->lo ? r->lo : v > r->hi ? r->hi : v;
+            out[j] = v;
+        }
+    }
+}
+
+static void dw_task(void *arg, int64_t begin, int64_t end) {
+    dw_ctx *c = arg;
+    const mk_conv_params *p = c->p;
+    float rowbuf[256 * DW_BLOCK] __attribute__((aligned(64)));
+    for (int64_t item = begin; item < end; item++) {
+        const int64_t img = item / p->out_h, oy = item % p->out_h;
+        const int64_t m0 = item * p->out_w;
+        for (int64_t o0 = 0; o0 < c->cout; o0 += DW_BLOCK) {
+            const int nc = (int)(c->cout - o0 < DW_BLOCK ? c->cout - o0 : DW_BLOCK);
+            for (int32_t x0 = 0; x0 < p->out_w; x0 += 256) {   /* row pieces that fit rowbuf */
+                const int32_t w = p->out_w - x0 < 256 ? p->out_w - x0 : 256;
+                mk_dw_row r = {c->a + img * c->an, c->ay, c->ax, c->s->ys + oy * p->kh,
+                               c->s->xs + (int64_t)x0 * p->kw, p->kh, p->kw, w,
+                               c->w->packed + o0, c->cpad, c->w->bias + o0, c->lo, c->hi,
+                               rowbuf, DW_BLOCK};
+                float *direct;
+                int64_t ldc;
+                const int in_place = c->fused && mk_conv_direct(p, m0 + x0, w, o0, &direct, &ldc);
+                if (in_place) {
+                    r.out = direct;
+                    r.ld = ldc;
+                }
+                if (p->cout_g == 1 && nc == 32) {
+                    r.a += o0;
+                    c->s->rows->block32(&r);
+                } else if (p->cout_g == 1 && nc == 16) {
+                    r.a += o0;
+                    c->s->rows->block16(&r);
+                } else {
+                    dw_row_portable(c, &r, o0, nc);
+                }
+                if (!in_place) {
+                    mk_status st = mk_conv_store(p, rowbuf, DW_BLOCK, m0 + x0, w, o0, nc);
+                    if (st != MK_OK) c->status = st;
+                }
+            }
+        }
+    }
+}
+
+static mk_status dw_run(const mk_conv_plan *plan, const mk_conv_params *p, mk_pool *pool) {
+    dw_ctx c;
+    memset(&c, 0, sizeof c);
+    c.p = p;
+    c.w = plan->weights;
+    c.s = plan->state;
+    float *copy;
+    mk_status st = mk_conv_source_f32(p, pool, &c.a, &copy, &c.an, &c.ay, &c.ax);
+    if (st != MK_OK) return st;
+    c.cout = (int64_t)p->groups * p->cout_g;
+    c.cpad = cpad_of(p);
+    c.fused = mk_conv_clamp(&p->neuron, &c.lo, &c.hi);
+    c.status = MK_OK;
+    mk_parallel_for(pool, (int64_t)p->n * p->out_h, 1, dw_task, &c);
+    free(copy);
+    return c.status;
+}
+
+const mk_conv_kernel mk_conv_kernel_dwconv = {
+    "dwconv", dw_supports, dw_pack, dw_unpack, dw_plan_create, dw_free_plan, dw_run,
+    dw_implementation,
+};
