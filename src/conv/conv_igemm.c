@@ -15,7 +15,9 @@
 #include "gemm/gemm.h"
 
 #define IGEMM_MAX_MR 32
-#define IGEMM_CHUNK_ROWS 128   /* rows per parallel work item (then all column blocks) */
+#define IGEMM_CHUNK_ROWS 128   /* rows per parallel work item */
+#define IGEMM_IM2COL_CHANNELS 16   /* im2col below this many channels per group */
+#define IGEMM_IM2COL_MAX_K 4096    /* ... when a tile's rows fit in L1/L2 */
 
 typedef struct igemm_plan {
     const mk_gemm_ukernel *uk;   /* the micro-kernel the indirection was laid out for */
@@ -132,54 +134,87 @@ typedef struct igemm_ctx {
     const igemm_plan *s;
     const char *a;              /* float32 source, group 0's first channel */
     int64_t m, tiles, chunk_tiles, chunks, panels, k;
+    int im2col;                 /* gather each tile's rows once (few channels per tap) */
     int fused;                  /* the neuron is the epilogue's clamp */
     float lo, hi;
     mk_status status;
 } igemm_ctx;
 
+/* One tile x one panel: the micro-kernel, then the neuron / store. */
+static mk_status igemm_tile(const igemm_ctx *c, int64_t m0, int rows, int64_t panel_index,
+                            int64_t o0, int nc, int64_t kc, int64_t ks, const float *const *a,
+                            intptr_t a_offset, float *tile) {
+    const mk_conv_params *p = c->p;
+    const mk_gemm_ukernel *uk = c->s->uk;
+    const float *wp = c->w->packed + panel_index * c->k * MK_GEMM_NR;
+    const mk_gemm_epilogue ep = {1.0f, 0.0f, c->w->bias + o0, c->lo, c->hi};
+    float *out;
+    int64_t ldc;
+    if (!mk_conv_direct(p, m0, rows, o0, &out, &ldc)) {
+        uk->run(rows, nc, kc, ks, a, a_offset, c->s->zero, wp, tile, MK_GEMM_NR, &ep);
+        return mk_conv_store(p, tile, MK_GEMM_NR, m0, rows, o0, nc);
+    }
+    uk->run(rows, nc, kc, ks, a, a_offset, c->s->zero, wp, out, ldc, &ep);
+    if (c->fused) return MK_OK;
+    mk_neuron_params n = p->neuron;   /* in place, while the tile is in L1 */
+    if (n.type == MK_NEURON_PRELU) n.prelu += o0;
+    mk_operand v = {out, MK_FMT_F32, 0, 0, ldc, 1};
+    return mk_neuron(&n, &v, &v, (mk_extent){1, 1, rows, nc}, NULL);
+}
+
+/* Work item = (group, column panel, chunk of tiles), or (group, chunk) gathering im2col rows
+ * once per tile for all of the group's panels. */
 static void igemm_task(void *arg, int64_t begin, int64_t end) {
     igemm_ctx *c = arg;
     const mk_conv_params *p = c->p;
     const igemm_plan *s = c->s;
-    const mk_gemm_ukernel *uk = s->uk;
-    const int mr = uk->mr;
-    const int64_t taps = (int64_t)p->kh * p->kw;
+    const int mr = s->uk->mr;
+    const int64_t taps = (int64_t)p->kh * p->kw, kc = p->cin_g;
     float tile[IGEMM_MAX_MR * MK_GEMM_NR] __attribute__((aligned(64)));
+    float *rows_buf = NULL;
+    const float *row_ptr[IGEMM_MAX_MR];
+    if (c->im2col) {
+        rows_buf = malloc((size_t)(mr * c->k) * sizeof(float));
+        if (rows_buf == NULL) {
+            c->status = MK_ENOMEM;
+            return;
+        }
+        for (int i = 0; i < mr; i++) row_ptr[i] = rows_buf + i * c->k;
+    }
     for (int64_t item = begin; item < end; item++) {
         const int64_t chunk = item % c->chunks, block = item / c->chunks;
-        const int64_t g = block / c->panels, panel = block % c->panels;
-        const int64_t o0 = g * p->cout_g + panel * MK_GEMM_NR;
-        int64_t nc = p->cout_g - panel * MK_GEMM_NR;
-        if (nc > MK_GEMM_NR) nc = MK_GEMM_NR;
-        const float *wp = c->w->packed + block * c->k * MK_GEMM_NR;
+        const int64_t per_group = c->im2col ? 1 : c->panels;
+        const int64_t g = block / per_group, first_panel = c->im2col ? 0 : block % per_group;
+        const int64_t last_panel = c->im2col ? c->panels : first_panel + 1;
         const intptr_t a_offset = (intptr_t)((uintptr_t)(c->a + g * p->cin_g * 4) -
                                              (uintptr_t)base_of(s));
-        const mk_gemm_epilogue ep = {1.0f, 0.0f, c->w->bias + o0, c->lo, c->hi};
         int64_t t1 = (chunk + 1) * c->chunk_tiles;
         if (t1 > c->tiles) t1 = c->tiles;
         for (int64_t t = chunk * c->chunk_tiles; t < t1; t++) {
             const int64_t m0 = t * mr;
             const int rows = (int)(c->m - m0 < mr ? c->m - m0 : mr);
             const float *const *ind = s->indirection + t * taps * mr;
-            float *out;
-            int64_t ldc;
-            mk_status st = MK_OK;
-            if (mk_conv_direct(p, m0, rows, o0, &out, &ldc)) {
-                uk->run(rows, (int)nc, p->cin_g, taps, ind, a_offset, s->zero, wp, out, ldc, &ep);
-                if (!c->fused) {   /* in place, while the tile is in L1 */
-                    mk_neuron_params n = p->neuron;
-                    if (n.type == MK_NEURON_PRELU) n.prelu += o0;
-                    mk_operand v = {out, MK_FMT_F32, 0, 0, ldc, 1};
-                    st = mk_neuron(&n, &v, &v, (mk_extent){1, 1, rows, (int32_t)nc}, NULL);
-                }
-            } else {
-                uk->run(rows, (int)nc, p->cin_g, taps, ind, a_offset, s->zero, wp, tile,
-                        MK_GEMM_NR, &ep);
-                st = mk_conv_store(p, tile, MK_GEMM_NR, m0, rows, o0, (int)nc);
+            if (c->im2col) {
+                for (int i = 0; i < rows; i++)
+                    for (int64_t tap = 0; tap < taps; tap++) {
+                        const float *src = ind[tap * mr + i];
+                        float *dst = rows_buf + i * c->k + tap * kc;
+                        if (src != s->zero) src = (const float *)((const char *)src + a_offset);
+                        for (int64_t k = 0; k < kc; k++) dst[k] = src[k];   /* kc < 16 */
+                    }
             }
-            if (st != MK_OK) c->status = st;
+            for (int64_t panel = first_panel; panel < last_panel; panel++) {
+                const int64_t o0 = g * p->cout_g + panel * MK_GEMM_NR;
+                const int nc = (int)(p->cout_g - panel * MK_GEMM_NR < MK_GEMM_NR
+                                         ? p->cout_g - panel * MK_GEMM_NR : MK_GEMM_NR);
+                mk_status st = c->im2col
+                    ? igemm_tile(c, m0, rows, g * c->panels + panel, o0, nc, c->k, 1, row_ptr, 0, tile)
+                    : igemm_tile(c, m0, rows, g * c->panels + panel, o0, nc, kc, taps, ind, a_offset, tile);
+                if (st != MK_OK) c->status = st;
+            }
         }
     }
+    free(rows_buf);
 }
 
 static mk_status igemm_run(const mk_conv_plan *plan, const mk_conv_params *p, mk_pool *pool) {
@@ -204,7 +239,10 @@ static mk_status igemm_run(const mk_conv_plan *plan, const mk_conv_params *p, mk
     c.panels = panels_of(p);
     c.k = (int64_t)p->kh * p->kw * p->cin_g;
     c.fused = mk_conv_clamp(&p->neuron, &c.lo, &c.hi);
-    mk_parallel_for(pool, (int64_t)p->groups * c.panels * c.chunks, 1, igemm_task, &c);
+    /* few channels per tap: the micro-kernel's tap loop would dominate, so gather rows */
+    c.im2col = p->cin_g < IGEMM_IM2COL_CHANNELS && c.k > p->cin_g && c.k <= IGEMM_IM2COL_MAX_K;
+    const int64_t blocks = (int64_t)p->groups * (c.im2col ? 1 : c.panels);
+    mk_parallel_for(pool, blocks * c.chunks, 1, igemm_task, &c);
     free(converted);
     return c.status;
 }
