@@ -3,6 +3,7 @@ CNNConvolution, CNNFullyConnected, CNNConvolutionTranspose and the weights-and-b
 The C kernels: src/conv/ (the kernel chosen per shape is `implementation`); the binding:
 mpskernels/_conv.pxi. See docs/convolution.md."""
 import abc
+import math
 from enum import IntEnum, IntFlag
 
 import numpy as np
@@ -511,25 +512,39 @@ class _ConvolutionBase(CNNKernel):
             raise ValidationError(
                 f"{source!r} has {source.number_of_images} images; the convolution reads images "
                 f"{oz}..{oz + depth - 1} (offset.z and clip_rect depth)")
+        n = self._neuron
+        c0 = _integer("source_feature_channel_offset", self.source_feature_channel_offset)
+        sn, sy, sx, sc = destination._strides
+        for weights, (left, top, out_w, out_h, dst_w, dst_h), (px, py), (mx, my) in self._parts(source, w, h):
+            placement = dict(n=depth, src_h=source.height, src_w=source.width, out_h=out_h,
+                             out_w=out_w, dst_h=dst_h, dst_w=dst_w, top=top, left=left,
+                             edge_mode=int(self.edge_mode))
+            plan = self._plan(weights, placement, source, destination)
+            command = _native.ConvCommand(plan, int(n.neuron_type), n.a, n.b, n.c, self._slopes)
+            command_buffer._add(command, [
+                (source, source._byte_offset(oz, 0, 0, c0), source._strides),
+                (destination, destination._byte_offset(z0, y0 + py, x0 + px,
+                                                       self.destination_feature_channel_offset),
+                 (sn, sy * my, sx * mx, sc))], self)
+
+    def _parts(self, source, w, h):
+        """[(weights, (left, top, out_w, out_h, dst_w, dst_h), destination pixel offset (x, y),
+        destination stride multipliers (x, y))]: one convolution per part."""
         r = self._shape["sub_pixel"]
         left, top, out_w, out_h = self._placement(source, w, h, r)
-        placement = dict(n=depth, src_h=source.height, src_w=source.width, out_h=out_h, out_w=out_w,
-                         dst_h=h, dst_w=w, top=top, left=left, edge_mode=int(self.edge_mode))
-        key = (tuple(placement.values()), source._format, source._strides, destination._format,
-               _native.active_isa())
+        return [(self._weights, (left, top, out_w, out_h, w, h), (0, 0), (1, 1))]
+
+    def _plan(self, weights, placement, source, destination):
+        """The plan of one geometry (built once, then reused by every encode that matches)."""
+        key = (weights, tuple(placement.values()), source._format, source._strides,
+               destination._format, _native.active_isa())
         plan = self._plans.get(key)
         if plan is None:
-            if len(self._plans) >= 16:
+            if len(self._plans) >= 32:
                 self._plans.clear()
-            plan = self._plans[key] = _native.ConvPlan(self._weights, placement, int(source._format),
+            plan = self._plans[key] = _native.ConvPlan(weights, placement, int(source._format),
                                                        source._strides, int(destination._format))
-        n = self._neuron
-        command = _native.ConvCommand(plan, int(n.neuron_type), n.a, n.b, n.c, self._slopes)
-        c0 = _integer("source_feature_channel_offset", self.source_feature_channel_offset)
-        command_buffer._add(command, [
-            (source, source._byte_offset(oz, 0, 0, c0), source._strides),
-            (destination, destination._byte_offset(z0, y0, x0, self.destination_feature_channel_offset),
-             destination._strides)], self)
+        return plan
 
     def __repr__(self):
         name = f" {self.label!r}" if self.label else ""
@@ -620,6 +635,55 @@ class CNNConvolutionTranspose(_ConvolutionBase):
         ky = _integer("kernel_offset_y", self.kernel_offset_y, -(1 << 30), 1 << 30)
         return (self.offset.x * self.stride_in_pixels_x + kx,
                 self.offset.y * self.stride_in_pixels_y + ky, w, h)
+
+    def _pack(self, weights, bias):
+        """Besides the whole kernel, one sub-kernel per phase (output x mod stride, y mod
+        stride): the taps that land on real source pixels. With ZERO edges each phase is a
+        plain convolution of the real source, skipping the stuffed zeros."""
+        super()._pack(weights, bias)
+        shape = self._shape
+        sx, sy = shape["up_x"], shape["up_y"]
+        self._phases = {}
+        if sx == sy == 1:
+            return
+        tx = [[p for p in range(shape["kw"]) if (rx + p * shape["dx"]) % sx == 0] for rx in range(sx)]
+        ty = [[q for q in range(shape["kh"]) if (ry + q * shape["dy"]) % sy == 0] for ry in range(sy)]
+        for ry in range(sy):
+            for rx in range(sx):
+                if not tx[rx] or not ty[ry]:   # no tap reaches a real pixel: bias only
+                    self._phases[ry, rx] = None
+                    continue
+                sub = np.ascontiguousarray(weights[:, ty[ry]][:, :, tx[rx]])
+                sub_shape = dict(shape, kh=len(ty[ry]), kw=len(tx[rx]), sy=1, sx=1, up_y=1, up_x=1,
+                                 dy=shape["dy"] // math.gcd(shape["dy"], sy),
+                                 dx=shape["dx"] // math.gcd(shape["dx"], sx))
+                self._phases[ry, rx] = (_native.ConvWeights(sub_shape, sub, bias), ty[ry][0], tx[rx][0])
+        self._bias_only = None
+        if None in self._phases.values():
+            zero = np.zeros((self.output_feature_channels, 1, 1, shape["cin_g"]), np.float32)
+            self._bias_only = _native.ConvWeights(dict(shape, kh=1, kw=1, sy=1, sx=1, up_y=1, up_x=1),
+                                                  zero, bias)
+
+    def _parts(self, source, w, h):
+        left, top, _, _ = self._placement(source, w, h, 1)
+        if not self._phases or self.edge_mode != ImageEdgeMode.ZERO:
+            return [(self._weights, (left, top, w, h, w, h), (0, 0), (1, 1))]
+        shape, parts = self._shape, []
+        sx, sy = shape["up_x"], shape["up_y"]
+        far = -(1 << 30)   # a tap far outside the source: reads zero
+        for fy in range(min(sy, h)):
+            for fx in range(min(sx, w)):
+                out_w, out_h = -(-(w - fx) // sx), -(-(h - fy) // sy)
+                u, v = left + fx, top + fy   # up-sampled coordinate of the phase's tap 0
+                phase = self._phases[v % sy, u % sx]
+                if phase is None:
+                    weights, first_x, first_y = self._bias_only, far, far
+                else:
+                    weights, q0, p0 = phase
+                    first_x = (u + p0 * shape["dx"]) // sx
+                    first_y = (v + q0 * shape["dy"]) // sy
+                parts.append((weights, (first_x, first_y, out_w, out_h, out_w, out_h), (fx, fy), (sx, sy)))
+        return parts
 
 
 __all__ = ["CNNConvolutionFlags", "NNConvolutionAccumulatorPrecisionOption",

@@ -651,3 +651,26 @@ def test_depthwise_register_blocks(device, isa, seed):
     check_case(device, case, rng)
     conv, *_ = make_convolution(device, case, rng)
     assert conv.implementation == f"dwconv__{isa}"
+
+
+@pytest.mark.parametrize("edge", [0, 1])
+def test_transpose_against_stuffed_reference(device, edge):
+    """The same rule on the zero-stuffed source directly (CLAMP: out-of-range taps read the
+    nearest real edge pixel; ZERO runs the per-phase decomposition)."""
+    rng = np.random.default_rng(40 + edge)
+    for k, s, dil, size in ((4, 2, 1, 5), (3, 3, 2, 4), (1, 2, 1, 3), (5, 2, 3, 6)):
+        d = mk.CNNConvolutionDescriptor(k, k, 6, 5)
+        d.stride_in_pixels_x = d.stride_in_pixels_y = s
+        d.dilation_rate_x = d.dilation_rate_y = dil
+        d.fused_neuron_descriptor = mk.NNNeuronDescriptor.cnn_neuron_descriptor(T.TANH, 1.0, 0.5)
+        w = rng.standard_normal((5, k, k, 6)).astype(np.float32)
+        b = rng.standard_normal(5).astype(np.float32)
+        conv = mk.CNNConvolutionTranspose(device, Source(d, w, b))
+        conv.edge_mode = edge
+        conv.kernel_offset_x, conv.kernel_offset_y = -k, 1 - k
+        conv.offset = (1, 0, 0)
+        x = rng.standard_normal((2, size, size + 1, 6)).astype(np.float32)
+        dst = mk.Image(device, mk.ImageDescriptor(FMT.FLOAT32, 3 * size, 2 * size + 1, 5, 2))
+        _run(device, lambda cb: conv.encode(cb, mk.Image.from_numpy(device, x), dst))
+        y = cref.correlate(x, w, b, 1, (s - k, 1 - k), (3 * size, 2 * size + 1), (1, 1), (dil, dil), edge, up=(s, s))
+        np.testing.assert_allclose(dst.to_numpy(), np.tanh(0.5 * y), rtol=1e-5, atol=1e-5)
