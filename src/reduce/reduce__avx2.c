@@ -51,26 +51,14 @@ static inline __m256 ne0(__m256 x) {
 }
 static inline L l_ne0(L x) { return (L){ne0(x.lo), ne0(x.hi)}; }
 
-#define RD_FIND(MASK)                                                                    \
-    for (; c + 8 <= C; c += 8) {                                                         \
-        __m256 v = _mm256_loadu_ps(p + c);                                               \
-        int k = _mm256_movemask_ps(MASK);                                                \
-        if (k) return c + __builtin_ctz((unsigned)k);                                    \
-    }                                                                                    \
-    if (c < C) {                                                                         \
-        __m256 v = _mm256_maskload_ps(p + c, rd_tail((int)(C - c)));                     \
-        int k = _mm256_movemask_ps(MASK) & ((1 << (C - c)) - 1);                         \
-        if (k) return c + __builtin_ctz((unsigned)k);                                    \
-    }
-static inline int64_t l_find(const float *p, int64_t C, float m) {
-    const __m256 vm = _mm256_set1_ps(m);
-    int64_t c = 0;
-    if (m != m) {
-        RD_FIND(_mm256_cmp_ps(v, v, _CMP_UNORD_Q))
-    } else {
-        RD_FIND(_mm256_cmp_ps(v, vm, _CMP_EQ_OQ))
-    }
-    return 0; /* not reached: m is one of the values */
+static inline L l_set1(float x) { return (L){_mm256_set1_ps(x), _mm256_set1_ps(x)}; }
+static inline unsigned l_eqmask(L v, L m) {
+    return (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(v.lo, m.lo, _CMP_EQ_OQ)) |
+           (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(v.hi, m.hi, _CMP_EQ_OQ)) << 8;
+}
+static inline unsigned l_nanmask(L v) {
+    return (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(v.lo, v.lo, _CMP_UNORD_Q)) |
+           (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(v.hi, v.hi, _CMP_UNORD_Q)) << 8;
 }
 
 static inline __m128 h_op(int op, __m128 a, __m128 b) {

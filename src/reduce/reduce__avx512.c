@@ -28,27 +28,9 @@ static inline __m512 l_max(__m512 a, __m512 b) {
 #define l_ne0(x) _mm512_maskz_mov_ps(_mm512_cmp_ps_mask((x), _mm512_setzero_ps(), _CMP_NEQ_UQ), \
                                      _mm512_set1_ps(1.0f))
 
-#define RD_FIND(MASK)                                                                    \
-    for (; c + 16 <= C; c += 16) {                                                       \
-        __m512 v = _mm512_loadu_ps(p + c);                                               \
-        __mmask16 k = MASK;                                                              \
-        if (k) return c + __builtin_ctz(k);                                              \
-    }                                                                                    \
-    if (c < C) {                                                                         \
-        __m512 v = _mm512_maskz_loadu_ps(rd_tail((int)(C - c)), p + c);                  \
-        __mmask16 k = (MASK) & rd_tail((int)(C - c));                                    \
-        if (k) return c + __builtin_ctz(k);                                              \
-    }
-static inline int64_t l_find(const float *p, int64_t C, float m) {
-    const __m512 vm = _mm512_set1_ps(m);
-    int64_t c = 0;
-    if (m != m) {
-        RD_FIND(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q))
-    } else {
-        RD_FIND(_mm512_cmp_ps_mask(v, vm, _CMP_EQ_OQ))
-    }
-    return 0; /* not reached: m is one of the values */
-}
+#define l_set1 _mm512_set1_ps
+#define l_eqmask(v, m) ((unsigned)_mm512_cmp_ps_mask((v), (m), _CMP_EQ_OQ))
+#define l_nanmask(v) ((unsigned)_mm512_cmp_ps_mask((v), (v), _CMP_UNORD_Q))
 
 static inline __m128 h_min(__m128 a, __m128 b) {
     return _mm_blendv_ps(a, _mm_min_ps(a, b), _mm_cmpord_ps(a, a));

@@ -40,11 +40,20 @@ static inline L l_ne0(L a) {
     for (int k = 0; k < 16; k++) r.v[k] = a.v[k] != 0.0f ? 1.0f : 0.0f;
     return r;
 }
-static inline int64_t l_find(const float *p, int64_t C, float m) {
-    int64_t c = 0;
-    if (m != m) while (c < C - 1 && p[c] == p[c]) c++;
-    else while (c < C - 1 && p[c] != m) c++;
-    return c;
+static inline L l_set1(float x) {
+    L r;
+    for (int k = 0; k < 16; k++) r.v[k] = x;
+    return r;
+}
+static inline unsigned l_eqmask(L v, L m) {
+    unsigned k = 0;
+    for (int i = 0; i < 16; i++) k |= (unsigned)(v.v[i] == m.v[i]) << i;
+    return k;
+}
+static inline unsigned l_nanmask(L v) {
+    unsigned k = 0;
+    for (int i = 0; i < 16; i++) k |= (unsigned)(v.v[i] != v.v[i]) << i;
+    return k;
 }
 static inline float rd_op1(int op, float a, float b) {
     return op == MK_REDUCE_SUM ? a + b : op == MK_REDUCE_MIN ? rd_min1(a, b) : rd_max1(a, b);

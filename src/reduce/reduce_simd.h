@@ -7,7 +7,8 @@
  *   l_add l_mul l_min l_max    lane-wise; min / max keep a NaN (see rd_min below)
  *   l_ne0(x)       1.0f where x != 0, else 0
  *   l_fold(op, v)  the lane tree: k with k+8, k+4, k+2, k+1; returns lane 0
- *   l_find(p, C, m)  the first c < C with p[c] == m, or with p[c] NaN if m is NaN
+ *   l_set1(x)      broadcast
+ *   l_eqmask(v, m), l_nanmask(v)  bit k set where lane k equals m / is NaN
  *   V, VL          the native vector for the strided kernel; v_load, v_load_n(p, r),
  *                  v_store, v_store_n(p, v, r), v_add, v_min, v_max
  *
@@ -80,13 +81,55 @@ static void RDN(channels_weighted)(const float *x, int64_t sx, const float *w, i
     }
 }
 
+/* The extremum of one pixel's channels for argmin / argmax: only its value matters (the
+ * index comes from rd_find), so four independent accumulators shorten the dependency chain. */
+RD_ALWAYS_INLINE float rd_extremum(const int op, const float *r, int64_t C) {
+    if (C < 64) return rd_pixel(op, r, C);
+    L a0 = l_load(r), a1 = l_load(r + 16), a2 = l_load(r + 32), a3 = l_load(r + 48);
+    int64_t c = 64;
+    for (; c + 64 <= C; c += 64) {
+        a0 = l_op(op, a0, l_load(r + c));
+        a1 = l_op(op, a1, l_load(r + c + 16));
+        a2 = l_op(op, a2, l_load(r + c + 32));
+        a3 = l_op(op, a3, l_load(r + c + 48));
+    }
+    for (; c + 16 <= C; c += 16) a0 = l_op(op, a0, l_load(r + c));
+    if (c < C) a0 = l_op(op, a0, l_load_n(r + c, (int)(C - c), rd_fill(op)));
+    return l_fold(op, l_op(op, l_op(op, a0, a1), l_op(op, a2, a3)));
+}
+
+/* The first c < C with r[c] == m (m NaN: the first NaN). Scans every vector from the last to
+ * the first, keeping the lowest hit, without a data-dependent branch. */
+#define RD_FIND(MASK)                                                                    \
+    if (full < C) {                                                                      \
+        L v = l_load_n(r + full, (int)(C - full), 0.0f);                                 \
+        unsigned k = (MASK) & ((1u << (C - full)) - 1u);                                 \
+        if (k) best = full + __builtin_ctz(k);                                           \
+    }                                                                                    \
+    for (int64_t c = full - 16; c >= 0; c -= 16) {                                       \
+        L v = l_load(r + c);                                                             \
+        unsigned k = MASK;                                                               \
+        best = k ? c + __builtin_ctz(k) : best;                                          \
+    }
+RD_ALWAYS_INLINE int64_t rd_find(const float *r, int64_t C, float m) {
+    const int64_t full = C & ~(int64_t)15;
+    const L vm = l_set1(m);
+    int64_t best = 0;
+    if (m != m) {
+        RD_FIND(l_nanmask(v))
+    } else {
+        RD_FIND(l_eqmask(v, vm))
+    }
+    return best;
+}
+
 /* Two passes over the pixel (the second from L1): the extremum m (NaN if any channel is NaN,
  * since min / max keep NaNs), then the first channel equal to m (or the first NaN). */
 RD_ALWAYS_INLINE void rd_channels_arg(const int op, const float *x, int64_t sx, int64_t C,
                                       int64_t P, float *out) {
     for (int64_t p = 0; p < P; p++) {
         const float *r = x + p * sx;
-        out[p] = (float)l_find(r, C, rd_pixel(op, r, C));
+        out[p] = (float)rd_find(r, C, rd_extremum(op, r, C));
     }
 }
 
