@@ -10,6 +10,7 @@
  * Specialised kernels (Winograd F(4,3), depthwise, direct for few input channels) go before
  * the general indirect GEMM, which accepts every shape. */
 static const mk_conv_kernel *const kernels[] = {
+    &mk_conv_kernel_winograd,
     &mk_conv_kernel_dwconv,
     &mk_conv_kernel_igemm,
 };

@@ -1,0 +1,2 @@
+/* AVX-512 build of conv_winograd__generic.c. */
+#include "conv_winograd__generic.c"
