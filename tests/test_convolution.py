@@ -674,3 +674,19 @@ def test_transpose_against_stuffed_reference(device, edge):
         _run(device, lambda cb: conv.encode(cb, mk.Image.from_numpy(device, x), dst))
         y = cref.correlate(x, w, b, 1, (s - k, 1 - k), (3 * size, 2 * size + 1), (1, 1), (dil, dil), edge, up=(s, s))
         np.testing.assert_allclose(dst.to_numpy(), np.tanh(0.5 * y), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_small_groups(device, isa, seed):
+    """Groups of <= 16 outputs dividing 16 with no more inputs than outputs: the gconv rows
+    (blocks of 16 outputs spanning several groups, partial last block)."""
+    rng = np.random.default_rng(800 + seed)
+    case = draw_case(rng)
+    cin_g, cout_g, groups = ((4, 4, 32), (2, 8, 5), (8, 16, 3), (3, 4, 7), (2, 2, 9), (16, 16, 2))[seed]
+    case.update(kind="grouped", groups=groups, cin=cin_g * groups, cout=cout_g * groups, r=1,
+                src=(case["depth"] + case["oz"], 9, 10, cin_g * groups + 3), c0=2,
+                dst=(case["depth"], 8, 9, cout_g * groups + 1), region=(0, 0, 0, 9, 8, case["depth"]),
+                clip=None)
+    check_case(device, case, rng)
+    conv, *_ = make_convolution(device, case, rng)
+    assert conv.implementation == ("gconv__avx512" if isa == "avx512" else "gconv__generic")

@@ -1,9 +1,13 @@
-/* Depthwise convolution (one input channel per group, any multiplier m = cout_g): a direct
- * kernel over channel blocks. Weights are packed [taps][cpad] (output channel fastest, zero
- * past cout), so one tap of a block is one contiguous vector load; the source rows and columns
- * each output reads are tabulated once per geometry (-1: a zero tap, skipped). Multiplier 1
- * runs the per-ISA register-blocked rows (conv_dwconv__*.c) on 32- and 16-channel blocks;
- * other multipliers and the last < 16 channels run the portable loop below.
+/* Depthwise and small-group convolution: a direct kernel over blocks of output channels.
+ * Depthwise = one input channel per group (any multiplier m = cout_g); small groups = at most
+ * 16 outputs per group dividing 16, no more inputs than outputs per group (e.g. 128 channels
+ * in 32 groups of 4), so a 16-output block reads at most 16 input channels.
+ * Weights are packed [tap][cin_g][cpad] (output channel fastest, zero past cout), so one tap
+ * of a block is one contiguous vector load; the source rows and columns each output reads are
+ * tabulated once per geometry (-1: a zero tap, skipped). Depthwise multiplier 1 runs the
+ * per-ISA register-blocked rows (conv_dwconv__*.c) on 32- and 16-channel blocks; small groups
+ * run the AVX-512 permute rows (conv_gconv__avx512.c); everything else (other ISAs for small
+ * groups, other multipliers, the last < 16 channels) the portable loop below.
  * Threads split over output rows. */
 #include <math.h>
 #include <stdio.h>
@@ -11,11 +15,13 @@
 #include <string.h>
 
 #include "conv/conv_dwconv.h"
+#include "conv/conv_gconv.h"
 
 #define DW_BLOCK 32
 
 typedef struct dw_plan {
     const mk_dw_rows *rows;  /* the ISA's row functions, fixed at plan time */
+    int gc_avx512;           /* small groups: the AVX-512 permute rows */
     int32_t *ys;             /* out_h x kh */
     int32_t *xs;             /* out_w x kw */
 } dw_plan;
@@ -36,32 +42,46 @@ static int64_t cpad_of(const mk_conv_params *s) {
     return (cout + DW_BLOCK - 1) / DW_BLOCK * DW_BLOCK;
 }
 
-static int dw_supports(const mk_conv_params *s) { return s->cin_g == 1; }
+static int small_groups(const mk_conv_params *s) {
+    return s->groups > 1 && s->cin_g > 1 && s->cout_g <= 16 && 16 % s->cout_g == 0 &&
+           s->cin_g <= s->cout_g;
+}
+
+static int dw_supports(const mk_conv_params *s) { return s->cin_g == 1 || small_groups(s); }
 
 static mk_status dw_pack(mk_conv_weights *w, const void *weights, int format) {
     const mk_conv_params *s = &w->shape;
     const int64_t taps = (int64_t)s->kh * s->kw, cout = (int64_t)s->groups * s->cout_g;
-    const int64_t cpad = cpad_of(s);
-    w->packed = aligned_alloc(64, (size_t)(taps * cpad * 4 + 63) / 64 * 64);
+    const int64_t cpad = cpad_of(s), k = taps * s->cin_g;
+    w->packed = aligned_alloc(64, (size_t)(k * cpad * 4 + 63) / 64 * 64);
     if (w->packed == NULL) return MK_ENOMEM;
-    memset(w->packed, 0, (size_t)(taps * cpad * 4));
-    /* [o][tap] -> [tap][o], converting through mk_copy (f16 or f32) */
-    mk_operand src = {(void *)weights, format, 0, 0, 1, taps};
-    mk_operand dst = {w->packed, MK_FMT_F32, 0, 0, cpad, 1};
-    return mk_copy(&src, &dst, (mk_extent){1, 1, (int32_t)taps, (int32_t)cout}, NULL);
+    memset(w->packed, 0, (size_t)(k * cpad * 4));
+    /* [o][tap][c] -> [tap][c][o], converting through mk_copy (f16 or f32) */
+    mk_operand src = {(void *)weights, format, 0, s->cin_g, 1, k};
+    mk_operand dst = {w->packed, MK_FMT_F32, 0, s->cin_g * cpad, cpad, 1};
+    return mk_copy(&src, &dst, (mk_extent){1, (int32_t)taps, s->cin_g, (int32_t)cout}, NULL);
 }
 
 static void dw_unpack(const mk_conv_weights *w, float *weights) {
     const mk_conv_params *s = &w->shape;
     const int64_t taps = (int64_t)s->kh * s->kw, cout = (int64_t)s->groups * s->cout_g;
-    const int64_t cpad = cpad_of(s);
+    const int64_t cpad = cpad_of(s), k = taps * s->cin_g;
     for (int64_t o = 0; o < cout; o++)
-        for (int64_t t = 0; t < taps; t++) weights[o * taps + t] = w->packed[t * cpad + o];
+        for (int64_t r = 0; r < k; r++) weights[o * k + r] = w->packed[r * cpad + o];
+}
+
+static int gc_avx512(void) {
+#if MK_X86
+    return mk_active_isa() == MK_ISA_AVX512;
+#else
+    return 0;
+#endif
 }
 
 static const char *dw_implementation(const mk_conv_weights *w, char *buffer, size_t size) {
-    (void)w;
-    snprintf(buffer, size, "%s", dw_active()->name);
+    const char *name = dw_active()->name;   /* "dwconv__<isa>" */
+    if (w->shape.cin_g > 1) snprintf(buffer, size, "gconv_%s", gc_avx512() ? "_avx512" : "_generic");
+    else snprintf(buffer, size, "%s", name);
     return buffer;
 }
 
@@ -80,6 +100,7 @@ static mk_status dw_plan_create(mk_conv_plan *plan) {
     if (s == NULL) return MK_ENOMEM;
     plan->state = s;
     s->rows = dw_active();
+    s->gc_avx512 = gc_avx512();
     s->ys = malloc((size_t)p->out_h * p->kh * sizeof(int32_t));
     s->xs = malloc((size_t)p->out_w * p->kw * sizeof(int32_t));
     if (s->ys == NULL || s->xs == NULL) {
@@ -108,9 +129,9 @@ typedef struct dw_ctx {
     mk_status status;
 } dw_ctx;
 
-/* Any multiplier, any block width: out[x][j] for channels o0 + j, j < nc. */
+/* Any shape, any block width: out[x][j] for channels o0 + j, j < nc; r->a at channel 0. */
 static void dw_row_portable(const dw_ctx *c, const mk_dw_row *r, int64_t o0, int nc) {
-    const int64_t m = c->p->cout_g;
+    const int64_t m = c->p->cout_g, cin_g = c->p->cin_g;
     for (int32_t ox = 0; ox < r->out_w; ox++) {
         float acc[DW_BLOCK];
         for (int j = 0; j < nc; j++) acc[j] = r->bias[j];
@@ -120,8 +141,10 @@ static void dw_row_portable(const dw_ctx *c, const mk_dw_row *r, int64_t o0, int
                 const int32_t x = r->xs[(int64_t)ox * r->kw + p];
                 if (x < 0) continue;
                 const float *in = r->a + r->ys[q] * r->ay + x * r->ax;   /* channel 0 */
-                const float *wt = r->w + (int64_t)(q * r->kw + p) * r->cpad;
-                for (int j = 0; j < nc; j++) acc[j] += wt[j] * in[(o0 + j) / m];
+                const float *wt = r->w + (int64_t)(q * r->kw + p) * cin_g * r->cpad;
+                for (int64_t ci = 0; ci < cin_g; ci++)
+                    for (int j = 0; j < nc; j++)
+                        acc[j] += wt[ci * r->cpad + j] * in[(o0 + j) / m * cin_g + ci];
             }
         }
         float *out = r->out + ox * r->ld;
@@ -131,6 +154,24 @@ static void dw_row_portable(const dw_ctx *c, const mk_dw_row *r, int64_t o0, int
             out[j] = v;
         }
     }
+}
+
+/* Small groups on AVX-512: the block in 16-output pieces. */
+static void grouped_rows(const dw_ctx *c, const mk_dw_row *r, int64_t o0, int nc) {
+#if MK_X86
+    const mk_conv_params *p = c->p;
+    for (int j0 = 0; j0 < nc; j0 += 16) {
+        const int n16 = nc - j0 < 16 ? nc - j0 : 16;
+        const int64_t first = (o0 + j0) / p->cout_g;   /* first group */
+        mk_gc_row g = {r->a + first * p->cin_g, r->ay, r->ax, r->ys, r->xs, r->kh, r->kw,
+                       r->out_w, p->cin_g, p->cout_g,
+                       (int32_t)((n16 + p->cout_g - 1) / p->cout_g * p->cin_g), n16,
+                       r->w + j0, r->cpad, r->bias + j0, r->lo, r->hi, r->out + j0, r->ld};
+        mk_gc_row__avx512(&g);
+    }
+#else
+    (void)c, (void)r, (void)o0, (void)nc;
+#endif
 }
 
 static void dw_task(void *arg, int64_t begin, int64_t end) {
@@ -155,10 +196,12 @@ static void dw_task(void *arg, int64_t begin, int64_t end) {
                     r.out = direct;
                     r.ld = ldc;
                 }
-                if (p->cout_g == 1 && nc == 32) {
+                if (p->cin_g > 1 && c->s->gc_avx512) {
+                    grouped_rows(c, &r, o0, nc);
+                } else if (p->cin_g == 1 && p->cout_g == 1 && nc == 32) {
                     r.a += o0;
                     c->s->rows->block32(&r);
-                } else if (p->cout_g == 1 && nc == 16) {
+                } else if (p->cin_g == 1 && p->cout_g == 1 && nc == 16) {
                     r.a += o0;
                     c->s->rows->block16(&r);
                 } else {
