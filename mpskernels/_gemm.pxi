@@ -87,3 +87,61 @@ def gemm_ukernel_run(int mr, int nc, int64_t kc, int64_t ks, float[::1] a_base, 
     with nogil:
         u.run(mr, nc, kc, ks, ptrs, a_offset, &z[0], &w[0], &c[0], ldc, &ep)
     free(ptrs)
+
+
+cdef extern from "gemm/gemm.h" nogil:
+    ctypedef struct mk_gemm_matrix:
+        void *data
+        int32_t format
+        int64_t rs, cs, bs
+    ctypedef struct mk_sgemm_args:
+        int64_t batch, m, n, k
+        mk_gemm_matrix a, b, c
+        float alpha, beta
+        const float *bias
+        float lo, hi
+    mk_status mk_sgemm(const mk_sgemm_args *p, mk_pool *pool)
+
+
+cdef mk_status run_gemm(void *p, mk_pool *pool) noexcept nogil:
+    return mk_sgemm(<mk_sgemm_args *>p, pool)
+
+
+cdef class GemmCommand(Command):
+    """C[b] = clamp(alpha A[b] B[b] + beta C[b] + bias, lo, hi) for b < batch (mk_sgemm);
+    operands 0, 1, 2 are A, B, C, each (address, format, row, column, batch strides)."""
+    cdef mk_sgemm_args args
+
+    def __cinit__(self, int64_t batch, int64_t m, int64_t n, int64_t k, float alpha, float beta,
+                  bias=None, float lo=float("-inf"), float hi=float("inf")):
+        cdef float[::1] b
+        memset(&self.args, 0, sizeof(mk_sgemm_args))
+        if min(batch, m, n, k) < 1:
+            raise ValueError(f"bad GEMM sizes batch={batch} m={m} n={n} k={k}")
+        self.args.batch, self.args.m, self.args.n, self.args.k = batch, m, n, k
+        self.args.alpha, self.args.beta, self.args.lo, self.args.hi = alpha, beta, lo, hi
+        if bias is not None:
+            b = bias
+            if b.shape[0] < n:
+                raise ValueError("the bias needs one value per column")
+            self.args.bias = &b[0]
+            self.keep = bias
+        self.command.run = run_gemm
+        self.command.args = &self.args
+
+    def set_operand(self, int k, size_t address, int fmt, int64_t rs, int64_t cs, int64_t bs):
+        if not 0 <= k < 3:
+            raise IndexError(k)
+        cdef mk_gemm_matrix *o = &self.args.a if k == 0 else &self.args.b if k == 1 \
+            else &self.args.c
+        o.data = <void *>address
+        o.format = fmt
+        o.rs, o.cs, o.bs = rs, cs, bs
+
+    def run(self, Pool pool=None):
+        """Run now, on the calling thread (the GIL released)."""
+        cdef mk_pool *p = pool.pool if pool is not None else NULL
+        cdef mk_status s
+        with nogil:
+            s = run_gemm(&self.args, p)
+        check(s, str(self.description or "GEMM"))

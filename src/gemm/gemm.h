@@ -36,10 +36,18 @@ typedef void (*mk_gemm_ukernel_fn)(int mr, int nc, int64_t kc, int64_t ks,
                                    const float *w, float *c, int64_t ldc,
                                    const mk_gemm_epilogue *ep);
 
+/* Addition: the same tile (ks = 1, no a_offset) with B read in place, unpacked: row k of the
+ * tile's columns at w + k*ldw, columns >= nc never read. For small or thin products, where
+ * packing B would cost more than it saves. */
+typedef void (*mk_gemm_ukernel_strided_fn)(int mr, int nc, int64_t kc, const float *const *a,
+                                           const float *zero, const float *w, int64_t ldw,
+                                           float *c, int64_t ldc, const mk_gemm_epilogue *ep);
+
 typedef struct mk_gemm_ukernel {
     int mr;                 /* rows per tile of this ISA's kernel */
     mk_gemm_ukernel_fn run;
     const char *name;       /* e.g. "gemm_12x32__avx512": shown by conv.implementation */
+    mk_gemm_ukernel_strided_fn run_strided;   /* addition */
 } mk_gemm_ukernel;
 
 /* The micro-kernel of the ISA mk_select_isa chose (filled by mk_gemm_select_isa). */
@@ -53,6 +61,29 @@ void mk_gemm_pack_b(int64_t k, int64_t n, const void *b, int format, int64_t rs,
                     float *packed);
 
 /* ---- additions to the contract ----------------------------------------------------------- */
+
+/* One operand of mk_sgemm: element (b, r, j) of matrix b is at data + b*bs + r*rs + j*cs
+ * elements (any strides: a transposed operand just swaps rs and cs), format MK_FMT_F32 or
+ * MK_FMT_F16 (fp32 compute either way). */
+typedef struct mk_gemm_matrix {
+    void *data;
+    int32_t format;
+    int64_t rs, cs, bs;
+} mk_gemm_matrix;
+
+/* For each b < batch: C = clamp(alpha * A B + beta * C + bias, lo, hi), A m x k, B k x n,
+ * C m x n; bias (n floats) may be NULL; beta == 0: C is never read. C must not overlap A or B.
+ * K is summed in blocks in a fixed order, so the result is bitwise the same for any thread
+ * count (threads split the output only). */
+typedef struct mk_sgemm_args {
+    int64_t batch, m, n, k;
+    mk_gemm_matrix a, b, c;
+    float alpha, beta;
+    const float *bias;
+    float lo, hi;
+} mk_sgemm_args;
+
+mk_status mk_sgemm(const mk_sgemm_args *p, mk_pool *pool);
 
 /* Fill the GEMM dispatch table for `isa` (called by mk_select_isa). */
 void mk_gemm_select_isa(mk_isa isa);

@@ -76,15 +76,38 @@ half_6x16(int mr, int nc, int64_t kc, int64_t ks, const float *const *a, intptr_
 #undef OUT
 }
 
-static void gemm_6x32__avx2(int mr, int nc, int64_t kc, int64_t ks, const float *const *a,
-                            intptr_t a_offset, const float *zero, const float *w, float *c,
-                            int64_t ldc, const mk_gemm_epilogue *ep) {
-    half_6x16(mr, nc < 16 ? nc : 16, kc, ks, a, a_offset, zero, w, NR, 0, c, ldc, ep);
+static inline __attribute__((always_inline)) void
+tile_6x32(int mr, int nc, int64_t kc, int64_t ks, const float *const *a, intptr_t a_offset,
+          const float *zero, const float *w, int64_t ldw, int masked, float *c, int64_t ldc,
+          const mk_gemm_epilogue *ep) {
+    half_6x16(mr, nc < 16 ? nc : 16, kc, ks, a, a_offset, zero, w, ldw, masked, c, ldc, ep);
     if (nc > 16) {
         mk_gemm_epilogue ep1 = *ep;
         if (ep->bias) ep1.bias = ep->bias + 16;
-        half_6x16(mr, nc - 16, kc, ks, a, a_offset, zero, w + 16, NR, 0, c + 16, ldc, &ep1);
+        half_6x16(mr, nc - 16, kc, ks, a, a_offset, zero, w + 16, ldw, masked, c + 16, ldc,
+                  &ep1);
     }
 }
 
-const mk_gemm_ukernel mk_gemm_ukernel__avx2 = {MR, gemm_6x32__avx2, "gemm_6x32__avx2"};
+/* One copy per row count: a short tile issues only the FMAs of its own rows. */
+static void gemm_6x32__avx2(int mr, int nc, int64_t kc, int64_t ks, const float *const *a,
+                            intptr_t a_offset, const float *zero, const float *w, float *c,
+                            int64_t ldc, const mk_gemm_epilogue *ep) {
+    switch (mr) {
+#define CASE(i)                                                                              \
+    case i + 1: tile_6x32(i + 1, nc, kc, ks, a, a_offset, zero, w, NR, 0, c, ldc, ep); break;
+        REP6(CASE)
+#undef CASE
+    }
+}
+
+/* B read in place (rows ldw floats apart, columns past nc never touched). */
+static void gemm_6x32_strided__avx2(int mr, int nc, int64_t kc, const float *const *a,
+                                    const float *zero, const float *w, int64_t ldw, float *c,
+                                    int64_t ldc, const mk_gemm_epilogue *ep) {
+    if (mr == 1) tile_6x32(1, nc, kc, 1, a, 0, zero, w, ldw, 1, c, ldc, ep);
+    else tile_6x32(mr, nc, kc, 1, a, 0, zero, w, ldw, 1, c, ldc, ep);
+}
+
+const mk_gemm_ukernel mk_gemm_ukernel__avx2 = {MR, gemm_6x32__avx2, "gemm_6x32__avx2",
+                                              gemm_6x32_strided__avx2};

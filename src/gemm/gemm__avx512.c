@@ -28,7 +28,9 @@ tile_12x32(int mr, int nc, int64_t kc, int64_t ks, const float *const *a, intptr
 #undef ROW
         for (int64_t k = 0; k < kc; k++, w += ldw) {
             __m512 b0, b1;
-            if (masked) {
+            if (masked) {   /* B in place: rows far apart, help the prefetcher */
+                _mm_prefetch((const char *)(w + 16 * ldw), _MM_HINT_T0);
+                _mm_prefetch((const char *)(w + 16 * ldw + 16), _MM_HINT_T0);
                 b0 = _mm512_maskz_loadu_ps(m0, w);
                 b1 = _mm512_maskz_loadu_ps(m1, w + 16);
             } else {
@@ -70,10 +72,25 @@ tile_12x32(int mr, int nc, int64_t kc, int64_t ks, const float *const *a, intptr
 #undef OUT
 }
 
+/* One copy per row count: a short tile (the last rows of a matrix) then issues only the
+ * FMAs of its own rows instead of 12. */
 static void gemm_12x32__avx512(int mr, int nc, int64_t kc, int64_t ks, const float *const *a,
                                intptr_t a_offset, const float *zero, const float *w, float *c,
                                int64_t ldc, const mk_gemm_epilogue *ep) {
-    tile_12x32(mr, nc, kc, ks, a, a_offset, zero, w, NR, 0, c, ldc, ep);
+    switch (mr) {
+#define CASE(i)                                                                                  case i + 1: tile_12x32(i + 1, nc, kc, ks, a, a_offset, zero, w, NR, 0, c, ldc, ep); break;
+        REP12(CASE)
+#undef CASE
+    }
 }
 
-const mk_gemm_ukernel mk_gemm_ukernel__avx512 = {MR, gemm_12x32__avx512, "gemm_12x32__avx512"};
+/* B read in place (rows ldw floats apart, columns past nc never touched). */
+static void gemm_12x32_strided__avx512(int mr, int nc, int64_t kc, const float *const *a,
+                                       const float *zero, const float *w, int64_t ldw, float *c,
+                                       int64_t ldc, const mk_gemm_epilogue *ep) {
+    if (mr == 1) tile_12x32(1, nc, kc, 1, a, 0, zero, w, ldw, 1, c, ldc, ep);
+    else tile_12x32(mr, nc, kc, 1, a, 0, zero, w, ldw, 1, c, ldc, ep);
+}
+
+const mk_gemm_ukernel mk_gemm_ukernel__avx512 = {MR, gemm_12x32__avx512, "gemm_12x32__avx512",
+                                                 gemm_12x32_strided__avx512};

@@ -4,20 +4,22 @@
 #define MR 4
 #define NR MK_GEMM_NR
 
-static void gemm_4x32__generic(int mr, int nc, int64_t kc, int64_t ks, const float *const *a,
-                               intptr_t a_offset, const float *zero, const float *w, float *c,
-                               int64_t ldc, const mk_gemm_epilogue *ep) {
+/* w: rows ldw floats apart; `masked`: columns >= nc of w may hold anything (unpacked B). */
+static void tile_4x32(int mr, int nc, int64_t kc, int64_t ks, const float *const *a,
+                      intptr_t a_offset, const float *zero, const float *w, int64_t ldw,
+                      int masked, float *c, int64_t ldc, const mk_gemm_epilogue *ep) {
     float acc[MR][NR] = {{0}};
+    const int ncols = masked ? nc : NR;
     for (int64_t s = 0; s < ks; s++) {
         const float *row[MR];
         for (int i = 0; i < MR; i++) {   /* rows past mr read the zero buffer, never a[] */
             const float *p = i < mr ? a[s * MR + i] : zero;
             row[i] = p == zero ? zero : (const float *)((uintptr_t)p + (uintptr_t)a_offset);
         }
-        for (int64_t k = 0; k < kc; k++, w += NR)
+        for (int64_t k = 0; k < kc; k++, w += ldw)
             for (int i = 0; i < MR; i++) {
                 float v = row[i][k];
-                for (int j = 0; j < NR; j++) acc[i][j] += v * w[j];
+                for (int j = 0; j < ncols; j++) acc[i][j] += v * w[j];
             }
     }
     for (int i = 0; i < mr; i++) {
@@ -32,4 +34,17 @@ static void gemm_4x32__generic(int mr, int nc, int64_t kc, int64_t ks, const flo
     }
 }
 
-const mk_gemm_ukernel mk_gemm_ukernel__generic = {MR, gemm_4x32__generic, "gemm_4x32__generic"};
+static void gemm_4x32__generic(int mr, int nc, int64_t kc, int64_t ks, const float *const *a,
+                               intptr_t a_offset, const float *zero, const float *w, float *c,
+                               int64_t ldc, const mk_gemm_epilogue *ep) {
+    tile_4x32(mr, nc, kc, ks, a, a_offset, zero, w, NR, 0, c, ldc, ep);
+}
+
+static void gemm_4x32_strided__generic(int mr, int nc, int64_t kc, const float *const *a,
+                                       const float *zero, const float *w, int64_t ldw, float *c,
+                                       int64_t ldc, const mk_gemm_epilogue *ep) {
+    tile_4x32(mr, nc, kc, 1, a, 0, zero, w, ldw, 1, c, ldc, ep);
+}
+
+const mk_gemm_ukernel mk_gemm_ukernel__generic = {MR, gemm_4x32__generic, "gemm_4x32__generic",
+                                                  gemm_4x32_strided__generic};
