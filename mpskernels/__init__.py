@@ -27,6 +27,9 @@ from mpskernels.ml import (ArgumentTable, ArgumentTableDescriptor, Binding, Comp
                            LibraryFunctionDescriptor, MachineLearningCommandEncoder,
                            MachineLearningPipelineDescriptor, MachineLearningPipelineReflection,
                            MachineLearningPipelineState)
+from mpskernels.matrix import (Matrix, MatrixDescriptor, MatrixFullyConnected,
+                               MatrixMultiplication, MatrixNeuron, MatrixSum,
+                               MatrixVectorMultiplication, Vector, VectorDescriptor)
 from mpskernels.kernel import CNNBinaryKernel, CNNKernel, Kernel, NNDefaultPadding, NNPadding
 from mpskernels.reduction import *  # noqa: F401,F403  (NNReduce*)
 from mpskernels.neuron import (CNNNeuron, CNNNeuronAbsolute, CNNNeuronELU, CNNNeuronExponential,

@@ -1,0 +1,350 @@
+"""Matrices, vectors and the matrix kernels against float64 references written here.
+
+Tolerance of products (issue 4): |ours - exact| <= 1e-5 * sqrt(k) * (|alpha| |op(A)| |op(B)| +
+|beta C|) elementwise, the bound of fp32 accumulation error over k terms scaled by the sizes
+involved (so cancellation does not make it meaningless). FLOAT16 storage adds one rounding of
+the result to fp16 (relative 2**-11)."""
+import numpy as np
+import pytest
+
+import mpskernels as mk
+from mpskernels import _native
+
+DT = mk.DataType
+
+
+def _stored(rng, shape, dtype=np.float32):
+    """Random values exactly representable in dtype."""
+    return rng.standard_normal(shape).astype(dtype).astype(np.float64)
+
+
+def _matrix(device, values, dtype=np.float32, pad_columns=0, offset_bytes=0, pad_rows=0):
+    """A Matrix over a buffer with padded rows, padded matrices and a leading offset."""
+    values = np.asarray(values)
+    if values.ndim == 2:
+        values = values[None]
+    b, r, c = values.shape
+    dt = DT.FLOAT32 if dtype == np.float32 else DT.FLOAT16
+    esize = np.dtype(dtype).itemsize
+    row_bytes = (c + pad_columns) * esize
+    desc = mk.MatrixDescriptor(r, c, b, row_bytes, (r + pad_rows) * row_bytes, dt)
+    buffer = np.full(offset_bytes + b * desc.matrix_bytes, 0x7f, dtype=np.uint8)
+    matrix = mk.Matrix(buffer, desc, offset_bytes)
+    matrix._elements()[...] = values.astype(dtype)
+    return matrix
+
+
+def _check_product(ours, exact, bound, k, fp16=False):
+    tol = 1e-5 * np.sqrt(k) * bound + 1e-30
+    if fp16:
+        tol = tol + np.abs(exact) * 2.0 ** -11
+    err = np.abs(ours - exact)
+    assert np.all(err <= tol), f"max error {err.max()} (bound {tol[np.argmax(err - tol)]})"
+
+
+def _op(x, transpose):
+    return np.swapaxes(x, -1, -2) if transpose else x
+
+
+SHAPES = [(1, 1, 1), (1, 7, 13), (5, 1, 9), (2, 3, 1), (13, 33, 257), (31, 64, 17),
+          (64, 64, 64), (97, 61, 300), (257, 129, 31), (12, 32, 256), (1, 300, 600)]
+
+
+@pytest.mark.parametrize("m,n,k", SHAPES)
+@pytest.mark.parametrize("tl,tr", [(False, False), (True, False), (False, True), (True, True)])
+def test_multiplication(device, run, rng, isa, m, n, k, tl, tr):
+    a = _stored(rng, (k, m) if tl else (m, k))
+    b = _stored(rng, (n, k) if tr else (k, n))
+    c = _stored(rng, (m, n))
+    alpha, beta = 0.5, -1.25
+    A, B = _matrix(device, a, pad_columns=3), _matrix(device, b, offset_bytes=64)
+    C = _matrix(device, c, pad_columns=1, offset_bytes=4)
+    kernel = mk.MatrixMultiplication(device, m, n, k, tl, tr, alpha, beta)
+    run(device, lambda cb: kernel.encode(cb, A, B, C))
+    exact = alpha * _op(a, tl) @ _op(b, tr) + beta * c
+    bound = abs(alpha) * np.abs(_op(a, tl)) @ np.abs(_op(b, tr)) + abs(beta * c)
+    _check_product(C.to_numpy(), exact, bound, k)
+
+
+def test_multiplication_beta_zero_ignores_nan(device, run, rng):
+    a, b = _stored(rng, (20, 30)), _stored(rng, (30, 40))
+    C = _matrix(device, np.full((20, 40), np.nan))
+    kernel = mk.MatrixMultiplication(device, 20, 40, 30)
+    run(device, lambda cb: kernel.encode(cb, _matrix(device, a), _matrix(device, b), C))
+    _check_product(C.to_numpy(), a @ b, np.abs(a) @ np.abs(b), 30)
+
+
+def test_multiplication_origins_and_batches(device, run, rng, isa):
+    m, n, k = 19, 45, 70
+    a = _stored(rng, (5, m + 3, k + 2))
+    b = _stored(rng, (5, k + 1, n + 4))
+    c = _stored(rng, (6, m + 2, n + 5))
+    A, B, C = _matrix(device, a, pad_rows=1), _matrix(device, b), _matrix(device, c)
+    kernel = mk.MatrixMultiplication(device, m, n, k, alpha=2.0, beta=0.5)
+    kernel.left_matrix_origin = mk.Origin(3, 2, 0)
+    kernel.right_matrix_origin = (1, 4, 0)
+    kernel.result_matrix_origin = mk.Origin(2, 5, 0)
+    kernel.batch_start, kernel.batch_size = 1, 3
+    run(device, lambda cb: kernel.encode(cb, A, B, C))
+    out = C.to_numpy()
+    expected = c.copy()
+    sa, sb = a[1:4, 3:3 + m, 2:2 + k], b[1:4, 1:1 + k, 4:4 + n]
+    expected[1:4, 2:2 + m, 5:5 + n] = 2.0 * sa @ sb + 0.5 * c[1:4, 2:2 + m, 5:5 + n]
+    bound = np.zeros_like(c)
+    bound[1:4, 2:2 + m, 5:5 + n] = 2.0 * np.abs(sa) @ np.abs(sb) + np.abs(0.5 * c[1:4, 2:2 + m, 5:5 + n])
+    _check_product(out, expected, bound, k)   # everything outside the window is untouched
+    np.testing.assert_array_equal(out[[0, 4, 5]], c[[0, 4, 5]].astype(np.float32))
+
+
+def test_multiplication_default_batch_is_all(device, run, rng):
+    a, b = _stored(rng, (4, 8, 9)), _stored(rng, (4, 9, 10))
+    C = mk.Matrix.with_device(device, mk.MatrixDescriptor(8, 10, 4))
+    kernel = mk.MatrixMultiplication(device, 8, 10, 9)
+    run(device, lambda cb: kernel.encode(cb, mk.Matrix.from_numpy(device, a),
+                                         mk.Matrix.from_numpy(device, b), C))
+    _check_product(C.to_numpy(), a @ b, np.abs(a) @ np.abs(b), 9)
+
+
+@pytest.mark.parametrize("m,n,k", [(33, 70, 45), (1, 100, 64), (80, 1, 50)])
+def test_multiplication_float16(device, run, rng, isa, m, n, k):
+    a, b, c = (_stored(rng, s, np.float16) for s in ((k, m), (k, n), (m, n)))
+    A, B = _matrix(device, a, np.float16), _matrix(device, b, np.float16, pad_columns=5)
+    C = _matrix(device, c, np.float16)
+    kernel = mk.MatrixMultiplication(device, m, n, k, transpose_left=True, alpha=1.0, beta=1.0)
+    run(device, lambda cb: kernel.encode(cb, A, B, C))
+    assert C.to_numpy().dtype == np.float16
+    exact = a.T @ b + c
+    _check_product(C.to_numpy().astype(np.float64), exact, np.abs(a.T) @ np.abs(b) + np.abs(c),
+                   k, fp16=True)
+
+
+def test_mixed_storage(device, run, rng):
+    a, b = _stored(rng, (40, 50), np.float16), _stored(rng, (50, 60))
+    C = mk.Matrix.with_device(device, mk.MatrixDescriptor(40, 60))
+    kernel = mk.MatrixMultiplication(device, 40, 60, 50)
+    run(device, lambda cb: kernel.encode(cb, _matrix(device, a, np.float16),
+                                         _matrix(device, b), C))
+    _check_product(C.to_numpy(), a @ b, np.abs(a) @ np.abs(b), 50)
+
+
+@pytest.mark.parametrize("m,n,k,tl,tr", [(300, 200, 600, False, False), (1, 2000, 300, False, False),
+                                         (700, 1, 333, False, False), (130, 90, 1000, True, True),
+                                         (900, 64, 576, False, False)])
+def test_threads_bitwise_identical(device, device1, run, rng, m, n, k, tl, tr):
+    a = _stored(rng, (k, m) if tl else (m, k))
+    b = _stored(rng, (n, k) if tr else (k, n))
+    outs = []
+    for dev in (device1, device):
+        C = mk.Matrix.with_device(dev, mk.MatrixDescriptor(m, n))
+        kernel = mk.MatrixMultiplication(dev, m, n, k, tl, tr)
+        run(dev, lambda cb: kernel.encode(cb, _matrix(dev, a), _matrix(dev, b), C))
+        outs.append(C.to_numpy())
+    np.testing.assert_array_equal(outs[0].view(np.uint32), outs[1].view(np.uint32))
+    _check_product(outs[0], _op(a, tl) @ _op(b, tr), np.abs(_op(a, tl)) @ np.abs(_op(b, tr)), k)
+
+
+# ---- matrix-vector -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("rows,columns", [(1, 1), (7, 300), (300, 7), (257, 129)])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_matrix_vector(device, run, rng, isa, rows, columns, transpose):
+    a = _stored(rng, (2, columns, rows) if transpose else (2, rows, columns))
+    x, y = _stored(rng, (2, columns + 2)), _stored(rng, (2, rows + 1))
+    A = _matrix(device, a, pad_columns=2)
+    X, Y = mk.Vector.from_numpy(device, x.astype(np.float32)), mk.Vector.from_numpy(device, y.astype(np.float32))
+    kernel = mk.MatrixVectorMultiplication(device, rows, columns, transpose, alpha=1.5, beta=-0.5)
+    kernel.right_matrix_origin = (2, 0, 0)
+    kernel.result_matrix_origin = (1, 0, 0)
+    run(device, lambda cb: kernel.encode(cb, A, X, Y))
+    op = _op(a, transpose)
+    exact = y.copy()
+    exact[:, 1:] = 1.5 * np.einsum("bij,bj->bi", op, x[:, 2:]) - 0.5 * y[:, 1:]
+    bound = np.zeros_like(y)
+    bound[:, 1:] = 1.5 * np.einsum("bij,bj->bi", np.abs(op), np.abs(x[:, 2:])) + np.abs(0.5 * y[:, 1:])
+    _check_product(Y.to_numpy(), exact, bound, columns)
+
+
+# ---- sum, fully connected, neuron ------------------------------------------------------------
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_matrix_sum(device, run, rng, transpose):
+    rows, columns = 9, 14
+    shape = (2, columns, rows) if transpose else (2, rows, columns)
+    srcs = [_stored(rng, shape) for _ in range(3)]
+    scales, bias = np.array([0.5, -2.0, 1.25]), _stored(rng, columns)
+    out = mk.Matrix.with_device(device, mk.MatrixDescriptor(rows, columns, 2))
+    kernel = mk.MatrixSum(device, 3, rows, columns, transpose)
+    kernel.set_neuron_type(mk.CNNNeuronType.RELU, 0.1)
+    assert kernel.neuron_type() == mk.CNNNeuronType.RELU and kernel.neuron_parameter_a == 0.1
+    run(device, lambda cb: kernel.encode(
+        cb, [_matrix(device, s) for s in srcs], out,
+        scale_vector=mk.Vector.from_numpy(device, scales.astype(np.float32)),
+        bias_vector=mk.Vector.from_numpy(device, bias.astype(np.float32))))
+    exact = sum(s * _op(m, transpose) for s, m in zip(scales, srcs)) + bias
+    exact = np.where(exact >= 0, exact, 0.1 * exact)
+    np.testing.assert_allclose(out.to_numpy(), exact, rtol=1e-6, atol=1e-6)
+
+
+def test_matrix_sum_offsets_and_start_index(device, run, rng):
+    a, b = _stored(rng, (3, 6, 7)), _stored(rng, (3, 5, 5))
+    out = _matrix(device, np.zeros((3, 4, 4)))
+    kernel = mk.MatrixSum(device, 2, 4, 4, False)
+    offsets = mk.Vector.from_numpy(device, np.array([2, 3, 1, 0], dtype=np.uint32))
+    run(device, lambda cb: kernel.encode(cb, [_matrix(device, a), _matrix(device, b)], out,
+                                         offset_vector=offsets, start_index=1))
+    got = out.to_numpy()
+    np.testing.assert_array_equal(got[0], 0)
+    np.testing.assert_allclose(got[1:], a[1:, 2:6, 3:7] + b[1:, 1:5, 0:4], rtol=1e-6)
+
+
+@pytest.mark.parametrize("neuron", [(mk.CNNNeuronType.NONE, 0, 0), (mk.CNNNeuronType.RELU, 0, 0),
+                                    (mk.CNNNeuronType.RELUN, 0, 0.5),
+                                    (mk.CNNNeuronType.SIGMOID, 0, 0)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_fully_connected(device, run, rng, isa, neuron, with_bias):
+    x, w, bias = _stored(rng, (2, 37, 50)), _stored(rng, (50, 70)), _stored(rng, 70)
+    out = mk.Matrix.with_device(device, mk.MatrixDescriptor(37, 70, 2))
+    fc = mk.MatrixFullyConnected(device)
+    fc.alpha = 0.5
+    fc.set_neuron_type(*neuron)
+    bv = mk.Vector.from_numpy(device, bias.astype(np.float32)) if with_bias else None
+    run(device, lambda cb: fc.encode(cb, _matrix(device, x), _matrix(device, w), bv, out))
+    y = 0.5 * x @ w + (bias if with_bias else 0)
+    t, a, b = neuron
+    y = {mk.CNNNeuronType.NONE: y, mk.CNNNeuronType.RELU: np.maximum(y, 0),
+         mk.CNNNeuronType.RELUN: np.minimum(np.maximum(y, 0), b),
+         mk.CNNNeuronType.SIGMOID: 1 / (1 + np.exp(-y))}[t]
+    np.testing.assert_allclose(out.to_numpy(), y, rtol=1e-5 * np.sqrt(50), atol=1e-4)
+
+
+def test_fully_connected_feature_vector_counts(device, run, rng):
+    x, w = _stored(rng, (10, 20)), _stored(rng, (16, 8))
+    out = _matrix(device, np.zeros((6, 8)))
+    fc = mk.MatrixFullyConnected(device)
+    fc.source_number_of_feature_vectors = 4
+    fc.source_input_feature_channels = 16
+    fc.source_output_feature_channels = 5
+    fc.source_matrix_origin = (3, 2, 0)
+    fc.result_matrix_origin = (1, 0, 0)
+    run(device, lambda cb: fc.encode(cb, _matrix(device, x), _matrix(device, w), None, out))
+    expected = np.zeros((6, 8))
+    expected[1:5, :5] = x[3:7, 2:18] @ w[:, :5]
+    np.testing.assert_allclose(out.to_numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_matrix_neuron(device, run, rng):
+    x, bias = _stored(rng, (12, 9)), _stored(rng, 9)
+    out = mk.Matrix.with_device(device, mk.MatrixDescriptor(12, 9))
+    kernel = mk.MatrixNeuron(device)
+    kernel.alpha = 2.0
+    kernel.set_neuron_type(mk.CNNNeuronType.TANH, 1.0, 1.0)   # a * tanh(b * x)
+    run(device, lambda cb: kernel.encode(cb, _matrix(device, x),
+                                         mk.Vector.from_numpy(device, bias.astype(np.float32)), out))
+    np.testing.assert_allclose(out.to_numpy(), np.tanh(2 * x + bias), rtol=1e-6, atol=1e-6)
+
+
+# ---- storage ----------------------------------------------------------------------------------
+
+def test_descriptor():
+    d = mk.MatrixDescriptor(3, 5)
+    assert d.row_bytes == mk.MatrixDescriptor.row_bytes_for_columns(5, DT.FLOAT32) == 64
+    assert d.matrix_bytes == 192 and d.matrices == 1 and d.data_type == DT.FLOAT32
+    assert mk.MatrixDescriptor.row_bytes_for_columns(40, DT.FLOAT16) == 128
+    d.rows = 4
+    assert d.matrix_bytes == 256
+    d2 = mk.MatrixDescriptor(2, 3, 4, 12, 36, DT.FLOAT32)
+    assert (d2.row_bytes, d2.matrix_bytes) == (12, 36)
+    v = mk.VectorDescriptor(10, 2, data_type=DT.FLOAT16)
+    assert v.vector_bytes == mk.VectorDescriptor.vector_bytes_for_length(10, DT.FLOAT16) == 64
+
+
+@pytest.mark.parametrize("kwargs,word", [
+    (dict(rows=0, columns=3), "rows"), (dict(rows=2, columns=3, row_bytes=8), "row_bytes"),
+    (dict(rows=2, columns=3, row_bytes=14), "row_bytes"),
+    (dict(rows=2, columns=3, matrices=2, row_bytes=12, matrix_bytes=30), "matrix_bytes"),
+    (dict(rows=2, columns=3, matrices=2, row_bytes=12, matrix_bytes=12), "matrix_bytes"),
+    (dict(rows=2, columns=3, data_type=DT.INT8), "data_type"),
+    (dict(rows=2, columns=3, data_type=DT.BFLOAT16), "BFLOAT16")])
+def test_descriptor_errors(kwargs, word):
+    with pytest.raises(ValueError, match=word):
+        mk.MatrixDescriptor(**kwargs)
+
+
+def test_numpy_round_trip(device, rng):
+    for shape, dtype in (((3, 4), np.float32), ((2, 5, 7), np.float16), ((1, 1), np.float32)):
+        a = rng.standard_normal(shape).astype(dtype)
+        m = mk.Matrix.from_numpy(device, a)
+        assert m.to_numpy().dtype == dtype
+        np.testing.assert_array_equal(m.to_numpy(), a)
+    m = mk.Matrix.from_numpy(device, np.ones((2, 3)), data_type=DT.FLOAT16)
+    assert m.data_type == DT.FLOAT16 and m.row_bytes == 64
+    with pytest.raises(ValueError, match="2-D or 3-D"):
+        mk.Matrix.from_numpy(device, np.ones(3, np.float32))
+    with pytest.raises(ValueError, match="int64"):
+        mk.Matrix.from_numpy(device, np.ones((2, 2), np.int64))
+
+
+def test_matrix_on_buffer(device):
+    d = mk.MatrixDescriptor(2, 3, row_bytes=16)
+    buffer = bytearray(8 + 16 + 12)
+    m = mk.Matrix(buffer, d, offset=8)
+    m._elements()[...] = [[1, 2, 3], [4, 5, 6]]
+    assert np.frombuffer(buffer, np.float32)[[2, 3, 4, 6, 7, 8]].tolist() == [1, 2, 3, 4, 5, 6]
+    with pytest.raises(ValueError, match="bytes"):
+        mk.Matrix(bytearray(35), d, offset=8)
+    with pytest.raises(ValueError, match="offset"):
+        mk.Matrix(buffer, d, offset=2)
+    with pytest.raises(ValueError, match="writable"):
+        mk.Matrix(bytes(64), d)
+
+
+# ---- validation -------------------------------------------------------------------------------
+
+def _encode(device, kernel, *matrices):
+    cb = device.make_command_queue().make_command_buffer()
+    kernel.encode(cb, *matrices)
+
+
+def test_multiplication_validation(device):
+    def mat(r, c, n=1):
+        return mk.Matrix.with_device(device, mk.MatrixDescriptor(r, c, n))
+    A, B, C = mat(4, 5), mat(5, 6), mat(4, 6)
+    with pytest.raises(ValueError, match="result_rows"):
+        mk.MatrixMultiplication(device, 0, 6, 5)
+    with pytest.raises(ValueError, match="left_matrix"):
+        _encode(device, mk.MatrixMultiplication(device, 5, 6, 5), A, B, mat(5, 6))
+    with pytest.raises(ValueError, match="right_matrix"):
+        _encode(device, mk.MatrixMultiplication(device, 4, 6, 5, transpose_right=True), A, B, C)
+    with pytest.raises(ValueError, match="result_matrix"):
+        _encode(device, mk.MatrixMultiplication(device, 4, 6, 5), A, B, mat(3, 6))
+    kernel = mk.MatrixMultiplication(device, 4, 6, 5)
+    kernel.left_matrix_origin = (1, 0, 0)
+    with pytest.raises(ValueError, match="left_matrix"):
+        _encode(device, kernel, A, B, C)
+    kernel.left_matrix_origin = (0, 0, 1)
+    with pytest.raises(ValueError, match="left_matrix_origin"):
+        _encode(device, kernel, A, B, C)
+    kernel = mk.MatrixMultiplication(device, 4, 6, 5)
+    kernel.batch_start = 1
+    with pytest.raises(ValueError, match="batch_start"):
+        _encode(device, kernel, A, B, C)
+    with pytest.raises(ValueError, match="overlaps"):
+        _encode(device, mk.MatrixMultiplication(device, 4, 5, 5), A, mat(5, 5), A)
+    with pytest.raises(TypeError, match="Matrix"):
+        _encode(device, mk.MatrixMultiplication(device, 4, 6, 5), np.ones((4, 5)), B, C)
+
+
+def test_vector_and_kernel_validation(device):
+    A = mk.Matrix.with_device(device, mk.MatrixDescriptor(4, 5))
+    x = mk.Vector.with_device(device, mk.VectorDescriptor(5))
+    with pytest.raises(ValueError, match="result_vector"):
+        _encode(device, mk.MatrixVectorMultiplication(device, 4, 5), A, x,
+                mk.Vector.with_device(device, mk.VectorDescriptor(3)))
+    with pytest.raises(ValueError, match="count"):
+        _encode(device, mk.MatrixSum(device, 2, 4, 5, False), [A], A)
+    fc = mk.MatrixFullyConnected(device)
+    fc.source_input_feature_channels = 6
+    with pytest.raises(ValueError, match="input_matrix"):
+        _encode(device, fc, A, A, None, A)
+    with pytest.raises(ValueError, match="PRELU"):
+        fc.set_neuron_type(mk.CNNNeuronType.PRELU)
