@@ -12,6 +12,7 @@ from mpskernels import _native
 from mpskernels.enums import CNNNeuronType, DataType
 from mpskernels.errors import ValidationError
 from mpskernels.geometry import LIMIT, Origin
+from mpskernels.heap import Buffer
 from mpskernels.kernel import Kernel
 
 _ESIZE = {DataType.FLOAT32: 4, DataType.FLOAT16: 2, DataType.UINT32: 4}
@@ -142,6 +143,8 @@ class VectorDescriptor:
 
 
 def _byte_view(buffer, what):
+    if isinstance(buffer, Buffer):   # kernels may use any storage mode, as on a GPU
+        return buffer._memory
     view = buffer.reshape(-1).view(np.uint8) if isinstance(buffer, np.ndarray) \
         else np.frombuffer(buffer, dtype=np.uint8)
     if not view.flags.writeable:
@@ -149,12 +152,6 @@ def _byte_view(buffer, what):
     if isinstance(buffer, np.ndarray) and not buffer.flags.c_contiguous:
         raise ValidationError(f"{what}: a NumPy buffer must be C-contiguous")
     return view
-
-
-def _allocate(nbytes):
-    raw = np.zeros(nbytes + _ALIGN, dtype=np.uint8)
-    start = -raw.ctypes.data % _ALIGN
-    return raw[start:start + nbytes]
 
 
 class _Storage:
@@ -199,14 +196,15 @@ class _Storage:
 
 
 class Matrix(_Storage):
-    """MPSMatrix: Matrix(buffer, descriptor, offset=0) over any writable buffer, or
+    """MPSMatrix: Matrix(buffer, descriptor, offset=0) over a Buffer (device.make_buffer) or any
+    writable Python buffer, or
     Matrix.with_device(device, descriptor) / Matrix.from_numpy(device, array) with its own."""
 
     def __init__(self, buffer, descriptor, offset=0, device=None):
         if not isinstance(descriptor, MatrixDescriptor):
             raise TypeError(f"expected a MatrixDescriptor, got {descriptor!r}")
         d = descriptor
-        self.device = device
+        self.device = getattr(buffer, "device", device)
         self._data_type = d.data_type
         self._rows, self._columns, self._matrices = d.rows, d.columns, d.matrices
         self._row_bytes, self._matrix_bytes = d.row_bytes, d.matrix_bytes
@@ -218,7 +216,7 @@ class Matrix(_Storage):
     @classmethod
     def with_device(cls, device, descriptor):
         d = descriptor
-        return cls(_allocate(d.matrices * d.matrix_bytes), d, 0, device)
+        return cls(device.make_buffer(d.matrices * d.matrix_bytes), d, 0, device)
 
     @classmethod
     def from_numpy(cls, device, array, data_type=None):
@@ -279,7 +277,7 @@ class Vector(_Storage):
         if not isinstance(descriptor, VectorDescriptor):
             raise TypeError(f"expected a VectorDescriptor, got {descriptor!r}")
         d = descriptor
-        self.device = device
+        self.device = getattr(buffer, "device", device)
         self._data_type = d.data_type
         self._length, self._vectors, self._vector_bytes = d.length, d.vectors, d.vector_bytes
         self._esize = _ESIZE[d.data_type]
@@ -288,7 +286,8 @@ class Vector(_Storage):
 
     @classmethod
     def with_device(cls, device, descriptor):
-        return cls(_allocate(descriptor.vectors * descriptor.vector_bytes), descriptor, 0, device)
+        d = descriptor
+        return cls(device.make_buffer(d.vectors * d.vector_bytes), d, 0, device)
 
     @classmethod
     def from_numpy(cls, device, array, data_type=None):

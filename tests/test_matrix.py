@@ -296,6 +296,10 @@ def test_matrix_on_buffer(device):
         mk.Matrix(buffer, d, offset=2)
     with pytest.raises(ValueError, match="writable"):
         mk.Matrix(bytes(64), d)
+    on_buffer = mk.Matrix(device.make_buffer(64), d, offset=16)
+    assert on_buffer.device is device and isinstance(on_buffer.data, mk.Buffer)
+    on_buffer._elements()[...] = 7
+    assert on_buffer.data.contents().view(np.float32)[[4, 8]].tolist() == [7, 7]
 
 
 # ---- validation -------------------------------------------------------------------------------
