@@ -149,9 +149,9 @@ cdef class ConvCommand(Command):
 
     def set_operand(self, int k, size_t address, int fmt, int64_t stride_n, int64_t stride_y,
                     int64_t stride_x, int64_t stride_c):
-        cdef mk_operand *o = &self.args.params.src if k == 0 else &self.args.params.dst
         if not 0 <= k < 2:
             raise IndexError(k)
+        cdef mk_operand *o = &self.args.params.src if k == 0 else &self.args.params.dst
         o.data = <void *>address
         o.format = fmt
         o.stride_n = stride_n

@@ -81,10 +81,6 @@ class CNNConvolutionDescriptor:
     def neuron_type(self):
         return self.fused_neuron_descriptor.neuron_type
 
-    @property
-    def neuron(self):
-        return None
-
     def copy(self):
         import copy as _copy
         d = _copy.copy(self)

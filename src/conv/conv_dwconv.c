@@ -53,6 +53,7 @@ static mk_status dw_pack(mk_conv_weights *w, const void *weights, int format) {
     const mk_conv_params *s = &w->shape;
     const int64_t taps = (int64_t)s->kh * s->kw, cout = (int64_t)s->groups * s->cout_g;
     const int64_t cpad = cpad_of(s), k = taps * s->cin_g;
+    if (k > INT64_MAX / 4 / cpad) return MK_EINVAL;
     w->packed = aligned_alloc(64, (size_t)(k * cpad * 4 + 63) / 64 * 64);
     if (w->packed == NULL) return MK_ENOMEM;
     memset(w->packed, 0, (size_t)(k * cpad * 4));
@@ -96,6 +97,8 @@ static void dw_free_plan(mk_conv_plan *plan) {
 
 static mk_status dw_plan_create(mk_conv_plan *plan) {
     const mk_conv_params *p = &plan->params;
+    if ((int64_t)p->out_h * p->kh > INT32_MAX || (int64_t)p->out_w * p->kw > INT32_MAX)
+        return MK_EINVAL;
     dw_plan *s = calloc(1, sizeof *s);
     if (s == NULL) return MK_ENOMEM;
     plan->state = s;
