@@ -60,6 +60,13 @@ def _check_index_format(kernel, destination, channels):
             f"up to 2048, BFLOAT16 up to 256)")
 
 
+def _region_property(name, doc):
+    """A Region attribute; accepts anything as_region does."""
+    attr = "_" + name
+    return property(lambda self: getattr(self, attr),
+                    lambda self, value: setattr(self, attr, as_region(value)), doc=doc)
+
+
 def _record(command_buffer, kernel, command, operands, destination, origin):
     """Add the command: operands (image, byte offset, strides), then the destination at origin."""
     x, y, z = origin
@@ -76,13 +83,7 @@ class NNReduceUnary(CNNKernel):
         super().__init__(device)
         self.clip_rect_source = RECT_NO_CLIP
 
-    @property
-    def clip_rect_source(self):
-        return self._clip_rect_source
-
-    @clip_rect_source.setter
-    def clip_rect_source(self, value):
-        self._clip_rect_source = as_region(value)
+    clip_rect_source = _region_property("clip_rect_source", "The source region reduced.")
 
     def _weight(self):
         return 1.0
@@ -183,21 +184,10 @@ class NNReduceBinary(CNNBinaryKernel):
         self.primary_source_clip_rect = RECT_NO_CLIP
         self.secondary_source_clip_rect = RECT_NO_CLIP
 
-    @property
-    def primary_source_clip_rect(self):
-        return self._primary_source_clip_rect
-
-    @primary_source_clip_rect.setter
-    def primary_source_clip_rect(self, value):
-        self._primary_source_clip_rect = as_region(value)
-
-    @property
-    def secondary_source_clip_rect(self):
-        return self._secondary_source_clip_rect
-
-    @secondary_source_clip_rect.setter
-    def secondary_source_clip_rect(self, value):
-        self._secondary_source_clip_rect = as_region(value)
+    primary_source_clip_rect = _region_property("primary_source_clip_rect",
+                                                "The primary region reduced.")
+    secondary_source_clip_rect = _region_property("secondary_source_clip_rect",
+                                                  "Where the weights are read.")
 
     def destination_image_descriptor(self, source_images, source_states=None):
         """One channel of the primary region's size (padding does not apply)."""

@@ -91,6 +91,12 @@ static float *rd_scratch(rd_ctx *c, float *stack, int64_t need, float **heap) {
 
 /* ---- across channels ----------------------------------------------------------------- */
 
+/* Decode q pixels of C channels, `stride` bytes apart, into packed fp32 scratch. */
+static void rd_decode(mk_ew_load_fn load, const char *p, int64_t stride, int64_t q, int64_t C,
+                      float *scratch) {
+    for (int64_t k = 0; k < q; k++) load(p + k * stride, scratch + k * C, C);
+}
+
 static void rd_channels_task(void *vctx, int64_t begin, int64_t end) {
     rd_ctx *c = (rd_ctx *)vctx;
     const mk_rd_kernels *K = c->K;
@@ -120,8 +126,7 @@ static void rd_channels_task(void *vctx, int64_t begin, int64_t end) {
             const float *xb = (const float *)(sp + i * sx * (int64_t)c->xes);
             int64_t xst = sx;
             if (c->load_x) {
-                for (int64_t k = 0; k < q; k++)
-                    c->load_x(sp + (i + k) * sx * (int64_t)c->xes, xs + k * C, C);
+                rd_decode(c->load_x, (const char *)xb, sx * (int64_t)c->xes, q, C, xs);
                 xb = xs;
                 xst = C;
             }
@@ -134,8 +139,7 @@ static void rd_channels_task(void *vctx, int64_t begin, int64_t end) {
                 const float *wb = (const float *)(wp + i * wsx * (int64_t)c->wes);
                 int64_t wst = wsx;
                 if (c->load_w) {
-                    for (int64_t k = 0; k < q; k++)
-                        c->load_w(wp + (i + k) * wsx * (int64_t)c->wes, ws + k * C, C);
+                    rd_decode(c->load_w, (const char *)wb, wsx * (int64_t)c->wes, q, C, ws);
                     wb = ws;
                     wst = C;
                 }
@@ -181,8 +185,7 @@ static void rd_axis_task(void *vctx, int64_t begin, int64_t end) {
             const int64_t rows = M <= RD_SCRATCH ? RD_SCRATCH / M : 1;
             for (int64_t i = 0; i < L; i += rows) {
                 const int64_t m = L - i < rows ? L - i : rows;
-                for (int64_t k = 0; k < m; k++)
-                    c->load_x(base + (i + k) * S * (int64_t)c->xes, xs + k * M, M);
+                rd_decode(c->load_x, base + i * S * (int64_t)c->xes, S * (int64_t)c->xes, m, M, xs);
                 K->strided(op, xs, M, m, M, acc, i == 0);
             }
         }
