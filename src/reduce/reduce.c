@@ -58,6 +58,7 @@ static const rd_isa *rd_kernels(void) {
 #define RD_SPAN 4096      /* channels (or merged column elements) per row / column item */
 #define RD_ROWS 8         /* steps of the reduced axis per accumulator pass (fp32 source) */
 #define RD_GRAIN 65536    /* about this many source elements per chunk */
+_Static_assert(RD_SPAN <= RD_SCRATCH, "a decoded row of a span must fit the scratch");
 
 typedef struct rd_ctx {
     const mk_rd_kernels *K;
