@@ -1,10 +1,13 @@
-"""The specialised convolution kernels (Winograd F(4,3); conv_winograd*.c) through the public
-API against the float64 reference of conv_reference.py, on every ISA, asserting
-`conv.implementation` names the kernel that ran.
+"""The specialised convolution kernels (Winograd F(4,3), conv_winograd*.c; direct for few input
+channels, conv_direct*.c) through the public API against the float64 reference of
+conv_reference.py, on every ISA, asserting `conv.implementation` names the kernel that ran.
 
 Tolerance: |ours - ref| <= TOL[kernel] * S (before the neuron; FLOAT16 destinations add half an
-fp16 ulp), with S = sum |w*x| + |b| over the output's window (the scale of the fp32 error of a
-sum of those products), or the tile's S for Winograd: see WINOGRAD_TOL."""
+fp16 ulp), with S = sum |w*x| + |b| over the output's window, or the tile's S for Winograd (see
+WINOGRAD_TOL). Direct sums the K = kh*kw*cin products one by one in fp32: error <= K*u*S
+(u = 2^-24) in the worst case, 8.8e-6*S for the 3-channel 7x7 layer (K = 147); the typical
+sqrt(K)*u*S is ~1e-6*S even for this file's largest K (7*7*4 = 196). So the general kernels'
+1e-5."""
 import numpy as np
 import pytest
 
@@ -202,3 +205,44 @@ def test_weights_export_exact(device, run):
         cb.commit()
         cb.wait_until_completed()
         assert np.array_equal(np.asarray(state.weights).reshape(w.shape), w), conv.implementation
+
+
+# ---- direct, few input channels -----------------------------------------------------------------
+
+DIRECT = [  # cin, cout, k, stride, dilation, size, n
+    (3, 64, 7, (2, 2), (1, 1), (23, 21), 1), (3, 17, 3, (1, 1), (1, 1), (9, 11), 2),
+    (1, 8, 5, (1, 2), (2, 1), (12, 10), 1), (4, 100, 3, (2, 2), (1, 1), (13, 17), 1),
+    (2, 33, (1, 4), (3, 1), (1, 2), (10, 14), 3), (3, 70, 7, (2, 2), (2, 2), (19, 20), 1),
+    (4, 5, (6, 2), (1, 1), (1, 3), (8, 9), 1),
+]
+
+
+@pytest.mark.parametrize("case", range(len(DIRECT)))
+@pytest.mark.parametrize("edge", [0, 1])
+def test_direct(device, isa, case, edge):
+    cin, cout, k, stride, dilation, size, n = DIRECT[case]
+    rng = np.random.default_rng(500 + case * 2 + edge)
+    check(device, rng, "direct", cin=cin, cout=cout, k=k, stride=stride, dilation=dilation,
+          size=size, n=n, edge=edge, neuron=NEURONS[case % len(NEURONS)])
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_direct_placement(device, isa, seed):
+    """Offsets, clip rects, channel offsets, formats (UNORM8 first layers) through the kernel."""
+    rng = np.random.default_rng(600 + seed)
+    check(device, rng, "direct", cin=int(rng.integers(1, 5)), cout=int(rng.integers(1, 80)),
+          k=int(rng.integers(1, 8)), stride=(int(rng.integers(1, 4)), int(rng.integers(1, 3))),
+          size=(11, 14), n=2, edge=seed % 2, offset=(int(rng.integers(-4, 8)), int(rng.integers(-4, 8))),
+          neuron=NEURONS[seed % len(NEURONS)], fmt_in=[FMT.FLOAT32, FMT.FLOAT16, FMT.UNORM8][seed % 3],
+          fmt_out=FMT.FLOAT16 if seed % 4 == 3 else FMT.FLOAT32, c0=seed % 3, c_extra=3,
+          dst_c0=seed % 2, clip=((1, 2), (6, 5)) if seed % 2 else None, weights_f16=seed == 5)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_one_and_two_threads_bitwise(device, device1, seed):
+    """Both kernels split work over outputs only: identical bits for 1 and 2 threads."""
+    kernel, cin, cout, k, stride = [("winograd", 24, 40, 3, 1), ("direct", 3, 64, 7, 2),
+                                    ("winograd", 64, 16, 3, 1), ("direct", 4, 20, 3, 1)][seed]
+    outs = [check(dev, np.random.default_rng(seed), kernel, cin=cin, cout=cout, k=k,
+                  stride=(stride, stride), size=(37, 45), n=2) for dev in (device1, device)]
+    assert outs[0].tobytes() == outs[1].tobytes()

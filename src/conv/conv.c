@@ -11,6 +11,7 @@
  * the general indirect GEMM, which accepts every shape. */
 static const mk_conv_kernel *const kernels[] = {
     &mk_conv_kernel_winograd,
+    &mk_conv_kernel_direct,
     &mk_conv_kernel_dwconv,
     &mk_conv_kernel_igemm,
 };

@@ -126,6 +126,7 @@ static inline int64_t mk_conv_source_index(int64_t u, int64_t size, int64_t up, 
 }
 
 extern const mk_conv_kernel mk_conv_kernel_winograd;
+extern const mk_conv_kernel mk_conv_kernel_direct;
 extern const mk_conv_kernel mk_conv_kernel_dwconv;
 extern const mk_conv_kernel mk_conv_kernel_igemm;
 

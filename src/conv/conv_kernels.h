@@ -94,4 +94,27 @@ void ck_wino_out__avx2(const float *m, int64_t m_xi, int64_t cout, const float *
 void ck_wino_out__avx512(const float *m, int64_t m_xi, int64_t cout, const float *bias,
                          float *const *out, float lo, float hi);
 
+/* ---- direct, few input channels (conv_direct*.c) ---- */
+
+/* One run of output pixels along a row, all output channels [0, nc): row pointers per tap
+ * row (NULL: zeros), per-pixel tap columns, interior pixels [x0, x1) addressed directly. */
+typedef struct ck_direct_row {
+    const float *const *rows;  /* kh source rows (channel 0 of pixel 0), NULL = zeros */
+    const int32_t *xs;         /* per output pixel kw source columns (-1: zero) */
+    int64_t pixel;             /* source element stride between pixels */
+    int64_t step, dstep;       /* interior: pixel x + i, tap p at xs[x*kw] + i*step + p*dstep */
+    const float *w;            /* packed [tap][cin][ldw] */
+    int64_t ldw;
+    const float *bias;
+    int kh, kw, cin, count, nc, x0, x1;
+    float *out;                /* count pixels of nc channels, out_pixel apart */
+    int64_t out_pixel;
+    float lo, hi;
+} ck_direct_row;
+
+typedef void (*ck_direct_row_fn)(const ck_direct_row *r);
+void ck_direct_row__generic(const ck_direct_row *r);
+void ck_direct_row__avx2(const ck_direct_row *r);
+void ck_direct_row__avx512(const ck_direct_row *r);
+
 #endif
