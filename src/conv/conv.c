@@ -218,8 +218,9 @@ int mk_conv_direct(const mk_conv_params *p, int64_t m0, int rows, int64_t o0, fl
     return 1;
 }
 
-void mk_conv_source_strides(const mk_conv_params *p, int64_t *a_n, int64_t *a_y, int64_t *a_x) {
-    if (p->src.format == MK_FMT_F32) {
+void mk_conv_source_strides_tight(const mk_conv_params *p, int tight, int64_t *a_n, int64_t *a_y,
+                                  int64_t *a_x) {
+    if (p->src.format == MK_FMT_F32 && !tight) {
         *a_n = p->src.stride_n;
         *a_y = p->src.stride_y;
         *a_x = p->src.stride_x;
@@ -230,11 +231,16 @@ void mk_conv_source_strides(const mk_conv_params *p, int64_t *a_n, int64_t *a_y,
     }
 }
 
-mk_status mk_conv_source_f32(const mk_conv_params *p, mk_pool *pool, const float **a, float **copy,
-                             int64_t *a_n, int64_t *a_y, int64_t *a_x) {
-    mk_conv_source_strides(p, a_n, a_y, a_x);
+void mk_conv_source_strides(const mk_conv_params *p, int64_t *a_n, int64_t *a_y, int64_t *a_x) {
+    mk_conv_source_strides_tight(p, 0, a_n, a_y, a_x);
+}
+
+mk_status mk_conv_source_f32_tight(const mk_conv_params *p, int tight, mk_pool *pool,
+                                   const float **a, float **copy, int64_t *a_n, int64_t *a_y,
+                                   int64_t *a_x) {
+    mk_conv_source_strides_tight(p, tight, a_n, a_y, a_x);
     *copy = NULL;
-    if (p->src.format == MK_FMT_F32) {
+    if (p->src.format == MK_FMT_F32 && !tight) {
         *a = p->src.data;
         return MK_OK;
     }
@@ -249,4 +255,9 @@ mk_status mk_conv_source_f32(const mk_conv_params *p, mk_pool *pool, const float
     }
     *a = *copy;
     return st;
+}
+
+mk_status mk_conv_source_f32(const mk_conv_params *p, mk_pool *pool, const float **a, float **copy,
+                             int64_t *a_n, int64_t *a_y, int64_t *a_x) {
+    return mk_conv_source_f32_tight(p, 0, pool, a, copy, a_n, a_y, a_x);
 }

@@ -114,6 +114,12 @@ mk_status mk_conv_source_f32(const mk_conv_params *p, mk_pool *pool, const float
                              int64_t *a_n, int64_t *a_y, int64_t *a_x);
 /* The element strides mk_conv_source_f32 will give (known at plan time). */
 void mk_conv_source_strides(const mk_conv_params *p, int64_t *a_n, int64_t *a_y, int64_t *a_x);
+/* The same with tight != 0: always a tight float32 copy (pixels groups*cin_g floats apart). */
+mk_status mk_conv_source_f32_tight(const mk_conv_params *p, int tight, mk_pool *pool,
+                                   const float **a, float **copy, int64_t *a_n, int64_t *a_y,
+                                   int64_t *a_x);
+void mk_conv_source_strides_tight(const mk_conv_params *p, int tight, int64_t *a_n, int64_t *a_y,
+                                  int64_t *a_x);
 /* The up-sampled coordinate u (axis of size `size` real pixels, up-sampling `up`): the real
  * pixel it reads, or -1 for zero (outside with edge mode ZERO, or a stuffed zero). */
 static inline int64_t mk_conv_source_index(int64_t u, int64_t size, int64_t up, int edge_mode) {

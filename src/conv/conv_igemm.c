@@ -24,9 +24,17 @@ typedef struct igemm_plan {
     const float **indirection;   /* tiles x taps x mr */
     float *zero;                 /* cin_g zeros (64-byte aligned) */
     int64_t a_n, a_y, a_x;       /* element strides of the A image the offsets refer to */
+    int im2col;                  /* gather each tile's rows once (few channels per tap) */
+    int tight;                   /* ... from a tight copy of the source */
 } igemm_plan;
 
 static const char *base_of(const igemm_plan *s) { return (const char *)s->zero + 64; }
+
+/* Few channels per tap: the micro-kernel's tap loop would dominate, so gather rows. */
+static int im2col_wanted(const mk_conv_params *p) {
+    const int64_t k = (int64_t)p->kh * p->kw * p->cin_g;
+    return p->cin_g < IGEMM_IM2COL_CHANNELS && k > p->cin_g && k <= IGEMM_IM2COL_MAX_K;
+}
 
 static int igemm_supports(const mk_conv_params *shape) {
     (void)shape;
@@ -92,14 +100,19 @@ static mk_status igemm_plan_create(mk_conv_plan *plan) {
     if (s == NULL) return MK_ENOMEM;
     plan->state = s;
     s->uk = uk;
+    s->im2col = im2col_wanted(p);
+    /* im2col from a tight copy copies whole kernel rows (kw taps x channels) in one go and
+     * needs no indirection buffer */
+    s->tight = s->im2col && p->dx == 1 && p->up_x == 1 && p->groups == 1;
+    mk_conv_source_strides_tight(p, s->tight, &s->a_n, &s->a_y, &s->a_x);
     s->zero = aligned_alloc(64, (size_t)(((int64_t)p->cin_g * 4 + 63) / 64 * 64));
-    s->indirection = malloc((size_t)(tiles * taps * mr) * sizeof(float *));
-    if (s->zero == NULL || s->indirection == NULL) {
+    if (!s->tight) s->indirection = malloc((size_t)(tiles * taps * mr) * sizeof(float *));
+    if (s->zero == NULL || (!s->tight && s->indirection == NULL)) {
         igemm_free_plan(plan);
         return MK_ENOMEM;
     }
     memset(s->zero, 0, (size_t)p->cin_g * 4);
-    mk_conv_source_strides(p, &s->a_n, &s->a_y, &s->a_x);
+    if (s->tight) return MK_OK;
     const char *base = base_of(s);
     for (int64_t t = 0; t < tiles; t++)
         for (int i = 0; i < mr; i++) {
@@ -134,7 +147,7 @@ typedef struct igemm_ctx {
     const igemm_plan *s;
     const char *a;              /* float32 source, group 0's first channel */
     int64_t m, tiles, chunk_tiles, chunks, panels, k;
-    int im2col;                 /* gather each tile's rows once (few channels per tap) */
+    int im2col;
     int fused;                  /* the neuron is the epilogue's clamp */
     float lo, hi;
     mk_status status;
@@ -160,6 +173,48 @@ static mk_status igemm_tile(const igemm_ctx *c, int64_t m0, int rows, int64_t pa
     if (n.type == MK_NEURON_PRELU) n.prelu += o0;
     mk_operand v = {out, MK_FMT_F32, 0, 0, ldc, 1};
     return mk_neuron(&n, &v, &v, (mk_extent){1, 1, rows, nc}, NULL);
+}
+
+/* One im2col row (output row m): the taps' channels in (tap, channel) order. */
+static void gather_row(const igemm_ctx *c, const float *const *ind, int64_t m, intptr_t a_offset,
+                       float *dst) {
+    const mk_conv_params *p = c->p;
+    const igemm_plan *s = c->s;
+    const int64_t kc = p->cin_g, mr = s->uk->mr;
+    if (!s->tight) {   /* through the indirection buffer, one tap at a time */
+        for (int64_t tap = 0; tap < (int64_t)p->kh * p->kw; tap++, dst += kc) {
+            const float *src = ind[tap * mr];
+            if (src == s->zero) {
+                for (int64_t k = 0; k < kc; k++) dst[k] = 0.0f;
+            } else {
+                src = (const float *)((const char *)src + a_offset);
+                for (int64_t k = 0; k < kc; k++) dst[k] = src[k];
+            }
+        }
+        return;
+    }
+    /* tight source, one group, dilation 1 in x: a kernel row inside the image is one run */
+    const int64_t plane = (int64_t)p->out_h * p->out_w, img = m / plane;
+    const int64_t oy = (m - img * plane) / p->out_w, ox = m - img * plane - oy * p->out_w;
+    const int64_t x0 = p->left + ox * p->sx, y0 = p->top + oy * p->sy, n = p->kw * kc;
+    const int inside = x0 >= 0 && x0 + p->kw <= p->src_w;
+    const float *image = (const float *)c->a + img * s->a_n;
+    for (int64_t q = 0; q < p->kh; q++, dst += n) {
+        const int64_t y = mk_conv_source_index(y0 + q * p->dy, p->src_h, p->up_y, p->edge_mode);
+        if (y < 0) {
+            for (int64_t k = 0; k < n; k++) dst[k] = 0.0f;
+            continue;
+        }
+        const float *row = image + y * s->a_y;
+        if (inside) {
+            for (int64_t k = 0; k < n; k++) dst[k] = row[x0 * kc + k];
+            continue;
+        }
+        for (int64_t pp = 0; pp < p->kw; pp++) {
+            const int64_t x = mk_conv_source_index(x0 + pp, p->src_w, 1, p->edge_mode);
+            for (int64_t k = 0; k < kc; k++) dst[pp * kc + k] = x < 0 ? 0.0f : row[x * kc + k];
+        }
+    }
 }
 
 /* Work item = (group, column panel, chunk of tiles), or (group, chunk) gathering im2col rows
@@ -193,15 +248,10 @@ static void igemm_task(void *arg, int64_t begin, int64_t end) {
         for (int64_t t = chunk * c->chunk_tiles; t < t1; t++) {
             const int64_t m0 = t * mr;
             const int rows = (int)(c->m - m0 < mr ? c->m - m0 : mr);
-            const float *const *ind = s->indirection + t * taps * mr;
+            const float *const *ind = s->tight ? NULL : s->indirection + t * taps * mr;
             if (c->im2col) {
                 for (int i = 0; i < rows; i++)
-                    for (int64_t tap = 0; tap < taps; tap++) {
-                        const float *src = ind[tap * mr + i];
-                        float *dst = rows_buf + i * c->k + tap * kc;
-                        if (src != s->zero) src = (const float *)((const char *)src + a_offset);
-                        for (int64_t k = 0; k < kc; k++) dst[k] = src[k];   /* kc < 16 */
-                    }
+                    gather_row(c, s->tight ? NULL : ind + i, m0 + i, a_offset, rows_buf + i * c->k);
             }
             for (int64_t panel = first_panel; panel < last_panel; panel++) {
                 const int64_t o0 = g * p->cout_g + panel * MK_GEMM_NR;
@@ -228,7 +278,7 @@ static mk_status igemm_run(const mk_conv_plan *plan, const mk_conv_params *p, mk
     float *converted;
     const float *a;
     int64_t an, ay, ax;
-    mk_status st = mk_conv_source_f32(p, pool, &a, &converted, &an, &ay, &ax);
+    mk_status st = mk_conv_source_f32_tight(p, s->tight, pool, &a, &converted, &an, &ay, &ax);
     if (st != MK_OK) return st;
     c.a = (const char *)a;
     const int mr = s->uk->mr;
@@ -239,8 +289,7 @@ static mk_status igemm_run(const mk_conv_plan *plan, const mk_conv_params *p, mk
     c.panels = panels_of(p);
     c.k = (int64_t)p->kh * p->kw * p->cin_g;
     c.fused = mk_conv_clamp(&p->neuron, &c.lo, &c.hi);
-    /* few channels per tap: the micro-kernel's tap loop would dominate, so gather rows */
-    c.im2col = p->cin_g < IGEMM_IM2COL_CHANNELS && c.k > p->cin_g && c.k <= IGEMM_IM2COL_MAX_K;
+    c.im2col = s->im2col;
     const int64_t blocks = (int64_t)p->groups * (c.im2col ? 1 : c.panels);
     mk_parallel_for(pool, blocks * c.chunks, 1, igemm_task, &c);
     free(converted);
