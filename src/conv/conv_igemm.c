@@ -18,6 +18,7 @@
 #define IGEMM_CHUNK_ROWS 128   /* rows per parallel work item */
 #define IGEMM_IM2COL_CHANNELS 16   /* im2col below this many channels per group */
 #define IGEMM_IM2COL_MAX_K 4096    /* ... when a tile's rows fit in L1/L2 */
+#define IGEMM_L2_WEIGHTS (256 << 10)   /* bytes of a group's packed weights kept in L2 */
 
 typedef struct igemm_plan {
     const mk_gemm_ukernel *uk;   /* the micro-kernel the indirection was laid out for */
@@ -148,6 +149,7 @@ typedef struct igemm_ctx {
     const char *a;              /* float32 source, group 0's first channel */
     int64_t m, tiles, chunk_tiles, chunks, panels, k;
     int im2col;
+    int panels_inside;          /* an item runs its tiles through all of its group's panels */
     int fused;                  /* the neuron is the epilogue's clamp */
     float lo, hi;
     mk_status status;
@@ -217,8 +219,8 @@ static void gather_row(const igemm_ctx *c, const float *const *ind, int64_t m, i
     }
 }
 
-/* Work item = (group, column panel, chunk of tiles), or (group, chunk) gathering im2col rows
- * once per tile for all of the group's panels. */
+/* Work item = (group, column panel, chunk of tiles), or (group, chunk of tiles) running each
+ * tile through all of the group's panels (when they fit in L2), gathering im2col rows once. */
 static void igemm_task(void *arg, int64_t begin, int64_t end) {
     igemm_ctx *c = arg;
     const mk_conv_params *p = c->p;
@@ -238,9 +240,9 @@ static void igemm_task(void *arg, int64_t begin, int64_t end) {
     }
     for (int64_t item = begin; item < end; item++) {
         const int64_t chunk = item % c->chunks, block = item / c->chunks;
-        const int64_t per_group = c->im2col ? 1 : c->panels;
-        const int64_t g = block / per_group, first_panel = c->im2col ? 0 : block % per_group;
-        const int64_t last_panel = c->im2col ? c->panels : first_panel + 1;
+        const int64_t per_group = c->panels_inside ? 1 : c->panels;
+        const int64_t g = block / per_group, first_panel = c->panels_inside ? 0 : block % per_group;
+        const int64_t last_panel = c->panels_inside ? c->panels : first_panel + 1;
         const intptr_t a_offset = (intptr_t)((uintptr_t)(c->a + g * p->cin_g * 4) -
                                              (uintptr_t)base_of(s));
         int64_t t1 = (chunk + 1) * c->chunk_tiles;
@@ -290,7 +292,9 @@ static mk_status igemm_run(const mk_conv_plan *plan, const mk_conv_params *p, mk
     c.k = (int64_t)p->kh * p->kw * p->cin_g;
     c.fused = mk_conv_clamp(&p->neuron, &c.lo, &c.hi);
     c.im2col = s->im2col;
-    const int64_t blocks = (int64_t)p->groups * (c.im2col ? 1 : c.panels);
+    /* a group's packed weights that stay in L2: keep the tiles' rows in L1 across panels */
+    c.panels_inside = c.im2col || c.panels * c.k * MK_GEMM_NR * 4 <= IGEMM_L2_WEIGHTS;
+    const int64_t blocks = (int64_t)p->groups * (c.panels_inside ? 1 : c.panels);
     mk_parallel_for(pool, blocks * c.chunks, 1, igemm_task, &c);
     free(converted);
     return c.status;
