@@ -375,3 +375,4 @@ cdef class Buffer:
 include "_gemm.pxi"
 include "_conv.pxi"
 include "_reduce.pxi"
+include "_pool.pxi"

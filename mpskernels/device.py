@@ -114,6 +114,12 @@ class Device:
         from mpskernels.ml import Fence
         return Fence(self)
 
+    def make_library(self, path):
+        """A Library (mpskernels.ml) from a .mpkg package, or an .onnx model (needs onnx)."""
+        from mpskernels.ml import Library
+        from mpskernels.ml_package import load_networks
+        return Library(self, load_networks(path))
+
     def make_compiler(self):
         from mpskernels.ml import Compiler
         return Compiler(self)

@@ -225,6 +225,72 @@ def convolution_op(cb, kernel, src, dst, description):
     kernel._encode(cb, _NHWCImage(src), _NHWCImage(dst))
 
 
+def _is_packed(op):
+    return all(s == t for d, s, t in zip(op.shape, op.strides, _packed(op.shape)) if d != 1)
+
+
+def _with(op, shape, strides=None):
+    """The same memory seen with another shape (and strides; default packed)."""
+    view = _Operand.__new__(_Operand)
+    for k in _Operand.__slots__:
+        setattr(view, k, getattr(op, k))
+    view.shape = tuple(shape)
+    view.strides = tuple(strides) if strides is not None else _packed(shape)
+    return view
+
+
+def reshape_op(cb, ops, description):
+    """dst = src's elements in C order, in dst's shape: one strided copy, the packed side seen
+    in the other's shape."""
+    src, dst = ops
+    if _is_packed(src):
+        copy_op(cb, _with(src, dst.shape), dst, description)
+    elif _is_packed(dst):
+        copy_op(cb, src, _with(dst, src.shape), description)
+    else:   # the pipeline stages a reshape between two bindings (staged_reshape_op)
+        raise ValidationError(f"{description}: neither {src.name} nor {dst.name} is packed")
+
+
+def staged_reshape_op(cb, ops, description):
+    src, staging, dst = ops
+    copy_op(cb, src, staging, description)
+    copy_op(cb, _with(staging, dst.shape), dst, description)
+
+
+def _rows(op, what):
+    """op (..., K) as NHWC (1, 1, rows, K): every dimension but the last must merge."""
+    shape, strides = op.shape, op.strides
+    if strides[-1] != 1 and shape[-1] != 1:
+        raise ValidationError(f"{what}: {op.name}'s last dimension must be contiguous")
+    rows = int(np.prod(shape[:-1]))
+    row_stride = strides[-2] if len(shape) > 1 else shape[-1]
+    for i in range(len(shape) - 2):
+        if shape[i] != 1 and strides[i] != strides[i + 1] * shape[i + 1]:
+            raise ValidationError(f"{what}: the leading dimensions of {op.name} {shape} are not "
+                                  f"contiguous; gemm needs them to merge into rows")
+    return _with(op, (1, 1, rows, shape[-1]), (0, 0, row_stride, 1))
+
+
+def gemm_op(cb, kernel, src, dst, description):
+    """dst (..., N) = src (..., K) x W^T + bias: the 1x1 convolution over rows."""
+    convolution_op(cb, kernel, _rows(src, description), _rows(dst, description), description)
+
+
+def pool_op(cb, attrs, src, dst, description):
+    """Max or average pooling of NHWC fp32 operands (src/pool)."""
+    for op in (src, dst):
+        if len(op.shape) != 4 or op.strides[3] != 1 or op._format != 4:
+            raise ValidationError(f"{description}: pooling takes NHWC float32 operands with "
+                                  f"contiguous channels; {op.name} has shape {op.shape}")
+    if _overlapping(src, dst):
+        raise ValidationError(f"{description}: the destination {dst.name} overlaps the source {src.name}")
+    n, h, w, c = src.shape
+    command = _native.PoolCommand(0 if attrs["mode"] == "max" else 1, attrs["kernel"], attrs["strides"],
+                                  attrs["dilations"], attrs["pads"], attrs["count_include_pad"], h, w,
+                                  dst.shape)
+    cb._add(command, [(src, 0, src.strides), (dst, 0, dst.strides)], description)
+
+
 # ==== the network IR =============================================================================
 
 class Value:
@@ -266,9 +332,12 @@ class Network:
     """A graph of our kernels over tensors, built in order (each node's inputs exist before it).
     Inputs get binding indices 0.. in declaration order, outputs follow."""
 
+    # the op methods: each node's attrs are exactly their keyword arguments (a package replays them)
+    OPS = ("neuron", "add", "sub", "mul", "div", "transpose", "reshape", "conv2d", "gemm", "pool2d")
+
     def __init__(self, name="main"):
         self.name = name
-        self.inputs, self.outputs, self.nodes = [], [], []
+        self.inputs, self.outputs, self.nodes, self.constants = [], [], [], []
         self._names = set()
 
     def _value(self, name, shape, data_type, producer=None):
@@ -284,9 +353,12 @@ class Network:
         name = name or f"{kind}_{len(self.nodes)}"
         node = Node(kind, list(inputs), [], attrs, name)
         node.infer = out_shape_fn
-        out = self._value(name, None, inputs[0].data_type, node)
+        shape = None
         if all(v.shape is not None and -1 not in v.shape for v in inputs):   # static: check now
-            out.shape = out_shape_fn([v.shape for v in inputs])
+            shape = out_shape_fn([v.shape for v in inputs])
+        elif all(v.shape is not None for v in inputs):
+            shape = _partial_shape(out_shape_fn, [v.shape for v in inputs])
+        out = self._value(name, shape, inputs[0].data_type, node)
         node.outputs.append(out)
         self.nodes.append(node)
         return out
@@ -303,6 +375,8 @@ class Network:
         if value in self.outputs:
             raise ValidationError(f"{value!r} is already an output")
         if name is not None and name != value.name:
+            if name in self._names:
+                raise ValidationError(f"network {self.name!r} already has a value named {name!r}")
             self._names.discard(value.name)
             self._names.add(name)
             value.name = name
@@ -312,24 +386,93 @@ class Network:
     # ---- ops -------------------------------------------------------------------------------
 
     def neuron(self, x, neuron_type, a=0.0, b=0.0, c=0.0, prelu=None, name=None):
-        d = NNNeuronDescriptor(neuron_type, a, b, c,
-                               None if prelu is None else np.asarray(prelu, np.float32).reshape(-1))
-        return self._node("neuron", [x], {"descriptor": d}, name, lambda s: s[0])
+        NNNeuronDescriptor(neuron_type)   # validates the type
+        attrs = {"neuron_type": int(neuron_type), "a": float(a), "b": float(b), "c": float(c),
+                 "prelu": None if prelu is None else np.asarray(prelu, np.float32).reshape(-1)}
+        return self._node("neuron", [x], attrs, name, lambda s: s[0])
 
-    def _arith(self, op, a, b, name):
-        return self._node(op, [a, b], {}, name, lambda s: _broadcast_shapes(s[0], s[1], op))
+    def _arith(self, op, a, b, clamp, name):
+        attrs = {"clamp": None if clamp is None else (float(clamp[0]), float(clamp[1]))}
+        return self._node(op, [a, b], attrs, name, lambda s: _broadcast_shapes(s[0], s[1], op))
 
-    def add(self, a, b, name=None):
-        return self._arith("add", a, b, name)
+    # clamp=(lo, hi): the result clamped (a fused ReLU / Clip)
+    def add(self, a, b, clamp=None, name=None):
+        return self._arith("add", a, b, clamp, name)
 
-    def sub(self, a, b, name=None):
-        return self._arith("sub", a, b, name)
+    def sub(self, a, b, clamp=None, name=None):
+        return self._arith("sub", a, b, clamp, name)
 
-    def mul(self, a, b, name=None):
-        return self._arith("mul", a, b, name)
+    def mul(self, a, b, clamp=None, name=None):
+        return self._arith("mul", a, b, clamp, name)
 
-    def div(self, a, b, name=None):
-        return self._arith("div", a, b, name)
+    def div(self, a, b, clamp=None, name=None):
+        return self._arith("div", a, b, clamp, name)
+
+    def constant(self, array, name=None):
+        """A float32 array the network reads (not a binding, not in the heap)."""
+        data = np.ascontiguousarray(array, np.float32)
+        value = self._value(name or f"constant_{len(self.constants)}", data.shape, TensorDataType.FLOAT32)
+        value.data = data
+        self.constants.append(value)
+        return value
+
+    def reshape(self, x, shape, name=None):
+        """The elements of x in C order, in a new shape (one -1 is inferred)."""
+        shape = tuple(int(d) for d in shape)
+
+        def infer(shapes):
+            size = int(np.prod(shapes[0]))
+            known = int(np.prod([d for d in shape if d != -1]))
+            out = tuple(size // known if d == -1 and known else d for d in shape)
+            if shape.count(-1) > 1 or any(d < 1 for d in out) or int(np.prod(out)) != size:
+                raise ValidationError(f"reshape: {shapes[0]} ({size} elements) cannot become {shape}")
+            return out
+
+        return self._node("reshape", [x], {"shape": shape}, name, infer)
+
+    def pool2d(self, x, mode, kernel=None, strides=(1, 1), dilations=(1, 1), pads=(0, 0, 0, 0),
+               count_include_pad=False, ceil_mode=False, name=None):
+        """Max ("max") or average ("average") pooling of NHWC x; kernel None: the whole image
+        (global pooling). pads (top, left, bottom, right); ceil_mode rounds the output size up."""
+        if mode not in ("max", "average"):
+            raise ValidationError(f"pool2d: mode must be 'max' or 'average', got {mode!r}")
+        attrs = {"mode": mode, "kernel": None if kernel is None else tuple(int(k) for k in kernel),
+                 "strides": tuple(strides), "dilations": tuple(dilations), "pads": tuple(pads),
+                 "count_include_pad": bool(count_include_pad), "ceil_mode": bool(ceil_mode)}
+
+        def infer(shapes):
+            n, h, w, c = _rank(shapes[0], 4, "pool2d input (NHWC)")
+            kh, kw = attrs["kernel"] or (h, w)
+            (sy, sx), (dy, dx), (top, left, bottom, right) = strides, dilations, pads
+            size = []
+            for extent, k, s, d, p0, p1 in ((h, kh, sy, dy, top, bottom), (w, kw, sx, dx, left, right)):
+                span = extent + p0 + p1 - d * (k - 1) - 1
+                o = (-(-span // s) if ceil_mode else span // s) + 1
+                if ceil_mode and (o - 1) * s >= extent + p0:
+                    o -= 1      # the last window must start inside the image or its padding
+                size.append(o)
+            if min(size) < 1 or min(kh, kw, sy, sx, dy, dx) < 1:
+                raise ValidationError(f"pool2d: an input of {h}x{w} is too small for a {kh}x{kw} window")
+            return (n, size[0], size[1], c)
+
+        return self._node("pool2d", [x], attrs, name, infer)
+
+    def gemm(self, x, weights, bias=None, neuron=None, name=None):
+        """x (..., K) times weights^T ([N][K] float32) plus bias, then the fused neuron:
+        (..., N). Runs on the convolution family's 1x1 path."""
+        w = np.ascontiguousarray(weights, np.float32)
+        if w.ndim != 2:
+            raise ValidationError(f"gemm: weights must be [N][K], got shape {w.shape}")
+        attrs = {"weights": w, "bias": None if bias is None else np.asarray(bias, np.float32).reshape(-1),
+                 "neuron": neuron}
+
+        def infer(shapes):
+            if len(shapes[0]) < 2 or shapes[0][-1] != w.shape[1]:
+                raise ValidationError(f"gemm: the input {shapes[0]} must have rank >= 2 and "
+                                      f"{w.shape[1]} elements in its last dimension")
+            return shapes[0][:-1] + (w.shape[0],)
+
+        return self._node("gemm", [x], attrs, name, infer)
 
     def transpose(self, x, perm, name=None):
         perm = tuple(int(p) for p in perm)
@@ -368,6 +511,16 @@ class Network:
             return (n, oh, ow, out_c)
 
         return self._node("conv2d", [x], attrs, name, infer)
+
+
+def _partial_shape(infer, shapes):
+    """The output shape with -1 where it depends on the inputs' free (-1) dimensions: infer
+    with them set to 1 and to 2 and compare (None if either fails)."""
+    try:
+        a, b = (infer([tuple(k if d == -1 else d for d in s) for s in shapes]) for k in (1, 2))
+    except ValidationError:
+        return None
+    return tuple(x if x == y else -1 for x, y in zip(a, b))
 
 
 def _rank(shape, rank, what):
@@ -492,6 +645,7 @@ class MachineLearningPipelineState:
         self.label = descriptor.label
         self.network = net
         shapes = self._input_shapes(net, descriptor)
+        shapes.update((v, v.shape) for v in net.constants)
         for node in net.nodes:   # shapes with the inputs fixed
             shapes[node.outputs[0]] = node.infer([shapes[v] for v in node.inputs])
         self._shapes = shapes
@@ -533,6 +687,13 @@ class MachineLearningPipelineState:
                 last[v] = t
         order = [n.outputs[0] for n in net.nodes if n.outputs[0] not in bound]
         first = {n.outputs[0]: t for t, n in enumerate(net.nodes)}
+        # a reshape between two bindings (rows may be padded) copies through a packed slot
+        self._staging = {}
+        for t, n in enumerate(net.nodes):
+            if n.kind == "reshape" and n.inputs[0] in bound and n.outputs[0] in bound:
+                v = self._staging[n] = Value(net, f"{n.name}/staging", shapes[n.inputs[0]], n.inputs[0].data_type)
+                shapes[v], first[v], last[v] = v.shape, t, t
+                order.append(v)
         self._offsets = {}
         self.memory_stats = {"peak_bytes": 0, "requested_bytes": 0, "lower_bound_bytes": 0}
         if order:
@@ -543,22 +704,37 @@ class MachineLearningPipelineState:
         self.intermediates_heap_size = int(self.memory_stats["peak_bytes"])
 
     def _compile(self, node):
-        attrs = node.attrs
+        attrs, slots = node.attrs, node.inputs + node.outputs
         if node.kind == "neuron":
-            d = attrs["descriptor"]
-            return _Step(node, lambda cb, ops, name: neuron_op(cb, d, ops[0], ops[1], name), node.inputs + node.outputs)
+            d = NNNeuronDescriptor(attrs["neuron_type"], attrs["a"], attrs["b"], attrs["c"], attrs["prelu"])
+            return _Step(node, lambda cb, ops, name: neuron_op(cb, d, ops[0], ops[1], name), slots)
         if node.kind in ("add", "sub", "mul", "div"):
             from mpskernels import arithmetic
             kernel = {"add": arithmetic.CNNAdd, "sub": arithmetic.CNNSubtract, "mul": arithmetic.CNNMultiply,
                       "div": arithmetic.CNNDivide}[node.kind](self.device)
-            return _Step(node, lambda cb, ops, name: arithmetic_op(cb, kernel, *ops, name), node.inputs + node.outputs)
+            if attrs.get("clamp") is not None:
+                kernel.minimum_value, kernel.maximum_value = attrs["clamp"]
+            return _Step(node, lambda cb, ops, name: arithmetic_op(cb, kernel, *ops, name), slots)
         if node.kind == "transpose":
             perm = attrs["perm"]
-            return _Step(node, lambda cb, ops, name: copy_op(cb, ops[0], ops[1], name, perm), node.inputs + node.outputs)
+            return _Step(node, lambda cb, ops, name: copy_op(cb, ops[0], ops[1], name, perm), slots)
+        if node.kind == "reshape":
+            if node in self._staging:
+                return _Step(node, staged_reshape_op, [node.inputs[0], self._staging[node], node.outputs[0]])
+            return _Step(node, reshape_op, slots)
         if node.kind == "conv2d":
             kernel = _conv_kernel(self.device, attrs)
-            return _Step(node, lambda cb, ops, name: convolution_op(cb, kernel, ops[0], ops[1], name),
-                         node.inputs + node.outputs)
+            return _Step(node, lambda cb, ops, name: convolution_op(cb, kernel, ops[0], ops[1], name), slots)
+        if node.kind == "gemm":
+            w = attrs["weights"]
+            kernel = _conv_kernel(self.device, {"weights": w.reshape(w.shape[0], 1, 1, w.shape[1]),
+                                                "bias": attrs["bias"], "strides": (1, 1), "dilations": (1, 1),
+                                                "pads": (0, 0, 0, 0), "groups": 1, "neuron": attrs["neuron"]})
+            return _Step(node, lambda cb, ops, name: gemm_op(cb, kernel, ops[0], ops[1], name), slots)
+        if node.kind == "pool2d":
+            n, h, w, c = self._shapes[node.inputs[0]]
+            a = dict(attrs, kernel=attrs["kernel"] or (h, w))
+            return _Step(node, lambda cb, ops, name: pool_op(cb, a, ops[0], ops[1], name), slots)
         raise ValidationError(f"node {node.name!r}: unknown op {node.kind!r}")
 
     @property
@@ -928,6 +1104,9 @@ class MachineLearningCommandEncoder(_Encoder):
         what = f"dispatch {len(self._dispatches)} (network {state.network.name!r})"
         extra = [heap_op] if heap_op is not None else []
         self._dispatch(what, [operands[v] for v in state.network.inputs] + extra, outputs + extra)
+        for v in state.network.constants:
+            operands[v] = _Operand(v.data.ctypes.data, v.shape, _packed(v.shape), v.data_type,
+                                   f"constant {v.name!r}")
         for v, offset in state._offsets.items():
             operands[v] = _Operand(heap_base + offset, state._shapes[v], _packed(state._shapes[v]),
                                    v.data_type, f"intermediate {v.name!r}")
@@ -945,3 +1124,8 @@ class _HeapRange:
 
     def span(self):
         return self.address, self.address + self.nbytes
+
+
+# the package format, the ONNX builder and the session live in their own modules
+from mpskernels.ml_package import build_package, load_package, save_package  # noqa: E402,F401
+from mpskernels.ml_session import NodeArg, Session  # noqa: E402,F401

@@ -2,6 +2,7 @@
  * MPSKERNELS_MAX_ISA (generic | avx2 | avx512) caps the choice, read by the binding. */
 #include "mpskernels.h"
 #include "gemm/gemm.h"
+#include "pool/pool.h"
 #include "reduce/reduce.h"
 
 #if MK_X86
@@ -74,6 +75,7 @@ mk_isa mk_select_isa(mk_isa isa) {
     mk_elementwise_select_isa(isa);
     mk_gemm_select_isa(isa);
     mk_reduce_select_isa(isa);
+    mk_pool_select_isa(isa);
     active = isa;
     return isa;
 }

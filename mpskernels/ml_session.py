@@ -1,0 +1,113 @@
+"""mpskernels.ml.Session: ONNX Runtime's shape of API over a pipeline, for people embedding a
+model: Session(path).run({name: array}) -> {name: array}."""
+import numpy as np
+
+from mpskernels.device import Device
+from mpskernels.enums import TensorDataType
+from mpskernels.errors import ValidationError
+from mpskernels.heap import HeapDescriptor
+from mpskernels.ml import (ArgumentTableDescriptor, Library, LibraryFunctionDescriptor,
+                           MachineLearningPipelineDescriptor, Network)
+from mpskernels.tensor import Tensor, TensorExtents, _TYPES
+
+
+class NodeArg:
+    """An input or output of a session: name, shape (None for a free dimension), type."""
+
+    def __init__(self, name, shape, data_type):
+        self.name = name
+        self.shape = None if shape is None else [None if d == -1 else d for d in shape]
+        self.data_type = data_type
+        self.type = f"tensor({np.dtype(_TYPES[data_type][0]).name})"
+
+    def __repr__(self):
+        return f"NodeArg(name={self.name!r}, type={self.type!r}, shape={self.shape})"
+
+
+class Session:
+    """An .mpkg or .onnx model (a path), or a Library or Network; run(inputs) compiles a
+    pipeline per set of input shapes (cached), binds the arrays and runs one machine-learning
+    pass."""
+
+    def __init__(self, model, num_threads=None, device=None, function_name=None):
+        self.device = device or Device(num_threads=num_threads)
+        if isinstance(model, Network):
+            model = Library(self.device, model)
+        self.library = model if isinstance(model, Library) else self.device.make_library(model)
+        names = self.library.function_names
+        self.function_name = function_name or names[0]
+        if self.function_name not in names:
+            raise ValidationError(f"{model} has no function {self.function_name!r}; it has {names}")
+        self.network = self.library._networks[self.function_name]
+        self._queue = self.device.make_command_queue()
+        self._compiled = {}
+
+    def get_inputs(self):
+        return [NodeArg(v.name, v.shape, v.data_type) for v in self.network.inputs]
+
+    def get_outputs(self):
+        return [NodeArg(v.name, v.shape, v.data_type) for v in self.network.outputs]
+
+    def compile(self, shapes):
+        """The pipeline, heap, argument table and output tensors for these input shapes."""
+        key = tuple(tuple(s) for s in shapes)
+        if key not in self._compiled:
+            d = MachineLearningPipelineDescriptor(LibraryFunctionDescriptor(self.function_name, self.library))
+            for i, shape in enumerate(shapes):
+                d.set_input_dimensions(TensorExtents.from_shape(shape), i)
+            state = self.device.make_compiler().make_machine_learning_pipeline_state(d)
+            heap = self.device.make_heap(HeapDescriptor(size=max(state.intermediates_heap_size, 64)))
+            table = self.device.make_argument_table(ArgumentTableDescriptor(
+                max_buffer_bind_count=max(31, len(state.reflection.bindings))))
+            outputs = []
+            for b in state.reflection.bindings[len(shapes):]:
+                t = Tensor.from_numpy(self.device, np.empty(b.dimensions.shape, _TYPES[b.data_type][0]))
+                table.set_tensor(t, b.index)
+                outputs.append(t)
+            self._compiled[key] = (state, heap, table, outputs)
+        return self._compiled[key]
+
+    def _check(self, inputs):
+        if not isinstance(inputs, dict):
+            raise TypeError(f"run takes a dict {{input name: array}}, got {type(inputs).__name__}")
+        expected = [v.name for v in self.network.inputs]
+        for name in inputs:
+            if name not in expected:
+                raise ValidationError(f"unknown input {name!r}; the model's inputs are {expected}")
+        arrays = []
+        for v in self.network.inputs:
+            if v.name not in inputs:
+                raise ValidationError(f"input {v.name!r} is missing; the model's inputs are {expected}")
+            a = inputs[v.name]
+            if not isinstance(a, np.ndarray):
+                raise TypeError(f"input {v.name!r} must be a NumPy array, got {type(a).__name__}")
+            want = _TYPES[v.data_type][0] if v.data_type != TensorDataType.BFLOAT16 else np.float32
+            if a.dtype != want:
+                raise ValidationError(f"input {v.name!r} has dtype {a.dtype}; the model takes {np.dtype(want)}")
+            if a.ndim != len(v.shape) or any(m != -1 and m != g for m, g in zip(v.shape, a.shape)):
+                raise ValidationError(f"input {v.name!r} has shape {a.shape}; the model takes "
+                                      f"{tuple(None if d == -1 else d for d in v.shape)} (None: any)")
+            arrays.append(a)
+        return arrays
+
+    def run(self, inputs, output_names=None):
+        """{output name: array} for {input name: array}."""
+        arrays = self._check(inputs)
+        state, heap, table, outputs = self.compile([a.shape for a in arrays])
+        for i, a in enumerate(arrays):
+            table.set_tensor(Tensor.from_numpy(self.device, a), i)
+        cb = self._queue.make_command_buffer()
+        enc = cb.make_machine_learning_command_encoder()
+        enc.set_pipeline_state(state)
+        enc.set_argument_table(table)
+        enc.dispatch_network(heap)
+        enc.end_encoding()
+        cb.commit()
+        cb.wait_until_completed()
+        result = {v.name: t.to_numpy().copy() for v, t in zip(self.network.outputs, outputs)}
+        if output_names is not None:
+            missing = [n for n in output_names if n not in result]
+            if missing:
+                raise ValidationError(f"unknown outputs {missing}; the model's outputs are {list(result)}")
+            result = {n: result[n] for n in output_names}
+        return result

@@ -1,0 +1,608 @@
+"""ONNX → mpskernels.ml.Network (needs the optional `onnx` package; loading a .mpkg does not).
+
+What the importer does, in one pass over the graph in topological order:
+- checks the model (onnx.checker), every input is float32, every op is one it knows;
+- folds constants: initializers and Constant nodes are NumPy arrays, and ops whose inputs are
+  all constant are evaluated here (Shape of a static shape too), never at run time;
+- layout: our kernels are NHWC. A rank-4 value is kept as NCHW ("plain") or NHWC; Conv and
+  pooling take NHWC, so the first one transposes its input once, and everything between stays
+  NHWC (elementwise ops and their constant operands follow); a graph output or an op that
+  needs the logical order transposes back (a value with H = W = 1 has the same bytes either way
+  and is only reshaped);
+- fuses into the convolution / GEMM epilogue a BatchNormalization (folded into the weights)
+  and one activation after it (Relu, LeakyRelu, Clip(0, b), Sigmoid, Tanh, ...), and a Relu or
+  Clip after an Add into the add's clamp, when the intermediate value has no other reader.
+"""
+import numpy as np
+
+from mpskernels.enums import CNNNeuronType as T
+from mpskernels.errors import ValidationError
+from mpskernels.ml import Network
+from mpskernels.neuron import NNNeuronDescriptor
+
+NCHW_TO_NHWC, NHWC_TO_NCHW = (0, 2, 3, 1), (0, 3, 1, 2)
+
+
+def _onnx():
+    try:
+        import onnx
+        from onnx import numpy_helper
+    except ImportError:
+        raise ImportError("reading ONNX models needs the onnx package: pip install 'mpskernels[onnx]'") from None
+    return onnx, numpy_helper
+
+
+def load_model(source):
+    """An onnx ModelProto from a path, bytes or a ModelProto; checked. ValidationError if it
+    is not a readable, valid model."""
+    onnx, _ = _onnx()
+    if isinstance(source, onnx.ModelProto):
+        model, where = source, "the model"
+    else:
+        where = "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
+        try:
+            model = onnx.load_model_from_string(bytes(source)) if isinstance(source, (bytes, bytearray)) \
+                else onnx.load(str(source))
+        except OSError as e:
+            raise ValidationError(f"cannot read {where}: {e.strerror or e}") from None
+        except Exception as e:   # protobuf's DecodeError and friends
+            raise ValidationError(f"{where} is not a readable ONNX model: {type(e).__name__}: {e}") from None
+    try:
+        onnx.checker.check_model(model)
+    except Exception as e:
+        raise ValidationError(f"{where} fails the ONNX checker: {e}") from None
+    return model
+
+
+def import_onnx(source, name="main"):
+    """A Network from an ONNX model (path, bytes or ModelProto)."""
+    return _Importer(load_model(source), name).network
+
+
+class _Importer:
+    def __init__(self, model, name):
+        _, self.numpy_helper = _onnx()
+        self.opset = {o.domain or "ai.onnx": o.version for o in model.opset_import}.get("ai.onnx", 1)
+        graph = model.graph
+        self.net = Network(name)
+        self.consts = {t.name: self.numpy_helper.to_array(t) for t in graph.initializer}
+        self.values = {}       # ONNX name -> (Value, layout "plain" | "nhwc")
+        self.converted = {}    # (Value, layout) -> the converted Value
+        self.readers = {}
+        for node in graph.node:
+            for i in node.input:
+                self.readers[i] = self.readers.get(i, 0) + 1
+        self.graph_outputs = {o.name for o in graph.output}
+        for o in graph.output:
+            self.readers[o.name] = self.readers.get(o.name, 0) + 1
+        for inp in graph.input:
+            if inp.name in self.consts:
+                continue
+            tt = inp.type.tensor_type
+            if tt.elem_type != 1:
+                raise ValidationError(f"input {inp.name!r} has ONNX element type {tt.elem_type}; "
+                                      f"the importer takes float32 inputs only")
+            shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else -1 for d in tt.shape.dim]
+            self.values[inp.name] = (self.net.input(inp.name, shape), "plain")
+        self.skip = set()
+        nodes = list(graph.node)
+        self.by_output = {o: n for n in nodes for o in n.output}
+        self.consumers = {}
+        for n in nodes:
+            for i in n.input:
+                self.consumers.setdefault(i, []).append(n)
+        for node in nodes:   # Constant nodes have no inputs: known before any fusion looks
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+                self.consts[node.output[0]] = self._constant_attr(node)
+                self.skip.add(id(node))
+        for node in nodes:
+            if id(node) not in self.skip:
+                self._node(node)
+        for o in graph.output:
+            if o.name not in self.values and o.name in self.consts:
+                raise ValidationError(f"output {o.name!r} is a constant; the importer needs "
+                                      f"outputs computed from the inputs")
+            v = self._plain(o.name)
+            if v.producer is None or v in self.net.outputs:
+                v = self.net.transpose(v, range(len(v.shape)), name=f"{o.name}__copy")
+            self.net.output(v, o.name)
+        self.network = self.net
+
+    # ---- helpers ------------------------------------------------------------------------------
+
+    def _where(self, node):
+        return f"node {node.name or node.output[0]!r} ({node.op_type}, opset {self.opset})"
+
+    def _fail(self, node, what):
+        raise ValidationError(f"{self._where(node)}: {what}")
+
+    def _const(self, name):
+        return self.consts.get(name) if name else None
+
+    def _value(self, name):
+        if name in self.values:
+            return self.values[name]
+        if name in self.consts:
+            return self.net.constant(self.consts[name], name=self._fresh(name)), "plain"
+        raise ValidationError(f"value {name!r} is read before any node computes it")
+
+    def _fresh(self, name):
+        """An unused value name; graph output names are kept for the outputs."""
+        n, k = name, 0
+        while n in self.net._names or n in self.graph_outputs:
+            k += 1
+            n = f"{name}_{k}"
+        return n
+
+    def _convert(self, value, perm):
+        key = (value, perm)
+        if key not in self.converted:
+            self.converted[key] = self.net.transpose(value, perm, name=self._fresh(f"{value.name}_t"))
+        return self.converted[key]
+
+    def _nhwc(self, name, node):
+        value, layout = self._value(name)
+        if layout == "nhwc":
+            return value
+        if value.shape is None or len(value.shape) != 4:
+            self._fail(node, f"takes a rank-4 NCHW input; {name!r} has shape {value.shape}")
+        return self._convert(value, NCHW_TO_NHWC)
+
+    def _plain(self, name):
+        value, layout = self._value(name)
+        if layout == "plain":
+            return value
+        n, h, w, c = value.shape
+        if h == 1 and w == 1:   # the same bytes in either order
+            return self._convert_reshape(value, (n, c, 1, 1))
+        return self._convert(value, NHWC_TO_NCHW)
+
+    def _convert_reshape(self, value, shape):
+        key = (value, shape)
+        if key not in self.converted:
+            self.converted[key] = self.net.reshape(value, shape, name=self._fresh(f"{value.name}_r"))
+        return self.converted[key]
+
+    def _sole_reader(self, name, op_types):
+        """The one node reading `name`, if it is of op_types and name is not a graph output."""
+        readers = self.consumers.get(name, [])
+        if len(readers) == 1 and name not in self.graph_outputs and readers[0].op_type in op_types:
+            return readers[0]
+        return None
+
+    def _set(self, node, value, layout="plain", index=0):
+        self.values[node.output[index]] = (value, layout)
+
+    def _attrs(self, node):
+        onnx, _ = _onnx()
+        return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+    # ---- activations that fuse --------------------------------------------------------------
+
+    def _activation(self, node):
+        """An NNNeuronDescriptor for an activation node, or None if it has no neuron form."""
+        op, a = node.op_type, self._attrs(node)
+        if op == "Relu":
+            return NNNeuronDescriptor(T.RELU)
+        if op == "LeakyRelu":
+            return NNNeuronDescriptor(T.RELU, a.get("alpha", 0.01))
+        if op == "Sigmoid":
+            return NNNeuronDescriptor(T.SIGMOID)
+        if op == "Tanh":
+            return NNNeuronDescriptor(T.TANH, 1.0, 1.0)
+        if op == "Elu":
+            return NNNeuronDescriptor(T.ELU, a.get("alpha", 1.0))
+        if op == "HardSigmoid":
+            return NNNeuronDescriptor(T.HARD_SIGMOID, a.get("alpha", 0.2), a.get("beta", 0.5))
+        if op == "Softplus":
+            return NNNeuronDescriptor(T.SOFT_PLUS, 1.0, 1.0)
+        if op == "Softsign":
+            return NNNeuronDescriptor(T.SOFT_SIGN)
+        if op == "Abs":
+            return NNNeuronDescriptor(T.ABSOLUTE)
+        if op == "Exp":
+            return NNNeuronDescriptor(T.EXPONENTIAL, 1.0, 0.0, -1.0)
+        if op == "Log":
+            return NNNeuronDescriptor(T.LOGARITHM, 1.0, 0.0, -1.0)
+        if op == "Clip":
+            lo, hi = self._clip_bounds(node)
+            if lo == 0.0:
+                return NNNeuronDescriptor(T.RELUN, 0.0, hi)
+        return None
+
+    def _clip_bounds(self, node):
+        a = self._attrs(node)
+        if self.opset < 11:
+            lo, hi = float(a.get("min", -np.inf)), float(a.get("max", np.inf))
+            return min(lo, hi), hi
+        bounds = []
+        for k, default in ((1, -np.inf), (2, np.inf)):
+            name = node.input[k] if len(node.input) > k else ""
+            if not name:
+                bounds.append(default)
+                continue
+            c = self._const(name)
+            if c is None:
+                self._fail(node, "min and max must be constants")
+            bounds.append(float(c))
+        return bounds[0] if bounds[0] <= bounds[1] else bounds[1], bounds[1]   # min > max: all max
+
+    def _fuse_activation(self, node, output):
+        """(descriptor, the node whose output is the result) for output's sole activation reader."""
+        reader = self._sole_reader(output, ("Relu", "LeakyRelu", "Clip", "Sigmoid", "Tanh", "Elu",
+                                            "HardSigmoid", "Softplus"))
+        if reader is not None:
+            d = self._activation(reader)
+            if d is not None and all(i in self.consts or not i or i == output for i in reader.input):
+                self.skip.add(id(reader))
+                return d, reader
+        return None, node
+
+    # ---- ops ------------------------------------------------------------------------------
+
+    def _node(self, node):
+        op = node.op_type
+        if node.domain not in ("", "ai.onnx"):
+            self._fail(node, f"domain {node.domain!r} is not supported")
+        inputs_const = [self._const(i) if i else None for i in node.input]
+        if all(c is not None for c, i in zip(inputs_const, node.input) if i) and op in _FOLD:
+            self.consts[node.output[0]] = np.asarray(_FOLD[op](self, node, inputs_const))
+            return
+        if op == "Shape":
+            value, _ = self._value(node.input[0])
+            if value.shape is None or -1 in value.shape:
+                self._fail(node, "Shape of a value with free dimensions is not supported (fix the input shapes)")
+            self.consts[node.output[0]] = np.array(value.shape, np.int64)
+            return
+        handler = getattr(self, f"_op_{op}", None)
+        if handler is None:
+            self._fail(node, f"op {op} is not supported by the importer; supported: "
+                             f"{', '.join(sorted(SUPPORTED))}")
+        handler(node)
+
+    def _constant_attr(self, node):
+        a = node.attribute[0]
+        if a.name == "value":
+            return self.numpy_helper.to_array(a.t)
+        if a.name in ("value_float", "value_int"):
+            return np.array(a.f if a.name == "value_float" else a.i, np.float32 if a.name == "value_float" else np.int64)
+        if a.name in ("value_floats", "value_ints"):
+            return np.array(list(a.floats) if a.name == "value_floats" else list(a.ints),
+                            np.float32 if a.name == "value_floats" else np.int64)
+        self._fail(node, f"Constant with attribute {a.name!r} is not supported")
+
+    def _op_Identity(self, node):
+        self.values[node.output[0]] = self._value(node.input[0])
+
+    def _op_Dropout(self, node):
+        training = self._const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        ratio = self._const(node.input[1]) if len(node.input) > 1 and node.input[1] else None
+        random = ratio is None or float(ratio) != 0.0
+        if (training is not None and bool(training) and random) or self._attrs(node).get("is_test", 1) == 0:
+            self._fail(node, "training-mode dropout (random) is not supported; export the model in eval mode")
+        if len(node.output) > 1 and node.output[1]:
+            self._fail(node, "the mask output is not supported")
+        self._op_Identity(node)
+
+    def _op_Conv(self, node):
+        a = self._attrs(node)
+        w = self._const(node.input[1])
+        if w is None or w.ndim != 4:
+            self._fail(node, "the weights must be a constant [out][in/groups][kh][kw] (2-D convolution only)")
+        b = self._const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        if len(node.input) > 2 and node.input[2] and b is None:
+            self._fail(node, "the bias must be a constant")
+        x = self._nhwc(node.input[0], node)
+        w = w.astype(np.float64)
+        b = np.zeros(w.shape[0]) if b is None else b.astype(np.float64)
+        out, last = node.output[0], node
+        bn = self._sole_reader(out, ("BatchNormalization",))
+        if bn is not None and all(i in self.consts for i in bn.input[1:]):
+            scale, shift = self._bn_affine(bn)
+            w = w * scale[:, None, None, None]
+            b = b * scale + shift
+            self.skip.add(id(bn))
+            out, last = bn.output[0], bn
+        neuron, last = self._fuse_activation(last, out)
+        kh, kw = w.shape[2:]
+        strides = tuple(a.get("strides", (1, 1)))
+        dilations = tuple(a.get("dilations", (1, 1)))
+        pads = self._pads(node, a, x.shape[1:3] if x.shape else None, (kh, kw), strides, dilations)
+        y = self.net.conv2d(x, w.transpose(0, 2, 3, 1).astype(np.float32), b.astype(np.float32), strides,
+                            dilations, pads, a.get("group", 1), neuron, name=self._fresh(last.output[0]))
+        self.values[last.output[0]] = (y, "nhwc")
+
+    def _bn_affine(self, node):
+        a = self._attrs(node)
+        gamma, beta, mean, var = (self.consts[i].astype(np.float64) for i in node.input[1:5])
+        scale = gamma / np.sqrt(var + a.get("epsilon", 1e-5))
+        return scale, beta - mean * scale
+
+    def _pads(self, node, a, hw, kernel, strides, dilations):
+        auto = a.get("auto_pad", b"NOTSET")
+        auto = auto.decode() if isinstance(auto, bytes) else auto
+        if auto in ("NOTSET", ""):
+            pads = tuple(a.get("pads", (0, 0, 0, 0)))
+            if len(pads) != 4:
+                self._fail(node, f"pads {pads}: 2-D only")
+            return pads
+        if auto == "VALID":
+            return (0, 0, 0, 0)
+        if hw is None or -1 in hw:
+            self._fail(node, f"auto_pad {auto} needs a static input size")
+        total = [max((-(-i // s) - 1) * s + (k - 1) * d + 1 - i, 0)
+                 for i, k, s, d in zip(hw, kernel, strides, dilations)]
+        small = [t // 2 for t in total]
+        big = [t - t // 2 for t in total]
+        begin, end = (small, big) if auto == "SAME_UPPER" else (big, small)
+        return (begin[0], begin[1], end[0], end[1])
+
+    def _op_BatchNormalization(self, node):
+        if not all(i in self.consts for i in node.input[1:5]):
+            self._fail(node, "scale, bias, mean and variance must be constants (inference form)")
+        if len(node.output) > 1 and any(node.output[1:]):
+            self._fail(node, "training-mode outputs (running mean / variance) are not supported")
+        scale, shift = self._bn_affine(node)
+        value, layout = self._value(node.input[0])
+        rank = len(value.shape)
+        if layout == "nhwc":
+            shape = (scale.size,)
+        else:
+            shape = (scale.size,) + (1,) * (rank - 2)
+        s = self.net.constant(scale.astype(np.float32).reshape(shape), self._fresh(f"{node.output[0]}_scale"))
+        t = self.net.constant(shift.astype(np.float32).reshape(shape), self._fresh(f"{node.output[0]}_shift"))
+        y = self.net.mul(value, s, name=self._fresh(f"{node.output[0]}_mul"))
+        neuron, last = self._fuse_activation(node, node.output[0])
+        clamp = self._clamp_of(neuron)
+        if neuron is not None and clamp is None:
+            last = node
+        self.values[last.output[0]] = (self.net.add(y, t, clamp=clamp, name=self._fresh(last.output[0])), layout)
+
+    @staticmethod
+    def _clamp_of(neuron):
+        if neuron is None:
+            return None
+        if neuron.neuron_type == T.RELU and neuron.a == 0.0:
+            return (0.0, np.inf)
+        if neuron.neuron_type == T.RELUN and neuron.a == 0.0:
+            return (0.0, neuron.b)
+        return None
+
+    def _binary(self, node):
+        op = {"Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div"}[node.op_type]
+        names = node.input[:2]
+        vals = [self.values.get(n) for n in names]
+        layout = "nhwc" if any(v is not None and v[1] == "nhwc" for v in vals) else "plain"
+        rank = max(len(self.values[n][0].shape) if n in self.values else self.consts[n].ndim for n in names)
+        if layout == "nhwc" and rank != 4:
+            layout = "plain"
+        operands = []
+        for n in names:
+            if n in self.values:
+                operands.append(self._nhwc(n, node) if layout == "nhwc" else self._plain(n))
+            else:
+                c = self.consts[n].astype(np.float32)
+                if layout == "nhwc":
+                    c = c.reshape((1,) * (4 - c.ndim) + c.shape).transpose(NCHW_TO_NHWC)
+                operands.append(self.net.constant(c, self._fresh(n)))
+        for v, n in zip(operands, names):
+            if v.data_type.name != "FLOAT32":
+                self._fail(node, f"{n!r} is not float32")
+        clamp, last = None, node
+        if op == "add":
+            reader = self._sole_reader(node.output[0], ("Relu", "Clip"))
+            if reader is not None:
+                c = self._clamp_of(self._activation(reader))
+                if reader.op_type == "Clip" and all(i in self.consts or not i for i in reader.input[1:]):
+                    c = self._clip_bounds(reader)
+                if c is not None:
+                    clamp, last = c, reader
+                    self.skip.add(id(reader))
+        y = getattr(self.net, op)(*operands, clamp=clamp, name=self._fresh(last.output[0]))
+        self.values[last.output[0]] = (y, layout)
+
+    _op_Add = _op_Sub = _op_Mul = _op_Div = _binary
+
+    def _unary(self, node):
+        value, layout = self._value(node.input[0])
+        d = self._activation(node)
+        if node.op_type == "Clip":
+            lo, hi = self._clip_bounds(node)
+            one = self.net.constant(np.float32(1.0), self._fresh(f"{node.output[0]}_one"))
+            self._set(node, self.net.mul(value, one, clamp=(lo, hi), name=self._fresh(node.output[0])), layout)
+            return
+        self._set(node, self.net.neuron(value, d.neuron_type, d.a, d.b, d.c, name=self._fresh(node.output[0])), layout)
+
+    _op_Relu = _op_LeakyRelu = _op_Sigmoid = _op_Tanh = _op_Elu = _op_HardSigmoid = _unary
+    _op_Softplus = _op_Softsign = _op_Abs = _op_Exp = _op_Log = _op_Clip = _unary
+
+    def _op_PRelu(self, node):
+        slope = self._const(node.input[1])
+        if slope is None:
+            self._fail(node, "the slope must be a constant")
+        value, layout = self._value(node.input[0])
+        if slope.size > 1:   # one slope per channel: channels innermost (NHWC, or rank 2)
+            rank = len(value.shape)
+            if rank not in (2, 4) or slope.size != slope.reshape(-1).shape[0] or \
+                    slope.reshape((1,) * (rank - slope.ndim) + slope.shape).shape[1] != slope.size:
+                self._fail(node, f"slope of shape {slope.shape}: one slope, or one per channel of a rank-2 or 4 input")
+            if rank == 4:
+                value, layout = self._nhwc(node.input[0], node), "nhwc"
+        self._set(node, self.net.neuron(value, T.PRELU, prelu=slope.reshape(-1).astype(np.float32),
+                                        name=self._fresh(node.output[0])), layout)
+
+    def _pool(self, node, mode, global_):
+        a = self._attrs(node)
+        if len(node.output) > 1 and node.output[1]:
+            self._fail(node, "the Indices output is not supported")
+        x = self._nhwc(node.input[0], node)
+        if global_:
+            y = self.net.pool2d(x, mode, name=self._fresh(node.output[0]))
+        else:
+            kernel = tuple(a["kernel_shape"])
+            if len(kernel) != 2:
+                self._fail(node, f"kernel_shape {kernel}: 2-D pooling only")
+            strides = tuple(a.get("strides", (1, 1)))
+            dilations = tuple(a.get("dilations", (1, 1)))
+            pads = self._pads(node, a, x.shape[1:3] if x.shape else None, kernel, strides, dilations)
+            y = self.net.pool2d(x, mode, kernel, strides, dilations, pads,
+                                count_include_pad=bool(a.get("count_include_pad", 0)),
+                                ceil_mode=bool(a.get("ceil_mode", 0)), name=self._fresh(node.output[0]))
+        self._set(node, y, "nhwc")
+
+    def _op_MaxPool(self, node):
+        self._pool(node, "max", False)
+
+    def _op_AveragePool(self, node):
+        self._pool(node, "average", False)
+
+    def _op_GlobalAveragePool(self, node):
+        self._pool(node, "average", True)
+
+    def _op_GlobalMaxPool(self, node):
+        self._pool(node, "max", True)
+
+    def _logical_shape(self, name, node):
+        """The NCHW-order shape (-1: free)."""
+        value, layout = self._value(name)
+        if value.shape is None:
+            self._fail(node, f"the shape of {name!r} is unknown")
+        return tuple(value.shape[p] for p in NHWC_TO_NCHW) if layout == "nhwc" else value.shape
+
+    def _reshape_to(self, node, shape):
+        if list(shape).count(-1) > 1:
+            self._fail(node, f"gives shape {shape} with more than one free dimension: fix the input shapes")
+        value, layout = self._value(node.input[0])
+        if layout == "nhwc" and value.shape[1:3] != (1, 1):   # H = W = 1: the same bytes as NCHW
+            value = self._plain(node.input[0])
+        self._set(node, self.net.reshape(value, shape, name=self._fresh(node.output[0])))
+
+    def _op_Flatten(self, node):
+        axis = self._attrs(node).get("axis", 1)
+        shape = self._logical_shape(node.input[0], node)
+        axis = axis + len(shape) if axis < 0 else axis
+        self._reshape_to(node, tuple(-1 if -1 in part else int(np.prod(part)) for part in (shape[:axis], shape[axis:])))
+
+    def _op_Reshape(self, node):
+        target = self._const(node.input[1])
+        if target is None:
+            self._fail(node, "the target shape must be a constant")
+        shape = self._logical_shape(node.input[0], node)
+        self._reshape_to(node, _reshape_shape(shape, target, self._attrs(node).get("allowzero", 0)))
+
+    def _op_Squeeze(self, node):
+        shape = self._logical_shape(node.input[0], node)
+        self._reshape_to(node, _squeeze(self, node, shape))
+
+    def _op_Unsqueeze(self, node):
+        shape = self._logical_shape(node.input[0], node)
+        self._reshape_to(node, _unsqueeze(self, node, shape))
+
+    def _op_Transpose(self, node):
+        value = self._plain(node.input[0])
+        perm = self._attrs(node).get("perm", tuple(reversed(range(len(value.shape)))))
+        self._set(node, self.net.transpose(value, perm, name=self._fresh(node.output[0])))
+
+    def _op_Gemm(self, node):
+        a = self._attrs(node)
+        b = self._const(node.input[1])
+        if b is None:
+            self._fail(node, "B must be a constant (a run-time B is not supported yet)")
+        x = self._plain(node.input[0])
+        if a.get("transA", 0):
+            x = self.net.transpose(x, (1, 0), name=self._fresh(f"{node.output[0]}_at"))
+        w = b.astype(np.float64)
+        w = (w if a.get("transB", 0) else w.T) * a.get("alpha", 1.0)
+        c = self._const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        bias, extra = None, None
+        if c is not None:
+            c = c.astype(np.float64) * a.get("beta", 1.0)
+            if c.size == 1 or (c.ndim >= 1 and c.shape[-1] == w.shape[0] and c.size == w.shape[0]):
+                bias = np.broadcast_to(c.reshape(-1), (w.shape[0],))
+            else:
+                extra = c
+        elif len(node.input) > 2 and node.input[2]:
+            self._fail(node, "C must be a constant")
+        self._gemm(node, x, w, bias, extra)
+
+    def _gemm(self, node, x, w, bias, extra):
+        out = node.output[0]
+        neuron, last = (None, node) if extra is not None else self._fuse_activation(node, out)
+        y = self.net.gemm(x, w.astype(np.float32), None if bias is None else bias.astype(np.float32),
+                          neuron, name=self._fresh(last.output[0] if extra is None else f"{out}_mm"))
+        if extra is not None:
+            y = self.net.add(y, self.net.constant(extra.astype(np.float32), self._fresh(f"{out}_c")),
+                             name=self._fresh(out))
+        self._set(last, y)
+
+    def _op_MatMul(self, node):
+        b = self._const(node.input[1])
+        if b is None or b.ndim != 2:
+            self._fail(node, "the right operand must be a 2-D constant (a run-time right operand is not supported yet)")
+        x = self._plain(node.input[0])
+        if len(x.shape) < 2:
+            self._fail(node, f"the left operand must have rank >= 2, got {x.shape}")
+        self._gemm(node, x, b.astype(np.float64).T, None, None)
+
+
+def _reshape_shape(shape, target, allowzero):
+    out = [int(d) for d in target]
+    for i, d in enumerate(out):
+        if d == 0 and not allowzero:
+            out[i] = shape[i]
+    if -1 in out and -1 not in shape and out.count(-1) == 1:
+        known = int(np.prod([d for d in out if d != -1]))
+        out[out.index(-1)] = int(np.prod(shape)) // known if known else 0
+    return tuple(out)
+
+
+def _axes(imp, node, rank):
+    a = imp._attrs(node)
+    if "axes" in a:
+        axes = list(a["axes"])
+    elif len(node.input) > 1 and node.input[1]:
+        c = imp._const(node.input[1])
+        if c is None:
+            imp._fail(node, "axes must be a constant")
+        axes = [int(x) for x in c.reshape(-1)]
+    else:
+        axes = None
+    return None if axes is None else sorted(x + rank if x < 0 else x for x in axes)
+
+
+def _squeeze(imp, node, shape):
+    axes = _axes(imp, node, len(shape))
+    if axes is None:
+        return tuple(d for d in shape if d != 1)
+    return tuple(d for i, d in enumerate(shape) if i not in axes)
+
+
+def _unsqueeze(imp, node, shape):
+    axes = _axes(imp, node, len(shape) + len(_axes(imp, node, 0) or []))
+    out = list(shape)
+    for x in axes:
+        out.insert(x, 1)
+    return tuple(out)
+
+
+# constant folding: op -> fn(importer, node, constant inputs) evaluated at build time
+_FOLD = {
+    "Identity": lambda imp, n, c: c[0],
+    "Add": lambda imp, n, c: c[0] + c[1],
+    "Sub": lambda imp, n, c: c[0] - c[1],
+    "Mul": lambda imp, n, c: c[0] * c[1],
+    "Div": lambda imp, n, c: c[0] // c[1] if c[0].dtype.kind in "iu" else c[0] / c[1],
+    "Reshape": lambda imp, n, c: c[0].reshape(_reshape_shape(c[0].shape, c[1], imp._attrs(n).get("allowzero", 0))),
+    "Flatten": lambda imp, n, c: c[0].reshape(int(np.prod(c[0].shape[:imp._attrs(n).get("axis", 1)])), -1),
+    "Squeeze": lambda imp, n, c: c[0].reshape(_squeeze(imp, n, c[0].shape)),
+    "Unsqueeze": lambda imp, n, c: c[0].reshape(_unsqueeze(imp, n, c[0].shape)),
+    "Transpose": lambda imp, n, c: c[0].transpose(imp._attrs(n).get("perm")),
+    "Concat": lambda imp, n, c: np.concatenate(c, imp._attrs(n)["axis"]),
+    "Gather": lambda imp, n, c: np.take(c[0], c[1], imp._attrs(n).get("axis", 0)),
+    "Cast": lambda imp, n, c: c[0].astype(_onnx()[0].helper.tensor_dtype_to_np_dtype(imp._attrs(n)["to"])),
+    "Shape": lambda imp, n, c: np.array(c[0].shape, np.int64),
+}
+
+# ops with a kernel (any input); ops folded at build time when all their inputs are constant
+KERNEL_OPS = {op[4:] for op in dir(_Importer) if op.startswith("_op_")} | {"Constant"}
+SUPPORTED = KERNEL_OPS | set(_FOLD)
