@@ -101,6 +101,28 @@ cdef extern from "gemm/gemm.h" nogil:
         const float *bias
         float lo, hi
     mk_status mk_sgemm(const mk_sgemm_args *p, mk_pool *pool)
+    double mk_gemm_fma_burn(mk_pool *pool, int64_t chunks, int64_t iters)
+
+
+def fma_peak_gflops(Pool pool, double seconds=0.2):
+    """The FMA peak (GFLOP/s) of the active ISA on pool.num_threads threads at once: the best
+    of several timed bursts of independent FMAs."""
+    import time
+    cdef int64_t chunks = mk_pool_num_threads(pool.pool), iters = 1 << 16
+    cdef double flops
+    best = 0.0
+    deadline = time.perf_counter() + seconds
+    while True:
+        t0 = time.perf_counter()
+        with nogil:
+            flops = mk_gemm_fma_burn(pool.pool, chunks, iters)
+        dt = time.perf_counter() - t0
+        if dt < 2e-3:
+            iters *= 4
+            continue
+        best = max(best, flops / dt / 1e9)
+        if time.perf_counter() > deadline:
+            return best
 
 
 cdef mk_status run_gemm(void *p, mk_pool *pool) noexcept nogil:

@@ -29,6 +29,22 @@ const mk_gemm_ukernel *mk_gemm_ukernel_active(void) {
     return k;
 }
 
+typedef struct burn_ctx { const mk_gemm_ukernel *u; int64_t iters; _Atomic double flops; } burn_ctx;
+
+static void burn_chunks(void *ctx, int64_t begin, int64_t end) {
+    burn_ctx *b = ctx;
+    for (int64_t t = begin; t < end; t++) {
+        double f = b->u->fma_burn(b->iters), old = atomic_load(&b->flops);
+        while (!atomic_compare_exchange_weak(&b->flops, &old, old + f)) {}
+    }
+}
+
+double mk_gemm_fma_burn(mk_pool *pool, int64_t chunks, int64_t iters) {
+    burn_ctx b = {mk_gemm_ukernel_active(), iters, 0.0};
+    mk_parallel_for(pool, chunks, 1, burn_chunks, &b);
+    return atomic_load(&b.flops);
+}
+
 mk_status mk_gemm_packed_b_floats(int64_t k, int64_t n, int64_t *floats) {
     if (k < 0 || n < 0) return MK_EINVAL;
     int64_t panels = n / MK_GEMM_NR + (n % MK_GEMM_NR != 0);

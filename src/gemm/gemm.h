@@ -48,6 +48,9 @@ typedef struct mk_gemm_ukernel {
     mk_gemm_ukernel_fn run;
     const char *name;       /* e.g. "gemm_12x32__avx512": shown by conv.implementation */
     mk_gemm_ukernel_strided_fn run_strided;   /* addition */
+    /* Addition, a measuring aid: `iters` rounds of independent FMAs in this ISA's widest
+     * registers (the FMA peak, for bench/); returns the flops done. */
+    double (*fma_burn)(int64_t iters);
 } mk_gemm_ukernel;
 
 /* The micro-kernel of the ISA mk_select_isa chose (filled by mk_gemm_select_isa). */
@@ -84,6 +87,10 @@ typedef struct mk_sgemm_args {
 } mk_sgemm_args;
 
 mk_status mk_sgemm(const mk_sgemm_args *p, mk_pool *pool);
+
+/* The active ISA's fma_burn(iters) on each of `chunks` pool threads at once; returns the
+ * flops done (time it to get the FMA peak of that many cores). */
+double mk_gemm_fma_burn(mk_pool *pool, int64_t chunks, int64_t iters);
 
 /* Fill the GEMM dispatch table for `isa` (called by mk_select_isa). */
 void mk_gemm_select_isa(mk_isa isa);

@@ -109,5 +109,29 @@ static void gemm_6x32_strided__avx2(int mr, int nc, int64_t kc, const float *con
     else tile_6x32(mr, nc, kc, 1, a, 0, zero, w, ldw, 1, c, ldc, ep);
 }
 
+/* 12 independent FMA chains (latency 4 x 2 ymm FMAs per cycle needs >= 8). */
+static double fma_burn__avx2(int64_t iters) {
+    const __m256 b = _mm256_set1_ps(0.999999f), c = _mm256_set1_ps(1e-7f);
+#define REP12(X) REP6(X) X(6) X(7) X(8) X(9) X(10) X(11)
+#define INIT(i) __m256 x##i = _mm256_set1_ps(1.0f + i);
+    REP12(INIT)
+#undef INIT
+    for (int64_t t = 0; t < iters; t++) {
+#define STEP(i) x##i = _mm256_fmadd_ps(x##i, b, c);
+        REP12(STEP)
+#undef STEP
+    }
+    __m256 s = _mm256_setzero_ps();
+#define SUM(i) s = _mm256_add_ps(s, x##i);
+    REP12(SUM)
+#undef SUM
+#undef REP12
+    float lanes8[8];
+    _mm256_storeu_ps(lanes8, s);
+    volatile float sink = lanes8[0];
+    (void)sink;
+    return (double)iters * 12 * 16;
+}
+
 const mk_gemm_ukernel mk_gemm_ukernel__avx2 = {MR, gemm_6x32__avx2, "gemm_6x32__avx2",
-                                              gemm_6x32_strided__avx2};
+                                              gemm_6x32_strided__avx2, fma_burn__avx2};

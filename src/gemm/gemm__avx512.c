@@ -92,5 +92,25 @@ static void gemm_12x32_strided__avx512(int mr, int nc, int64_t kc, const float *
     else tile_12x32(mr, nc, kc, 1, a, 0, zero, w, ldw, 1, c, ldc, ep);
 }
 
+/* 12 independent FMA chains (latency 4 x 1 zmm FMA per cycle needs >= 4). */
+static double fma_burn__avx512(int64_t iters) {
+    const __m512 b = _mm512_set1_ps(0.999999f), c = _mm512_set1_ps(1e-7f);
+#define INIT(i) __m512 x##i = _mm512_set1_ps(1.0f + i);
+    REP12(INIT)
+#undef INIT
+    for (int64_t t = 0; t < iters; t++) {
+#define STEP(i) x##i = _mm512_fmadd_ps(x##i, b, c);
+        REP12(STEP)
+#undef STEP
+    }
+    __m512 s = _mm512_setzero_ps();
+#define SUM(i) s = _mm512_add_ps(s, x##i);
+    REP12(SUM)
+#undef SUM
+    volatile float sink = _mm512_reduce_add_ps(s);
+    (void)sink;
+    return (double)iters * 12 * 32;
+}
+
 const mk_gemm_ukernel mk_gemm_ukernel__avx512 = {MR, gemm_12x32__avx512, "gemm_12x32__avx512",
-                                                 gemm_12x32_strided__avx512};
+                                                 gemm_12x32_strided__avx512, fma_burn__avx512};

@@ -46,5 +46,16 @@ static void gemm_4x32_strided__generic(int mr, int nc, int64_t kc, const float *
     tile_4x32(mr, nc, kc, 1, a, 0, zero, w, ldw, 1, c, ldc, ep);
 }
 
+/* 16 independent multiply-add chains, in whatever the compiler makes of them. */
+static double fma_burn__generic(int64_t iters) {
+    float x[16];
+    for (int i = 0; i < 16; i++) x[i] = 1.0f + (float)i;
+    for (int64_t t = 0; t < iters; t++)
+        for (int i = 0; i < 16; i++) x[i] = x[i] * 0.999999f + 1e-7f;
+    volatile float sink = x[0] + x[15];
+    (void)sink;
+    return (double)iters * 16 * 2;
+}
+
 const mk_gemm_ukernel mk_gemm_ukernel__generic = {MR, gemm_4x32__generic, "gemm_4x32__generic",
-                                                  gemm_4x32_strided__generic};
+                                                  gemm_4x32_strided__generic, fma_burn__generic};
