@@ -88,6 +88,15 @@ def cases(device):
 
     out.append(("32 relus 1x112x112x64 via temporaries", lambda: _run(queue, chain), numpy_chain,
                 64 * x.nbytes))
+
+    # SGEMM 512^3 (MatrixMultiplication) vs np.matmul (OpenBLAS, its own thread count)
+    ma, mb = (rng.standard_normal((512, 512)).astype(np.float32) for _ in range(2))
+    mc = np.empty((512, 512), np.float32)
+    left, right = mk.Matrix.from_numpy(device, ma), mk.Matrix.from_numpy(device, mb)
+    result = mk.Matrix.with_device(device, mk.MatrixDescriptor(512, 512))
+    matmul = mk.MatrixMultiplication(device, 512, 512, 512)
+    out.append(("matmul 512x512x512", lambda: _run(queue, lambda cb: matmul.encode(
+        cb, left, right, result)), lambda: np.matmul(ma, mb, out=mc), 3 * mc.nbytes))
     return out
 
 

@@ -167,6 +167,7 @@ class _Storage:
         if self._bytes.nbytes < self._offset + needed:
             raise ValidationError(f"{what}: the buffer has {self._bytes.nbytes} bytes; offset "
                                   f"{self._offset} + {needed} are needed")
+        self._base = self._bytes.__array_interface__["data"][0] + self._offset   # never moves
 
     @property
     def offset(self):
@@ -188,7 +189,7 @@ class _Storage:
         """Shared memory: nothing to do."""
 
     def _address(self):
-        return self._bytes.ctypes.data + self._offset
+        return self._base
 
     def _span(self):
         """[first, last) byte addresses the elements occupy."""

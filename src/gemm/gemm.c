@@ -62,8 +62,12 @@ void mk_gemm_pack_b(int64_t k, int64_t n, const void *b, int format, int64_t rs,
             if (format == MK_FMT_F16) {
                 const uint16_t *src = (const uint16_t *)b + at;
                 for (int64_t j = 0; j < nc; j++) packed[j] = mk_ew_f16_to_f32(src[j * cs]);
-            } else if (cs == 1) {
-                memcpy(packed, (const float *)b + at, (size_t)nc * sizeof(float));
+            } else if (cs == 1) {   /* a fixed-size copy: no call per 128 bytes */
+                const float *src = (const float *)b + at;
+                if (nc == MK_GEMM_NR)
+                    for (int j = 0; j < MK_GEMM_NR; j++) packed[j] = src[j];
+                else
+                    memcpy(packed, src, (size_t)nc * sizeof(float));
             } else {
                 const float *src = (const float *)b + at;
                 for (int64_t j = 0; j < nc; j++) packed[j] = src[j * cs];

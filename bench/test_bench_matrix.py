@@ -1,0 +1,141 @@
+"""SGEMM (MatrixMultiplication) against NumPy's matmul(out=) (OpenBLAS), 1 and 2 threads, with
+the machine's FMA peak measured beside it.
+
+Run: PYTHONPATH=$PWD python -m pytest bench/test_bench_matrix.py -q -p no:randomly
+(summary table at the end; recorded figures in docs/gemm.md).
+
+Shapes are M x K x N: C (M x N) = A (M x K) B (K x N), float32, row-major. Our time is
+encode + commit + wait of one command buffer; NumPy's is np.matmul(a, b, out=c) with
+OpenBLAS limited to the same thread count. The machine may be shared, so the two are sampled
+alternately (ROUNDS rounds) and each side's median is taken over all its samples; the ratio
+(ours / NumPy) compares medians of the same stretch of time. "best" compares the fastest runs.
+
+FMA peak: mk_gemm_fma_burn (12 independent FMA chains per thread in the active ISA's widest
+registers, the best of repeated bursts) on the same number of threads."""
+import ctypes
+import glob
+import os
+import time
+
+import numpy as np
+import pytest
+
+import mpskernels as mk
+from mpskernels import _native
+
+ROUNDS = 7
+SHAPES = [(256, 256, 256), (512, 512, 512), (1024, 1024, 1024), (2048, 2048, 2048),
+          (3136, 576, 64), (64, 4096, 1024), (1, 4096, 4096)]   # M x K x N
+
+
+def _openblas():
+    """NumPy's OpenBLAS, to set its thread count (None if not found)."""
+    libs = glob.glob(os.path.join(os.path.dirname(np.__file__), "..", "numpy.libs", "*openblas*"))
+    for path in libs:
+        lib = ctypes.CDLL(path)
+        for name in ("scipy_openblas_set_num_threads64_", "openblas_set_num_threads64_",
+                     "openblas_set_num_threads"):
+            if hasattr(lib, name):
+                return getattr(lib, name)
+    return None
+
+
+_set_blas_threads = _openblas()
+_devices, _peaks = {}, {}
+
+
+def _device(threads):
+    if threads not in _devices:
+        _devices[threads] = mk.Device(num_threads=threads)
+        _peaks[threads] = _native.fma_peak_gflops(_devices[threads]._pool, 0.5)
+    return _devices[threads]
+
+
+def _samples(fn, seconds):
+    fn()
+    out = []
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline or len(out) < 3:
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def paired_samples(seconds, *fns):
+    times = [[] for _ in fns]
+    for _ in range(ROUNDS):
+        for t, fn in zip(times, fns):
+            t += _samples(fn, seconds / ROUNDS / len(fns))
+    return [np.array(t) for t in times]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fma_peak(report, threads):
+    _device(threads)
+    report(("FMA peak", threads, float("nan"), float("nan"), float("nan"),
+            f"{_peaks[threads]:.1f} GFLOP/s ({_native.active_isa()})"))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape", SHAPES, ids=["x".join(map(str, s)) for s in SHAPES])
+def test_sgemm_vs_numpy(benchmark, report, shape, threads):
+    if _set_blas_threads is None:
+        pytest.skip("cannot set NumPy's OpenBLAS thread count")
+    m, k, n = shape
+    device = _device(threads)
+    queue = device.make_command_queue()
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((m, k)).astype(np.float32)
+    b = rng.standard_normal((k, n)).astype(np.float32)
+    c = np.empty((m, n), dtype=np.float32)
+    A, B = mk.Matrix.from_numpy(device, a), mk.Matrix.from_numpy(device, b)
+    C = mk.Matrix.with_device(device, mk.MatrixDescriptor(m, n))
+    kernel = mk.MatrixMultiplication(device, m, n, k)
+
+    def ours():
+        cb = queue.make_command_buffer()
+        kernel.encode(cb, A, B, C)
+        cb.commit()
+        cb.wait_until_completed()
+
+    _set_blas_threads(threads)
+    try:
+        times = paired_samples(min(8.0, max(2.0, 2 * m * n * k / 2e10)), ours,
+                               lambda: np.matmul(a, b, out=c))
+    finally:
+        _set_blas_threads(1)
+    ours_s, numpy_s = np.median(times[0]), np.median(times[1])
+    benchmark.group = f"sgemm {m}x{k}x{n}"
+    benchmark.pedantic(ours, rounds=3, warmup_rounds=0)
+    flops = 2.0 * m * n * k
+    gflops, best = flops / ours_s / 1e9, flops / times[0].min() / 1e9
+    extra = (f"{gflops:.1f} GFLOP/s ({100 * gflops / _peaks[threads]:.0f}% of peak; best run "
+             f"{best:.1f} = {100 * best / _peaks[threads]:.0f}%); NumPy {flops / numpy_s / 1e9:.1f}"
+             f"; best/best ratio {times[0].min() / times[1].min():.2f}")
+    benchmark.extra_info.update(numpy_us=numpy_s * 1e6, ours_us=ours_s * 1e6,
+                                ratio=ours_s / numpy_s, gflops=gflops)
+    report((f"sgemm {m}x{k}x{n}", threads, ours_s * 1e6, numpy_s * 1e6, ours_s / numpy_s, extra))
+
+
+def test_small_multiplication_latency(report):
+    """64x64x64 MatrixMultiplication: encode + commit + wait (must hold: median <= 15 us)."""
+    device = _device(1)
+    queue = device.make_command_queue()
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((64, 64)).astype(np.float32) for _ in range(2))
+    A, B = mk.Matrix.from_numpy(device, a), mk.Matrix.from_numpy(device, b)
+    C = mk.Matrix.with_device(device, mk.MatrixDescriptor(64, 64))
+    kernel = mk.MatrixMultiplication(device, 64, 64, 64)
+    c = np.empty((64, 64), np.float32)
+
+    def ours():
+        cb = queue.make_command_buffer()
+        kernel.encode(cb, A, B, C)
+        cb.commit()
+        cb.wait_until_completed()
+
+    times = paired_samples(2.0, ours, lambda: np.matmul(a, b, out=c))
+    ours_s, numpy_s = np.median(times[0]), np.median(times[1])
+    report(("MatrixMultiplication 64x64x64 latency", 1, ours_s * 1e6, numpy_s * 1e6,
+            ours_s / numpy_s, f"must hold: median <= 15 us (best {times[0].min() * 1e6:.1f} us)"))
