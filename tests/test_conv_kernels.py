@@ -174,6 +174,14 @@ def test_winograd_placement(device, isa, seed):
           dst_c0=seed % 2, clip=((1, 2), (9, 7)) if seed % 2 else None, weights_f16=seed == 5)
 
 
+@pytest.mark.parametrize("fmt_out", [FMT.FLOAT32, FMT.FLOAT16])
+@pytest.mark.parametrize("neuron", [NEURONS[2], NEURONS[5]])
+def test_winograd_channel_groups(device, isa, fmt_out, neuron):
+    """More than 128 output channels: work items split the channels (PReLU slopes, stores)."""
+    check(device, np.random.default_rng(9), "winograd", cin=20, cout=290, k=3, size=(7, 9), n=2,
+          neuron=neuron, fmt_out=fmt_out, dst_c0=1, edge=1)
+
+
 def test_winograd_large_channels_error(device):
     """The stated bound on a layer-sized reduction (cin = 256: the GEMM sums 256 terms)."""
     check(device, np.random.default_rng(7), "winograd", cin=256, cout=64, k=3, size=(12, 12))

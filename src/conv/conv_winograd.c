@@ -4,8 +4,9 @@
  * 144. The channel sums are 36 independent GEMMs (tiles x cin times cin x cout), run on the
  * shared micro-kernel (mk_gemm_ukernel_active) with U packed as its B panels.
  *
- * Work items are blocks of consecutive tiles (over image, tile row, tile column), sized from
- * the shape only so that the block's transformed input V [36][tiles][cin] and products
+ * Work items are (block of consecutive tiles over image, tile row, tile column; group of
+ * WINO_GROUP output channels: layers with few tiles still split), sized from the shape only so
+ * that the block's transformed input V [36][tiles][cin] and products
  * M [36][tiles][cout] stay in L2: input transform, 36 GEMMs (each U panel reused across the
  * block's tiles), output transform (bias, clamp-like neuron; other neurons right after, on
  * the tile's rows). Selection (supports): channels >= WINO_MIN_CHANNELS both ways (below,
@@ -24,6 +25,7 @@
 #define WINO_MAX_U_BYTES (16 << 20)
 #define WINO_BLOCK_BYTES (768 << 10)   /* V + M of one work item */
 #define WINO_MAX_MR 32
+#define WINO_GROUP 128                 /* output channels per work item (a multiple of NR) */
 
 typedef struct wino_plan {
     const mk_gemm_ukernel *uk;
@@ -31,6 +33,7 @@ typedef struct wino_plan {
     ck_wino_out_fn out;
     int32_t *ys, *xs;            /* tiles_y x 6 source rows, tiles_x x 6 source columns */
     int64_t tiles_y, tiles_x, tiles, block, blocks;
+    int64_t groups;              /* output channel groups of WINO_GROUP */
     float *zero;                 /* cin zeros for the micro-kernel's unused rows */
 } wino_plan;
 
@@ -133,6 +136,7 @@ static mk_status wino_plan_create(mk_conv_plan *plan) {
     s->blocks = (s->tiles + fit - 1) / fit;
     s->block = ck_round_up((s->tiles + s->blocks - 1) / s->blocks, mr);
     s->blocks = (s->tiles + s->block - 1) / s->block;
+    s->groups = (p->cout_g + WINO_GROUP - 1) / WINO_GROUP;
     s->ys = malloc((size_t)(s->tiles_y * 6) * sizeof(int32_t));
     s->xs = malloc((size_t)(s->tiles_x * 6) * sizeof(int32_t));
     s->zero = calloc((size_t)p->cin_g, sizeof(float));
@@ -168,21 +172,22 @@ typedef struct wino_ctx {
     mk_status status;
 } wino_ctx;
 
-/* Store (or finish) output rows of a tile: the tile buffer through mk_conv_store, or the
+/* Store (or finish) output rows of a tile, channels [o0, o0 + nc): the tile buffer through mk_conv_store, or the
  * neuron in place when results went straight to the destination. */
 static mk_status wino_finish(const wino_ctx *c, int direct, float *const *out, const float *tile,
-                             int64_t img, int64_t y0, int64_t x0) {
+                             int64_t img, int64_t y0, int64_t x0, int64_t o0, int64_t nc) {
     const mk_conv_params *p = c->p;
-    const int64_t cout = p->cout_g;
     const int cols = (int)(p->out_w - x0 < 4 ? p->out_w - x0 : 4);
     for (int i = 0; i < 4 && y0 + i < p->out_h; i++) {
         mk_status st = MK_OK;
         if (!direct)
-            st = mk_conv_store(p, tile + i * 4 * c->coutp, c->coutp,
-                               (img * p->out_h + y0 + i) * p->out_w + x0, cols, 0, (int)cout);
+            st = mk_conv_store(p, tile + i * 4 * c->coutp + o0, c->coutp,
+                               (img * p->out_h + y0 + i) * p->out_w + x0, cols, o0, (int)nc);
         else if (!c->fused) {
+            mk_neuron_params n = p->neuron;
+            if (n.type == MK_NEURON_PRELU) n.prelu += o0;
             mk_operand v = {out[i * 4], MK_FMT_F32, 0, 0, p->dst.stride_x, 1};
-            st = mk_neuron(&p->neuron, &v, &v, (mk_extent){1, 1, cols, (int32_t)cout}, NULL);
+            st = mk_neuron(&n, &v, &v, (mk_extent){1, 1, cols, (int32_t)nc}, NULL);
         }
         if (st != MK_OK) return st;
     }
@@ -206,7 +211,9 @@ static void wino_task(void *arg, int64_t begin, int64_t end) {
     float *out[16];
     const mk_gemm_epilogue ep = {1.0f, 0.0f, NULL, -INFINITY, INFINITY};
     for (int64_t item = begin; item < end; item++) {
-        const int64_t t0 = item * B, nt = s->tiles - t0 < B ? s->tiles - t0 : B;
+        const int64_t t0 = item / s->groups * B, nt = s->tiles - t0 < B ? s->tiles - t0 : B;
+        const int64_t o0 = item % s->groups * WINO_GROUP;
+        const int64_t nc_group = cout - o0 < WINO_GROUP ? cout - o0 : WINO_GROUP;
         for (int64_t t = 0; t < nt; t++) {   /* input transform */
             const int64_t tile_i = t0 + t, plane = s->tiles_y * s->tiles_x;
             const int64_t img = tile_i / plane, ty = tile_i % plane / s->tiles_x, tx = tile_i % s->tiles_x;
@@ -219,7 +226,7 @@ static void wino_task(void *arg, int64_t begin, int64_t end) {
             s->in(px, cin, v + t * cin, B * cin);
         }
         for (int xi = 0; xi < 36; xi++)   /* M[xi] = V[xi] U[xi] */
-            for (int64_t j = 0; j < cout; j += MK_GEMM_NR) {
+            for (int64_t j = o0; j < o0 + nc_group; j += MK_GEMM_NR) {
                 const float *w = c->w->packed + xi * per + j * cin;
                 const int nc = (int)(cout - j < MK_GEMM_NR ? cout - j : MK_GEMM_NR);
                 for (int64_t t = 0; t < nt; t += uk->mr) {
@@ -240,12 +247,12 @@ static void wino_task(void *arg, int64_t begin, int64_t end) {
                     if (y >= p->out_h || x >= p->out_w) *o = NULL;
                     else if (direct)
                         *o = (float *)p->dst.data + img * p->dst.stride_n + y * p->dst.stride_y +
-                             x * p->dst.stride_x;
-                    else *o = tile + (i * 4 + j) * c->coutp;
+                             x * p->dst.stride_x + o0;
+                    else *o = tile + (i * 4 + j) * c->coutp + o0;
                 }
-            s->out(m + t * c->coutp, B * c->coutp, cout, c->w->bias, out, direct ? c->lo : -INFINITY,
-                   direct ? c->hi : INFINITY);
-            mk_status st = wino_finish(c, direct, out, tile, img, ty * 4, tx * 4);
+            s->out(m + t * c->coutp + o0, B * c->coutp, nc_group, c->w->bias + o0, out,
+                   direct ? c->lo : -INFINITY, direct ? c->hi : INFINITY);
+            mk_status st = wino_finish(c, direct, out, tile, img, ty * 4, tx * 4, o0, nc_group);
             if (st != MK_OK) c->status = st;
         }
     }
@@ -264,7 +271,7 @@ static mk_status wino_run(const mk_conv_plan *plan, const mk_conv_params *p, mk_
     mk_status st = mk_conv_source_f32(p, pool, &c.a, &converted, &c.a_n, &c.a_y, &c.a_x);
     if (st != MK_OK) return st;
     c.fused = mk_conv_clamp(&p->neuron, &c.lo, &c.hi);
-    mk_parallel_for(pool, c.s->blocks, 1, wino_task, &c);
+    mk_parallel_for(pool, c.s->blocks * c.s->groups, 1, wino_task, &c);
     free(converted);
     return c.status;
 }
