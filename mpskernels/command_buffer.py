@@ -38,6 +38,7 @@ class CommandBuffer:
         self._bindings = []        # (command, operand index, root temporary, byte offset)
         self._roots = []           # root temporaries that took storage, in first-use order
         self._temporaries = []     # every temporary made on this buffer (for the leak check)
+        self._retained = set()     # persistent images the commands point into (MPS retains them)
         self._scheduled_handlers = []
         self._completed_handlers = []
         self._leftover = ()
@@ -91,6 +92,7 @@ class CommandBuffer:
                 address = 0
             else:
                 address = root._address() + byte_offset
+                self._retained.add(root)   # C holds the raw address: keep the storage alive
             command.set_operand(k, address, image._format, sn, sy, sx, sc)
         command.description = description
         self._commands.append(command)

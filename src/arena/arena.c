@@ -7,11 +7,31 @@
  * gap between already-placed blocks whose lifetimes overlap its own, else after the highest.
  * Large blocks placed first leave gaps that smaller ones fill, which is why it lands within a
  * few percent of the live-bytes lower bound on real networks. */
+#define _DEFAULT_SOURCE   /* MAP_ANONYMOUS */
 #include <stdlib.h>
 #include <string.h>
 #include <pthread.h>
 
 #include "mpskernels.h"
+
+/* Large blocks are mapped directly so that trim() really gives them back: glibc's free()
+ * keeps a freed chunk in its heap once its dynamic mmap threshold has grown past that size.
+ * Sanitizer builds keep malloc, whose red zones around each block catch overruns. */
+#if (defined(__unix__) || defined(__APPLE__)) && !defined(__SANITIZE_ADDRESS__) \
+    && !defined(__SANITIZE_THREAD__)
+#include <sys/mman.h>
+#define MK_MMAP_MIN_BYTES (64 << 10)
+#endif
+
+static void *block_data_alloc(int64_t size) {
+#ifdef MK_MMAP_MIN_BYTES
+    if (size >= MK_MMAP_MIN_BYTES) {
+        void *p = mmap(NULL, (size_t)size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        return p == MAP_FAILED ? NULL : p;   /* page aligned, so MK_ALIGNMENT aligned */
+    }
+#endif
+    return aligned_alloc(MK_ALIGNMENT, (size_t)size);
+}
 
 static int64_t align_up(int64_t v) { return (v + MK_ALIGNMENT - 1) / MK_ALIGNMENT * MK_ALIGNMENT; }
 
@@ -108,7 +128,14 @@ mk_block_cache *mk_block_cache_create(void) {
     return c;
 }
 
-static void free_block(mk_block *b) { free(b->data); free(b); }
+static void free_block(mk_block *b) {
+#ifdef MK_MMAP_MIN_BYTES
+    if (b->size >= MK_MMAP_MIN_BYTES) munmap(b->data, (size_t)b->size);
+    else
+#endif
+        free(b->data);
+    free(b);
+}
 
 int64_t mk_block_cache_trim(mk_block_cache *c) {
     pthread_mutex_lock(&c->mu);
@@ -161,7 +188,7 @@ mk_block *mk_block_cache_acquire(mk_block_cache *c, int64_t size, int *fresh) {
 
     mk_block *b = calloc(1, sizeof *b);
     if (!b) return NULL;
-    b->data = aligned_alloc(MK_ALIGNMENT, (size_t)size);
+    b->data = block_data_alloc(size);
     if (!b->data) { free(b); return NULL; }
     b->size = size;
     *fresh = 1;

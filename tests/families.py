@@ -1,0 +1,205 @@
+"""The kernel families the reliability tests cover: one registry, so a new family joins the
+determinism, ISA and fuzz tests by adding entries here.
+
+EXAMPLES: family -> examples(rng) -> [Example]. An Example has float32 input arrays and an
+  encode(device, cb, images) -> output Image. The determinism and ISA tests run every example
+  (tests/test_determinism.py); they compare runs with each other, so no reference is needed.
+FUZZ_KERNELS: [PointwiseKernel] the API fuzzer (tests/test_fuzz.py) draws: random valid
+  parameters, a kernel factory and a float64 reference of the per-element function. The fuzzer
+  does the geometry (offsets, clip rects, edge modes, channel offsets, broadcasting strides)
+  itself; a family with its own geometry (convolution, GEMM...) adds a `reference` of its own.
+"""
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+import mpskernels as mk
+import reference as ref
+
+T = mk.CNNNeuronType
+FMT = mk.ImageFeatureChannelFormat
+
+
+@dataclass
+class Example:
+    name: str
+    inputs: list                      # float32 arrays (N, H, W, C)
+    encode: Callable                  # encode(device, cb, images) -> the output Image
+    rtol: float = 1e-5                # ISA agreement: |a - b| <= rtol * max(1, |b|)
+
+
+def _image(device, shape, fmt=FMT.FLOAT32):
+    n, h, w, c = shape
+    return mk.Image(device, mk.ImageDescriptor(fmt, w, h, c, n))
+
+
+# ---- neurons --------------------------------------------------------------------------------
+
+# (type, a, b, c): every neuron type, parameters in each one's interesting range
+NEURON_PARAMS = [
+    (T.NONE, 0, 0, 0), (T.RELU, 0.1, 0, 0), (T.LINEAR, 1.5, -0.25, 0), (T.SIGMOID, 0, 0, 0),
+    (T.HARD_SIGMOID, 0.2, 0.5, 0), (T.TANH, 1.7, 0.66, 0), (T.ABSOLUTE, 0, 0, 0),
+    (T.SOFT_PLUS, 1.0, 1.0, 0), (T.SOFT_SIGN, 0, 0, 0), (T.ELU, 1.0, 0, 0), (T.PRELU, 0, 0, 0),
+    (T.RELUN, 0.1, 2.0, 0), (T.POWER, 0.5, 2.0, 2.0), (T.EXPONENTIAL, 0.5, 0.0, -1.0),
+    (T.LOGARITHM, 0.5, 3.0, -1.0), (T.GELU, 0, 0, 0),
+]
+assert {p[0] for p in NEURON_PARAMS} == set(T) - {T.COUNT}
+
+
+def make_neuron(device, neuron_type, a=0.0, b=0.0, c=0.0, slopes=None):
+    if neuron_type == T.PRELU:
+        descriptor = mk.NNNeuronDescriptor.cnn_neuron_prelu_descriptor(slopes)
+    else:
+        descriptor = mk.NNNeuronDescriptor.cnn_neuron_descriptor(neuron_type, a, b, c)
+    return mk.CNNNeuron(device, descriptor)
+
+
+def _neuron_examples(rng):
+    shape = (2, 33, 31, 37)            # several chunks of either grain, channels not 16k
+    x = rng.uniform(-4, 4, shape).astype(np.float32)
+    slopes = np.linspace(-0.5, 2.0, shape[3]).astype(np.float32)
+    out = []
+    for t, a, b, c in NEURON_PARAMS:
+        def encode(device, cb, images, t=t, a=a, b=b, c=c):
+            dst = _image(device, shape)
+            make_neuron(device, t, a, b, c, slopes).encode(cb, images[0], dst)
+            return dst
+        out.append(Example(f"neuron-{t.name.lower()}", [x], encode))
+    return out
+
+
+# ---- arithmetic -----------------------------------------------------------------------------
+
+ARITHMETIC = {"add": mk.CNNAdd, "subtract": mk.CNNSubtract, "multiply": mk.CNNMultiply,
+              "divide": mk.CNNDivide}
+
+
+def _arithmetic_examples(rng):
+    shape = (2, 29, 35, 40)
+    x = rng.uniform(-4, 4, shape).astype(np.float32)
+    y = rng.uniform(0.5, 4, shape).astype(np.float32) * rng.choice([-1, 1], shape)
+    vector = y[:, :1, :1, :]           # a per-channel vector per image, broadcast by strides 0
+    out = []
+    for name, cls in ARITHMETIC.items():
+        for broadcast in (False, True):
+            def encode(device, cb, images, cls=cls, broadcast=broadcast):
+                kernel = cls(device)
+                kernel.primary_scale, kernel.secondary_scale, kernel.bias = 0.5, 1.5, 0.25
+                if broadcast:
+                    kernel.secondary_stride_in_pixels_x = kernel.secondary_stride_in_pixels_y = 0
+                dst = _image(device, shape)
+                kernel.encode(cb, images[0], images[2 if broadcast else 1], dst)
+                return dst
+            out.append(Example(f"{name}{'-broadcast' if broadcast else ''}", [x, y, vector],
+                               encode))
+    return out
+
+
+def _network_examples(rng):
+    """A small network through temporaries: the arena, read counts and aliasing."""
+    shape = (1, 40, 36, 24)
+    x = rng.uniform(-2, 2, shape).astype(np.float32)
+
+    def encode(device, cb, images):
+        relu = make_neuron(device, T.RELU, 0.1)
+        sigmoid = make_neuron(device, T.SIGMOID)
+        add, mul = mk.CNNAdd(device), mk.CNNMultiply(device)
+        h1 = relu.encode(cb, images[0])
+        h1.read_count = 2
+        h2 = sigmoid.encode(cb, h1)
+        h3 = add.encode(cb, h1, h2)
+        dst = _image(device, shape)
+        mul.encode(cb, h3, images[0], dst)
+        return dst
+    return [Example("relu-sigmoid-add-mul", [x], encode)]
+
+
+EXAMPLES = {"neuron": _neuron_examples, "arithmetic": _arithmetic_examples,
+            "network": _network_examples}
+
+
+# ---- fuzzing: pointwise kernels -------------------------------------------------------------
+
+@dataclass
+class PointwiseKernel:
+    """A pointwise kernel the fuzzer can draw. draw(data) -> params (valid, well conditioned
+    for inputs of moderate size); make(device, params) -> kernel with those set;
+    f(params, values, channels) -> float64 result (values: one array per source)."""
+    name: str
+    arity: int
+    draw: Callable
+    make: Callable
+    f: Callable
+    invalid: list = field(default_factory=list)   # {property: bad value}: each must raise
+
+
+def _f32(st, lo, hi):
+    return st.floats(lo, hi, width=32)
+
+
+def _draw_neuron(data):
+    from hypothesis import strategies as st
+    t = data.draw(st.sampled_from([p[0] for p in NEURON_PARAMS]))
+    a, b, c = (data.draw(_f32(st, -2, 2)) for _ in range(3))
+    if t in (T.LINEAR, T.HARD_SIGMOID, T.POWER, T.LOGARITHM):
+        a = data.draw(st.sampled_from([-1, 1])) * data.draw(_f32(st, 0.25, 2))
+    if t == T.POWER:
+        c = data.draw(st.sampled_from([1.0, 2.0, 3.0]))          # integer powers: no NaN
+    if t == T.EXPONENTIAL:
+        a, c = data.draw(_f32(st, -1, 1)), data.draw(st.sampled_from([-1.0, 2.0, 0.5]))
+    if t == T.LOGARITHM:
+        c = data.draw(st.sampled_from([-1.0, 2.0, 10.0]))
+    slopes = None
+    if t == T.PRELU:                   # one shared slope, or one per channel (images have < 64)
+        size = data.draw(st.sampled_from([1, 64]))
+        slopes = np.asarray(data.draw(st.lists(_f32(st, -2, 2), min_size=size, max_size=size)),
+                            dtype=np.float32)
+    return {"type": t, "a": a, "b": b, "c": c, "slopes": slopes}
+
+
+def _neuron_f(p, values, channels):
+    return ref.neuron(p["type"], values[0], p["a"], p["b"], p["c"], p["slopes"], channels)
+
+
+def _draw_arithmetic(data):
+    from hypothesis import strategies as st
+    p = {"op": data.draw(st.sampled_from(list(ARITHMETIC))),
+         "primary_scale": data.draw(_f32(st, -2, 2)), "secondary_scale": data.draw(_f32(st, -2, 2)),
+         "bias": data.draw(_f32(st, -1, 1)), "minimum_value": float("-inf"),
+         "maximum_value": float("inf")}
+    if data.draw(st.booleans()):
+        lo, hi = sorted((data.draw(_f32(st, -3, 3)), data.draw(_f32(st, -3, 3))))
+        p["minimum_value"], p["maximum_value"] = lo, hi
+    return p
+
+
+def _make_arithmetic(device, p):
+    kernel = ARITHMETIC[p["op"]](device)
+    for name in ("primary_scale", "secondary_scale", "bias", "minimum_value", "maximum_value"):
+        setattr(kernel, name, p[name])
+    return kernel
+
+
+def _arithmetic_f(p, values, channels):
+    return ref.arithmetic(list(ARITHMETIC).index(p["op"]), values[0], values[1],
+                          p["primary_scale"], p["secondary_scale"], p["bias"],
+                          p["minimum_value"], p["maximum_value"])
+
+
+FUZZ_KERNELS = [
+    PointwiseKernel("neuron", 1, _draw_neuron,
+                    lambda device, p: make_neuron(device, p["type"], p["a"], p["b"], p["c"],
+                                                  p["slopes"]),
+                    _neuron_f,
+                    invalid=[{"edge_mode": 2}, {"source_feature_channel_max_count": 0},
+                             {"source_feature_channel_offset": -1},
+                             {"source_feature_channel_offset": 1.5},
+                             {"destination_feature_channel_offset": -1}]),
+    PointwiseKernel("arithmetic", 2, _draw_arithmetic, _make_arithmetic, _arithmetic_f,
+                    invalid=[{"primary_edge_mode": 3}, {"secondary_stride_in_pixels_x": -1},
+                             {"primary_stride_in_feature_channels": 2},
+                             {"secondary_source_feature_channel_max_count": 0},
+                             {"bias": float("nan")}, {"minimum_value": 2.0, "maximum_value": 1.0},
+                             {"primary_source_feature_channel_offset": True}]),
+]

@@ -1,0 +1,67 @@
+"""Determinism and instruction sets, for every family in families.EXAMPLES: the same bits for
+1, 2, 3 and 4 threads and on every repeated run (per ISA), and the portable, AVX2 and AVX-512
+paths within each example's tolerance of each other."""
+import zlib
+
+import numpy as np
+import pytest
+
+import mpskernels as mk
+from families import EXAMPLES
+from mpskernels import _native
+
+ISAS = _native.ISA_NAMES[:_native.ISA_NAMES.index(_native.best_isa()) + 1]   # this CPU's
+
+
+def run_example(device, example):
+    images = [mk.Image.from_numpy(device, x) for x in example.inputs]
+    cb = device.make_command_queue().make_command_buffer()
+    out = example.encode(device, cb, images)
+    cb.commit()
+    cb.wait_until_completed()
+    assert cb.status == mk.CommandBufferStatus.COMPLETED, cb.error
+    return out.to_numpy()
+
+
+def examples(family):
+    return EXAMPLES[family](np.random.default_rng(zlib.crc32(family.encode())))
+
+
+@pytest.fixture
+def restore_isa():
+    original = _native.active_isa()
+    yield
+    _native.select_isa(original)
+
+
+@pytest.mark.parametrize("family", sorted(EXAMPLES))
+def test_bitwise_identical_across_threads_and_runs(family, restore_isa):
+    devices = {n: mk.Device(num_threads=n) for n in (1, 2, 3, 4)}
+    for isa in ISAS:
+        assert _native.select_isa(isa) == isa
+        for example in examples(family):
+            first = run_example(devices[1], example).tobytes()
+            for n, device in devices.items():
+                for repeat in range(2):
+                    assert run_example(device, example).tobytes() == first, \
+                        f"{example.name} ({isa}): {n} threads, run {repeat + 1} differs from 1 thread"
+
+
+@pytest.mark.parametrize("family", sorted(EXAMPLES))
+def test_isas_agree(family, restore_isa):
+    if len(ISAS) == 1:
+        pytest.skip("this CPU has only the portable path")
+    device = mk.Device(num_threads=2)
+    for example in examples(family):
+        results = {}
+        for isa in ISAS:
+            _native.select_isa(isa)
+            results[isa] = run_example(device, example).astype(np.float64)
+        reference = results["generic"]
+        for isa, got in results.items():
+            assert np.array_equal(np.isnan(got), np.isnan(reference)), f"{example.name}: NaNs differ ({isa})"
+            with np.errstate(invalid="ignore"):
+                diff = np.abs(np.nan_to_num(got - reference))
+            limit = example.rtol * np.maximum(1.0, np.abs(np.nan_to_num(reference)))
+            assert (diff <= limit).all(), (f"{example.name}: {isa} differs from generic by "
+                                           f"{(diff / np.maximum(1.0, np.abs(reference))).max():.3g} relative")
