@@ -1,8 +1,9 @@
 """The kernel families the reliability tests cover: one registry, so a new family joins the
 determinism, ISA and fuzz tests by adding entries here.
 
-EXAMPLES: family -> examples(rng) -> [Example]. An Example has float32 input arrays and an
-  encode(device, cb, images) -> output Image. The determinism and ISA tests run every example
+EXAMPLES: family -> examples(rng) -> [Example]. An Example has float32 input arrays, loaded
+  as Images (or by its `load`, e.g. Matrix.from_numpy), and encode(device, cb, inputs) ->
+  the output (anything with to_numpy). The determinism and ISA tests run every example
   (tests/test_determinism.py); they compare runs with each other, so no reference is needed.
 FUZZ_KERNELS: [PointwiseKernel] the API fuzzer (tests/test_fuzz.py) draws: random valid
   parameters, a kernel factory and a float64 reference of the per-element function. The fuzzer
@@ -27,6 +28,8 @@ class Example:
     inputs: list                      # float32 arrays (N, H, W, C)
     encode: Callable                  # encode(device, cb, images) -> the output Image
     rtol: float = 1e-5                # ISA agreement: |a - b| <= rtol * max(1, |b|)
+    normwise: bool = False            # ... or rtol * max(1, max |b| over the output)
+    load: Callable = mk.Image.from_numpy   # load(device, array) -> an input
 
 
 def _image(device, shape, fmt=FMT.FLOAT32):
@@ -115,8 +118,110 @@ def _network_examples(rng):
     return [Example("relu-sigmoid-add-mul", [x], encode)]
 
 
+def _returning_images(kernel):
+    """The kernel's image-returning encode makes a persistent Image (so it can be read)."""
+    kernel.destination_image_allocator = mk.Image.default_allocator()
+    return kernel
+
+
+def _convolution_examples(rng):
+    x = rng.uniform(-1, 1, (2, 19, 23, 37)).astype(np.float32)
+    out = []
+
+    def add(name, make):
+        def encode(device, cb, images):
+            return _returning_images(make(device)).encode(cb, images[0])
+        # sums of up to 9*37 products in a different order per ISA, and Winograd's tile
+        # transforms: an element's error follows its tile's magnitude, not its own
+        out.append(Example(name, [x], encode, rtol=2e-5, normwise=True))
+
+    def conv(kw, kh, cout, stride=1, dilation=1, groups=1, depthwise=False, neuron=None):
+        def make(device):
+            cls = mk.CNNDepthWiseConvolutionDescriptor if depthwise else mk.CNNConvolutionDescriptor
+            d = cls(kw, kh, 37, cout)
+            d.groups = groups
+            d.stride_in_pixels_x = d.stride_in_pixels_y = stride
+            d.dilation_rate_x = d.dilation_rate_y = dilation
+            if neuron is not None:
+                d.fused_neuron_descriptor = mk.NNNeuronDescriptor.cnn_neuron_descriptor(neuron, 0.1)
+            shape = (cout, kh, kw) if depthwise else (cout, kh, kw, 37 // groups)
+            w = np.random.default_rng(kw * 100 + cout).standard_normal(shape).astype(np.float32)
+            return mk.CNNConvolution.from_arrays(device, d, w, np.linspace(-1, 1, cout).astype(np.float32))
+        return make
+
+    add("conv-3x3", conv(3, 3, 70, neuron=T.RELU))
+    add("conv-3x3-stride2-dilated", conv(3, 3, 33, stride=2, dilation=2))
+    add("conv-1x1", conv(1, 1, 48))
+    add("conv-5x3-groups", conv(5, 3, 74, groups=37))
+    add("conv-depthwise-3x3", conv(3, 3, 37, depthwise=True))
+
+    class Weights(mk.CNNConvolutionDataSource):
+        def __init__(self, descriptor, weights):
+            self.d, self.w = descriptor, weights
+
+        def data_type(self):
+            return mk.DataType.FLOAT32
+
+        def descriptor(self):
+            return self.d
+
+        def weights(self):
+            return self.w
+
+        def bias_terms(self):
+            return None
+
+    def transpose(device):
+        d = mk.CNNConvolutionDescriptor(3, 3, 37, 20)
+        d.stride_in_pixels_x = d.stride_in_pixels_y = 2
+        w = np.random.default_rng(5).standard_normal((20, 3, 3, 37)).astype(np.float32)
+        return mk.CNNConvolutionTranspose(device, Weights(d, w))
+    add("conv-transpose-3x3-stride2", transpose)
+
+    def fully_connected(device):
+        d = mk.CNNConvolutionDescriptor(23, 19, 37, 10)
+        w = np.random.default_rng(6).standard_normal((10, 19, 23, 37)).astype(np.float32)
+        return mk.CNNFullyConnected.from_arrays(device, d, w)
+    add("fully-connected", fully_connected)
+    return out
+
+
+def _reduction_examples(rng):
+    import mpskernels.reduction as reduction
+    x = rng.uniform(-4, 4, (2, 21, 35, 40)).astype(np.float32)
+    out = []
+    for name in reduction.__all__:
+        cls = getattr(reduction, name)
+        if not issubclass(cls, reduction.NNReduceUnary) or cls._op is None:
+            continue
+        def encode(device, cb, images, cls=cls):
+            return _returning_images(cls(device)).encode(cb, images[0])
+        out.append(Example(name, [x], encode, rtol=1e-5))   # sums of <= 40 terms of |x| <= 4
+    return out
+
+
+def _matrix_examples(rng):
+    a = rng.uniform(-1, 1, (3, 67, 45)).astype(np.float32)
+    b = rng.uniform(-1, 1, (3, 45, 71)).astype(np.float32)
+    c = rng.uniform(-1, 1, (3, 67, 71)).astype(np.float32)
+    load = mk.Matrix.from_numpy
+
+    def gemm(device, cb, m):
+        mk.MatrixMultiplication(device, 67, 71, 45, alpha=0.5, beta=0.25).encode(cb, m[0], m[1], m[2])
+        return m[2]
+
+    def gemm_transposed(device, cb, m):
+        mk.MatrixMultiplication(device, 45, 45, 67, transpose_left=True).encode(cb, m[0], m[0], m[1])
+        return m[1]
+    # sums of 45 or 67 products of |x| <= 1 in a different order per ISA
+    return [Example("matrix-multiplication", [a, b, c], gemm, rtol=1e-5, load=load),
+            Example("matrix-multiplication-transposed", [a, np.zeros((3, 45, 45), np.float32)],
+                    gemm_transposed, rtol=1e-5, load=load)]
+
+
 EXAMPLES = {"neuron": _neuron_examples, "arithmetic": _arithmetic_examples,
-            "network": _network_examples}
+            "network": _network_examples, "convolution": _convolution_examples,
+            "reduction": _reduction_examples, "matrix": _matrix_examples}
 
 
 # ---- fuzzing: pointwise kernels -------------------------------------------------------------

@@ -30,7 +30,8 @@ struct mk_pool {
     pthread_mutex_t run_lock;   /* held by the caller of the current parallel_for */
     pthread_mutex_t mu;
     pthread_cond_t wake, done;
-    int num_threads;            /* participants, the caller included */
+    atomic_int num_threads;     /* participants, the caller included; written under run_lock,
+                                 * read without it by parallel_for's quick check */
     int num_workers;            /* threads running now (num_threads - 1 once started) */
     pthread_t *threads;
     worker_arg *args;
@@ -91,7 +92,7 @@ static void stop_workers(struct mk_pool *p) {
 
 /* Called with run_lock held. A thread that cannot be created just means fewer helpers. */
 static void start_workers(struct mk_pool *p) {
-    int want = p->num_threads - 1;
+    int want = atomic_load_explicit(&p->num_threads, memory_order_relaxed) - 1;
     if (p->num_workers == want || want <= 0) return;
     p->threads = calloc((size_t)want, sizeof *p->threads);
     p->args = calloc((size_t)want, sizeof *p->args);
@@ -117,7 +118,7 @@ mk_pool *mk_pool_create(int num_threads) {
     pthread_mutex_init(&p->mu, NULL);
     pthread_cond_init(&p->wake, NULL);
     pthread_cond_init(&p->done, NULL);
-    p->num_threads = num_threads < 1 ? 1 : num_threads;
+    atomic_init(&p->num_threads, num_threads < 1 ? 1 : num_threads);
     return p;
 }
 
@@ -133,14 +134,16 @@ void mk_pool_destroy(mk_pool *p) {
     free(p);
 }
 
-int mk_pool_num_threads(const mk_pool *p) { return p ? p->num_threads : 1; }
+int mk_pool_num_threads(const mk_pool *p) {
+    return p ? atomic_load_explicit(&p->num_threads, memory_order_relaxed) : 1;
+}
 
 mk_status mk_pool_set_num_threads(mk_pool *p, int num_threads) {
     if (num_threads < 1) return MK_EINVAL;
     pthread_mutex_lock(&p->run_lock);
-    if (num_threads != p->num_threads) {
+    if (num_threads != atomic_load_explicit(&p->num_threads, memory_order_relaxed)) {
         stop_workers(p);
-        p->num_threads = num_threads;
+        atomic_store_explicit(&p->num_threads, num_threads, memory_order_relaxed);
     }
     pthread_mutex_unlock(&p->run_lock);
     return MK_OK;
@@ -152,7 +155,8 @@ void mk_parallel_for(mk_pool *p, int64_t n, int64_t grain, mk_task_fn fn, void *
     int64_t num_chunks = (n + grain - 1) / grain;
     mk_fpstate fp = fp_enter();
     /* One chunk, one thread, or the pool busy with another caller: run here, in order. */
-    if (!p || num_chunks == 1 || p->num_threads == 1 || pthread_mutex_trylock(&p->run_lock)) {
+    if (!p || num_chunks == 1 || atomic_load_explicit(&p->num_threads, memory_order_relaxed) == 1
+        || pthread_mutex_trylock(&p->run_lock)) {
         for (int64_t k = 0; k < num_chunks; k++) {
             int64_t begin = k * grain;
             fn(ctx, begin, begin + grain < n ? begin + grain : n);
