@@ -563,6 +563,8 @@ class TemporaryImage(_Geometry):
             self._released()
 
     def _decrement(self):
+        if self._read_count == 0:   # already released (read_count set to 0): a view's
+            return                  # release must not take it below 0
         self._read_count -= 1
         if self._read_count == 0:
             self._released()

@@ -40,7 +40,8 @@ def main():
             failures.append("".join(traceback.format_exception(exc)))
             print(f"round {rounds}: FAILURE\n{failures[-1]}", flush=True)
         total += test_fuzz.STATS - before
-        print(f"round {rounds}: {total['calls']} calls, {total['encode']} valid encodes, "
+        encodes = total["encode"] + sum(v for k, v in total.items() if k.endswith(" encoded"))
+        print(f"round {rounds}: {total['calls']} calls, {encodes} kernels encoded, "
               f"{time.monotonic() - start:.0f} s", flush=True)
     print(f"\n{total['calls']} API calls in {rounds} rounds, {time.monotonic() - start:.0f} s, "
           f"{len(failures)} failures")
@@ -52,6 +53,8 @@ def main():
     summary = {key: total[key] for key in ("kernel", "encode", "commit", "read_count",
                                            "sub_image", "batch_representation", "read_bytes",
                                            "write_bytes", "Image.from_numpy", "TemporaryImage")}
+    summary.update({key: count for key, count in total.items()
+                    if key.endswith((" encoded", " refused"))})
     summary.update({key: count for key, count in total.items() if key.startswith("raised ")})
     for key, count in sorted(summary.items(), key=lambda kv: -kv[1]):
         print(f"  {count:8d}  {key}")

@@ -5,10 +5,12 @@ EXAMPLES: family -> examples(rng) -> [Example]. An Example has float32 input arr
   as Images (or by its `load`, e.g. Matrix.from_numpy), and encode(device, cb, inputs) ->
   the output (anything with to_numpy). The determinism and ISA tests run every example
   (tests/test_determinism.py); they compare runs with each other, so no reference is needed.
-FUZZ_KERNELS: [PointwiseKernel] the API fuzzer (tests/test_fuzz.py) draws: random valid
-  parameters, a kernel factory and a float64 reference of the per-element function. The fuzzer
-  does the geometry (offsets, clip rects, edge modes, channel offsets, broadcasting strides)
-  itself; a family with its own geometry (convolution, GEMM...) adds a `reference` of its own.
+FUZZ_KERNELS: what the API fuzzer (tests/test_fuzz.py) draws. A PointwiseKernel has random
+  valid parameters, a kernel factory and a float64 reference of the per-element function; the
+  fuzzer does the geometry (offsets, clip rects, edge modes, channel offsets, broadcasting
+  strides) and checks values. An OpaqueKernel (convolution, reductions) is drawn with random,
+  possibly invalid parameters and checked for behaviour only: it succeeds or raises one of
+  ours, keeps read counts right and writes nothing outside its destination.
 """
 from dataclasses import dataclass, field
 from typing import Callable
@@ -308,3 +310,91 @@ FUZZ_KERNELS = [
                              {"bias": float("nan")}, {"minimum_value": 2.0, "maximum_value": 1.0},
                              {"primary_source_feature_channel_offset": True}]),
 ]
+
+
+@dataclass
+class OpaqueKernel:
+    """draw(data, sources) -> params (valid or not); make(device, params) -> kernel."""
+    name: str
+    arity: int
+    draw: Callable
+    make: Callable
+
+
+def _draw_convolution(data, sources):
+    from hypothesis import strategies as st
+    channels = sources[0].feature_channels
+    kind = data.draw(st.sampled_from(["plain", "plain", "depthwise", "transpose"]))
+    cin = channels if data.draw(st.integers(0, 5)) else data.draw(st.integers(1, 40))
+    cout = cin if kind == "depthwise" and data.draw(st.booleans()) else data.draw(st.integers(1, 20))
+    groups = data.draw(st.sampled_from([1, 1, 1, 2, cin]))
+    return {"kind": kind, "kw": data.draw(st.integers(1, 4)), "kh": data.draw(st.integers(1, 4)),
+            "cin": cin, "cout": cout, "groups": groups, "stride": data.draw(st.integers(1, 3)),
+            "dilation": data.draw(st.integers(1, 2)), "bias": data.draw(st.booleans()),
+            "relu": data.draw(st.booleans()), "seed": data.draw(st.integers(0, 99))}
+
+
+class _Weights(mk.CNNConvolutionDataSource):
+    def __init__(self, descriptor, weights, bias=None):
+        self.d, self.w, self.b = descriptor, weights, bias
+
+    def data_type(self):
+        return mk.DataType.FLOAT32
+
+    def descriptor(self):
+        return self.d
+
+    def weights(self):
+        return self.w
+
+    def bias_terms(self):
+        return self.b
+
+
+def _make_convolution(device, p):
+    depthwise = p["kind"] == "depthwise"
+    cls = mk.CNNDepthWiseConvolutionDescriptor if depthwise else mk.CNNConvolutionDescriptor
+    d = cls(p["kw"], p["kh"], p["cin"], p["cout"])
+    if not depthwise:
+        d.groups = p["groups"]
+    d.stride_in_pixels_x = d.stride_in_pixels_y = p["stride"]
+    d.dilation_rate_x = d.dilation_rate_y = p["dilation"]
+    if p["relu"]:
+        d.fused_neuron_descriptor = mk.NNNeuronDescriptor.cnn_neuron_descriptor(T.RELU)
+    shape = (p["cout"], p["kh"], p["kw"]) if depthwise else \
+        (p["cout"], p["kh"], p["kw"], max(1, p["cin"] // max(1, p["groups"])))
+    rng = np.random.default_rng(p["seed"])
+    w = rng.standard_normal(shape).astype(np.float32)
+    b = rng.standard_normal(p["cout"]).astype(np.float32) if p["bias"] else None
+    if p["kind"] == "transpose":
+        return mk.CNNConvolutionTranspose(device, _Weights(d, w, b))
+    return mk.CNNConvolution.from_arrays(device, d, w, b)
+
+
+def _draw_reduction(data, sources):
+    from hypothesis import strategies as st
+    import mpskernels.reduction as reduction
+    names = [n for n in reduction.__all__ if issubclass(getattr(reduction, n), reduction.NNReduceUnary)
+             and getattr(reduction, n)._op is not None]
+    image = sources[0]
+    clip = None
+    if data.draw(st.booleans()):
+        x, y = data.draw(st.integers(0, image.width)), data.draw(st.integers(0, image.height))
+        clip = ((x, y, 0), (data.draw(st.integers(1, image.width + 1)),
+                            data.draw(st.integers(1, image.height + 1)), 1))
+    return {"name": data.draw(st.sampled_from(names)), "clip": clip,
+            "weight": data.draw(st.sampled_from([1.0, -0.5, 3.0]))}
+
+
+def _make_reduction(device, p):
+    import mpskernels.reduction as reduction
+    kernel = getattr(reduction, p["name"])(device)
+    if p["clip"] is not None:
+        kernel.clip_rect_source = p["clip"]
+    if hasattr(kernel, "weight"):
+        kernel.weight = p["weight"]
+    return kernel
+
+
+FUZZ_KERNELS += [OpaqueKernel("convolution", 1, _draw_convolution, _make_convolution),
+                 OpaqueKernel("reduction", 1, _draw_reduction, _make_reduction)]
