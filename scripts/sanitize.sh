@@ -42,7 +42,7 @@ tsan)
     ;;
 esac
 
-MPSKERNELS_CFLAGS="$flags" LDFLAGS="${flags%% *}" python setup.py -q build_ext --inplace -j 2 \
+MPSKERNELS_CFLAGS="$flags" LDFLAGS="${flags%% *}" python setup.py -q build_ext --inplace \
     >"$work/build.log" 2>&1 || { cat "$work/build.log"; exit 1; }
 
 # The interpreter itself, not a wrapper script (pyenv shims are bash: keep the preload off them).
