@@ -1,3 +1,4 @@
+cimport cython
 # The convolution family's binding (src/conv/conv.h): packed weights, per-geometry plans and
 # the recorded command. Included at the end of _native.pyx.
 from libc.stdint cimport int32_t, int64_t
@@ -82,6 +83,7 @@ cdef class ConvWeights:
         return mk_conv_implementation(self.weights, buffer, sizeof(buffer)).decode()
 
 
+@cython.no_gc_clear   # __dealloc__ reads self.weights' kernel: the GC must not clear it first
 cdef class ConvPlan:
     """One geometry's precomputed state (the igemm indirection buffer); shared by commands."""
     cdef mk_conv_plan *plan
