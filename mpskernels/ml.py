@@ -276,6 +276,18 @@ def gemm_op(cb, kernel, src, dst, description):
     convolution_op(cb, kernel, _rows(src, description), _rows(dst, description), description)
 
 
+def concat_op(cb, axis, ops, description):
+    """Each source copied into its slice of the destination along axis."""
+    *srcs, dst = ops
+    start = 0
+    for src in srcs:
+        part = _with(dst, src.shape, dst.strides)
+        part.address = dst.address + start * dst.strides[axis] * dst.esize
+        part.nbytes = (sum((d - 1) * t for d, t in zip(part.shape, part.strides)) + 1) * part.esize
+        copy_op(cb, src, part, description)
+        start += src.shape[axis]
+
+
 def pool_op(cb, attrs, src, dst, description):
     """Max or average pooling of NHWC fp32 operands (src/pool)."""
     for op in (src, dst):
@@ -333,7 +345,7 @@ class Network:
     Inputs get binding indices 0.. in declaration order, outputs follow."""
 
     # the op methods: each node's attrs are exactly their keyword arguments (a package replays them)
-    OPS = ("neuron", "add", "sub", "mul", "div", "transpose", "reshape", "conv2d", "gemm", "pool2d")
+    OPS = ("neuron", "add", "sub", "mul", "div", "transpose", "reshape", "conv2d", "gemm", "pool2d", "concat")
 
     def __init__(self, name="main"):
         self.name = name
@@ -456,6 +468,20 @@ class Network:
             return (n, size[0], size[1], c)
 
         return self._node("pool2d", [x], attrs, name, infer)
+
+    def concat(self, *xs, axis, name=None):
+        """xs joined along axis (their other dimensions equal)."""
+        axis = int(axis)
+
+        def infer(shapes):
+            rank = len(shapes[0])
+            a = axis + rank if axis < 0 else axis
+            if not 0 <= a < rank or any(len(s) != rank or s[:a] + s[a + 1:] != shapes[0][:a] + shapes[0][a + 1:]
+                                        for s in shapes):
+                raise ValidationError(f"concat: shapes {shapes} do not join along axis {axis}")
+            return shapes[0][:a] + (sum(s[a] for s in shapes),) + shapes[0][a + 1:]
+
+        return self._node("concat", list(xs), {"axis": axis}, name, infer)
 
     def gemm(self, x, weights, bias=None, neuron=None, name=None):
         """x (..., K) times weights^T ([N][K] float32) plus bias, then the fused neuron:
@@ -731,6 +757,9 @@ class MachineLearningPipelineState:
                                                 "bias": attrs["bias"], "strides": (1, 1), "dilations": (1, 1),
                                                 "pads": (0, 0, 0, 0), "groups": 1, "neuron": attrs["neuron"]})
             return _Step(node, lambda cb, ops, name: gemm_op(cb, kernel, ops[0], ops[1], name), slots)
+        if node.kind == "concat":
+            axis = attrs["axis"] % len(self._shapes[node.outputs[0]])
+            return _Step(node, lambda cb, ops, name: concat_op(cb, axis, ops, name), slots)
         if node.kind == "pool2d":
             n, h, w, c = self._shapes[node.inputs[0]]
             a = dict(attrs, kernel=attrs["kernel"] or (h, w))

@@ -503,6 +503,24 @@ class _Importer:
         perm = self._attrs(node).get("perm", tuple(reversed(range(len(value.shape)))))
         self._set(node, self.net.transpose(value, perm, name=self._fresh(node.output[0])))
 
+    def _op_Concat(self, node):
+        names = [n for n in node.input if n]
+        ranks = {len(self.values[n][0].shape) if n in self.values else self.consts[n].ndim for n in names}
+        axis = self._attrs(node)["axis"]
+        rank = ranks.pop() if len(ranks) == 1 else self._fail(node, "inputs of different ranks")
+        axis = axis + rank if axis < 0 else axis
+        nhwc = rank == 4 and any(n in self.values and self.values[n][1] == "nhwc" for n in names)
+        xs = []
+        for n in names:
+            if n in self.values:
+                xs.append(self._nhwc(n, node) if nhwc else self._plain(n))
+            else:
+                c = self.consts[n].astype(np.float32)
+                xs.append(self.net.constant(c.transpose(NCHW_TO_NHWC) if nhwc else c, self._fresh(n)))
+        if nhwc:
+            axis = NCHW_TO_NHWC.index(axis)
+        self._set(node, self.net.concat(*xs, axis=axis, name=self._fresh(node.output[0])), "nhwc" if nhwc else "plain")
+
     def _op_Gemm(self, node):
         a = self._attrs(node)
         b = self._const(node.input[1])

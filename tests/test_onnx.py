@@ -114,6 +114,24 @@ def test_too_small_heap(model_path):
         enc.dispatch_network(heap)
 
 
+def test_concat_of_nhwc_values(rng, tmp_path):
+    """Two convolutions joined along channels (NHWC inside: axis 1 becomes 3) and a constant."""
+    w1, w2 = rng.standard_normal((4, 3, 3, 3)).astype(np.float32), rng.standard_normal((5, 3, 1, 1)).astype(np.float32)
+    k = rng.standard_normal((1, 2, 6, 7)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w1"], ["a"], pads=[1, 1, 1, 1]), helper.make_node("Conv", ["x", "w2"], ["b"]),
+         helper.make_node("Concat", ["a", "k", "b"], ["y"], axis=1)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 6, 7])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 11, 6, 7])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2"), numpy_helper.from_array(k, "k")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    net = onnx_import.import_onnx(model)
+    assert [n.kind for n in net.nodes] == ["transpose", "conv2d", "conv2d", "concat", "transpose"]
+    x = rng.standard_normal((1, 3, 6, 7)).astype(np.float32)
+    got = ml.Session(net).run({"x": x})["y"]
+    np.testing.assert_allclose(got, ReferenceEvaluator(model).run(None, {"x": x})[0], rtol=1e-4, atol=1e-5)
+
+
 def _single(op, inputs, outputs, opset=17, **attrs):
     graph = helper.make_graph([helper.make_node(op, [i for i, _ in inputs], [o for o, _ in outputs], name="the_node", **attrs)],
                               "g", [helper.make_tensor_value_info(i, TensorProto.FLOAT, s) for i, s in inputs],

@@ -20,9 +20,10 @@ def every_op_network(rng):
     s = net.add(q, net.constant(rng.standard_normal(8)), clamp=(0.0, np.inf))
     n = net.neuron(s, mk.CNNNeuronType.PRELU, prelu=rng.standard_normal(8))
     m = net.mul(net.sub(n, net.constant(0.5)), net.constant(rng.standard_normal((1, 1, 1, 8))))
+    m = net.concat(m, net.neuron(m, mk.CNNNeuronType.TANH, 1.0, 1.0), axis=3)
     g = net.pool2d(net.div(m, net.constant(2.0)), "average")
-    f = net.reshape(net.transpose(g, (0, 3, 1, 2)), (-1, 8))
-    net.output(net.gemm(f, rng.standard_normal((4, 8)), rng.standard_normal(4),
+    f = net.reshape(net.transpose(g, (0, 3, 1, 2)), (-1, 16))
+    net.output(net.gemm(f, rng.standard_normal((4, 16)), rng.standard_normal(4),
                         mk.NNNeuronDescriptor(mk.CNNNeuronType.SIGMOID)), "y")
     net.output(p, "pooled")
     return net
