@@ -67,14 +67,8 @@ class _Importer:
         self.net = Network(name)
         self.consts = {t.name: self.numpy_helper.to_array(t) for t in graph.initializer}
         self.values = {}       # ONNX name -> (Value, layout "plain" | "nhwc")
-        self.converted = {}    # (Value, layout) -> the converted Value
-        self.readers = {}
-        for node in graph.node:
-            for i in node.input:
-                self.readers[i] = self.readers.get(i, 0) + 1
+        self.converted = {}    # (Value, perm or shape) -> its transposed / reshaped copy
         self.graph_outputs = {o.name for o in graph.output}
-        for o in graph.output:
-            self.readers[o.name] = self.readers.get(o.name, 0) + 1
         for inp in graph.input:
             if inp.name in self.consts:
                 continue
@@ -86,7 +80,6 @@ class _Importer:
             self.values[inp.name] = (self.net.input(inp.name, shape), "plain")
         self.skip = set()
         nodes = list(graph.node)
-        self.by_output = {o: n for n in nodes for o in n.output}
         self.consumers = {}
         for n in nodes:
             for i in n.input:
@@ -423,7 +416,7 @@ class _Importer:
         value, layout = self._value(node.input[0])
         if slope.size > 1:   # one slope per channel: channels innermost (NHWC, or rank 2)
             rank = len(value.shape)
-            if rank not in (2, 4) or slope.size != slope.reshape(-1).shape[0] or \
+            if rank not in (2, 4) or slope.ndim > rank or \
                     slope.reshape((1,) * (rank - slope.ndim) + slope.shape).shape[1] != slope.size:
                 self._fail(node, f"slope of shape {slope.shape}: one slope, or one per channel of a rank-2 or 4 input")
             if rank == 4:
@@ -596,7 +589,8 @@ def _squeeze(imp, node, shape):
 
 
 def _unsqueeze(imp, node, shape):
-    axes = _axes(imp, node, len(shape) + len(_axes(imp, node, 0) or []))
+    count = len(_axes(imp, node, 0) or [])   # negative axes count from the output's rank
+    axes = _axes(imp, node, len(shape) + count)
     out = list(shape)
     for x in axes:
         out.insert(x, 1)
