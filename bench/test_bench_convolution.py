@@ -43,7 +43,7 @@ LAYERS = [
 ]
 
 
-def _best_alternating(fns, rounds, min_time=0.4):
+def _best_alternating(fns, rounds, min_time=1.0):
     """Best time of each fn, running them in turn (warm-up first)."""
     for fn in fns:
         fn()
