@@ -4,7 +4,7 @@
  *   RDN(name)      the ISA-suffixed name
  *   L              16 logical lanes of fp32 (one zmm, two ymm, or an array of 16 floats)
  *   l_load(p)      16 floats; l_load_n(p, r, fill): r < 16 floats, the other lanes = fill
- *   l_add l_mul l_min l_max    lane-wise; min / max keep a NaN (see rd_min below)
+ *   l_add l_mul l_min l_max    lane-wise; min / max keep a NaN (below)
  *   l_ne0(x)       1.0f where x != 0, else 0
  *   l_fold(op, v)  the lane tree: k with k+8, k+4, k+2, k+1; returns lane 0
  *   l_set1(x)      broadcast
@@ -29,9 +29,9 @@ RD_ALWAYS_INLINE V v_op(const int op, V a, V b) {
     return op == MK_REDUCE_SUM ? v_add(a, b) : op == MK_REDUCE_MIN ? v_min(a, b) : v_max(a, b);
 }
 
+/* The neutral value of SUM, MIN or MAX: what pads a partial group of 16 channels. */
 static inline float rd_fill(int op) {
-    return op == MK_REDUCE_MIN || op == MK_REDUCE_ARGMIN ? INFINITY
-         : op == MK_REDUCE_SUM ? 0.0f : -INFINITY;
+    return op == MK_REDUCE_SUM ? 0.0f : op == MK_REDUCE_MIN ? INFINITY : -INFINITY;
 }
 
 /* ---- across channels ---------------------------------------------------------------- */
