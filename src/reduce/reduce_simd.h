@@ -124,11 +124,14 @@ RD_ALWAYS_INLINE int64_t rd_find(const float *r, int64_t C, float m) {
 }
 
 /* Two passes over the pixel (the second from L1): the extremum m (NaN if any channel is NaN,
- * since min / max keep NaNs), then the first channel equal to m (or the first NaN). */
+ * since min / max keep NaNs), then the first channel equal to m (or the first NaN). The
+ * pixel 4 ahead is prefetched: the two passes fill the out-of-order window with work that
+ * waits on this pixel, so without it too few loads are in flight (2x slower from DRAM). */
 RD_ALWAYS_INLINE void rd_channels_arg(const int op, const float *x, int64_t sx, int64_t C,
                                       int64_t P, float *out) {
     for (int64_t p = 0; p < P; p++) {
         const float *r = x + p * sx;
+        for (int64_t c = 0; c < C; c += 16) __builtin_prefetch(r + 4 * sx + c);
         out[p] = (float)rd_find(r, C, rd_extremum(op, r, C));
     }
 }
