@@ -9,6 +9,8 @@ encode + commit + wait of one command buffer; NumPy's is np.matmul(a, b, out=c) 
 OpenBLAS limited to the same thread count. The machine may be shared, so the two are sampled
 alternately (ROUNDS rounds) and each side's median is taken over all its samples; the ratio
 (ours / NumPy) compares medians of the same stretch of time. "best" compares the fastest runs.
+At one thread the kernel alone (the recorded command run on this thread) and NumPy are also
+timed in this thread's CPU time, which time taken by other processes does not inflate.
 
 FMA peak: mk_gemm_fma_burn (12 independent FMA chains per thread in the active ISA's widest
 registers, the best of repeated bursts) on the same number of threads."""
@@ -51,22 +53,22 @@ def _device(threads):
     return _devices[threads]
 
 
-def _samples(fn, seconds):
+def _samples(fn, seconds, clock):
     fn()
     out = []
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline or len(out) < 3:
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
-        out.append(time.perf_counter() - t0)
+        out.append(clock() - t0)
     return out
 
 
-def paired_samples(seconds, *fns):
+def paired_samples(seconds, *fns, clock=time.perf_counter):
     times = [[] for _ in fns]
     for _ in range(ROUNDS):
         for t, fn in zip(times, fns):
-            t += _samples(fn, seconds / ROUNDS / len(fns))
+            t += _samples(fn, seconds / ROUNDS / len(fns), clock)
     return [np.array(t) for t in times]
 
 
@@ -99,10 +101,16 @@ def test_sgemm_vs_numpy(benchmark, report, shape, threads):
         cb.commit()
         cb.wait_until_completed()
 
+    seconds = min(8.0, max(2.0, 2 * m * n * k / 2e10))
     _set_blas_threads(threads)
     try:
-        times = paired_samples(min(8.0, max(2.0, 2 * m * n * k / 2e10)), ours,
-                               lambda: np.matmul(a, b, out=c))
+        times = paired_samples(seconds, ours, lambda: np.matmul(a, b, out=c))
+        if threads == 1:   # CPU time of this thread: what other processes take does not count
+            cb = queue.make_command_buffer()
+            kernel.encode(cb, A, B, C)
+            command = cb._commands[-1]
+            cpu = paired_samples(seconds / 2, lambda: command.run(device._pool),
+                                 lambda: np.matmul(a, b, out=c), clock=time.thread_time)
     finally:
         _set_blas_threads(1)
     ours_s, numpy_s = np.median(times[0]), np.median(times[1])
@@ -113,6 +121,11 @@ def test_sgemm_vs_numpy(benchmark, report, shape, threads):
     extra = (f"{gflops:.1f} GFLOP/s ({100 * gflops / _peaks[threads]:.0f}% of peak; best run "
              f"{best:.1f} = {100 * best / _peaks[threads]:.0f}%); NumPy {flops / numpy_s / 1e9:.1f}"
              f"; best/best ratio {times[0].min() / times[1].min():.2f}")
+    if threads == 1:
+        cpu_gflops = flops / cpu[0].min() / 1e9
+        extra += (f"; CPU time: ratio {np.median(cpu[0]) / np.median(cpu[1]):.2f} (medians), "
+                  f"{cpu[0].min() / cpu[1].min():.2f} (best), ours {cpu_gflops:.1f} GFLOP/s = "
+                  f"{100 * cpu_gflops / _peaks[threads]:.0f}% of peak")
     benchmark.extra_info.update(numpy_us=numpy_s * 1e6, ours_us=ours_s * 1e6,
                                 ratio=ours_s / numpy_s, gflops=gflops)
     report((f"sgemm {m}x{k}x{n}", threads, ours_s * 1e6, numpy_s * 1e6, ours_s / numpy_s, extra))

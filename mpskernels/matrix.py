@@ -191,6 +191,18 @@ class _Storage:
     def _address(self):
         return self._base
 
+    def _elements(self):
+        """A NumPy view of the elements: (matrices, rows, columns) or (vectors, length)."""
+        return np.lib.stride_tricks.as_strided(
+            self._bytes[self._offset:].view(_DTYPE[self._data_type]), self._shape,
+            self._byte_strides)
+
+    def to_numpy(self):
+        """A copy of the elements: (rows, columns) / (length,), or with a leading matrices /
+        vectors axis if there are several."""
+        out = self._elements().copy()
+        return out[0] if self._shape[0] == 1 else out
+
     def _span(self):
         """[first, last) byte addresses the elements occupy."""
         return self._address(), self._address() + self._needed
@@ -210,6 +222,8 @@ class Matrix(_Storage):
         self._rows, self._columns, self._matrices = d.rows, d.columns, d.matrices
         self._row_bytes, self._matrix_bytes = d.row_bytes, d.matrix_bytes
         self._esize = _ESIZE[d.data_type]
+        self._shape = (d.matrices, d.rows, d.columns)
+        self._byte_strides = (d.matrix_bytes, d.row_bytes, self._esize)
         self._needed = ((d.matrices - 1) * d.matrix_bytes + (d.rows - 1) * d.row_bytes
                         + d.columns * self._esize)
         self._attach(buffer, offset, self._needed, "Matrix")
@@ -236,18 +250,6 @@ class Matrix(_Storage):
                                                           data_type=dt))
         matrix._elements()[...] = array.reshape(shape)
         return matrix
-
-    def to_numpy(self):
-        """A new (rows, columns) array, or (matrices, rows, columns) if there are several."""
-        out = self._elements().copy()
-        return out[0] if self._matrices == 1 else out
-
-    def _elements(self):
-        """A NumPy view (matrices, rows, columns) of the elements."""
-        return np.lib.stride_tricks.as_strided(
-            self._bytes[self._offset:].view(_DTYPE[self._data_type]),
-            (self._matrices, self._rows, self._columns),
-            (self._matrix_bytes, self._row_bytes, self._esize))
 
     rows = property(lambda self: self._rows)
     columns = property(lambda self: self._columns)
@@ -282,6 +284,8 @@ class Vector(_Storage):
         self._data_type = d.data_type
         self._length, self._vectors, self._vector_bytes = d.length, d.vectors, d.vector_bytes
         self._esize = _ESIZE[d.data_type]
+        self._shape = (d.vectors, d.length)
+        self._byte_strides = (d.vector_bytes, self._esize)
         self._needed = (d.vectors - 1) * d.vector_bytes + d.length * self._esize
         self._attach(buffer, offset, self._needed, "Vector")
 
@@ -300,20 +304,12 @@ class Vector(_Storage):
         if data_type is None and array.dtype not in of_dtype:
             raise ValidationError(f"Vector.from_numpy takes float32, float16, float64 or uint32 "
                                   f"arrays, got {array.dtype}")
-        dt = of_dtype[array.dtype] if data_type is None else data_type
+        dt = of_dtype[array.dtype] if data_type is None else _data_type(data_type,
+                                                                       allowed=tuple(_ESIZE))
         shape = array.shape if array.ndim == 2 else (1,) + array.shape
         vector = cls.with_device(device, VectorDescriptor(shape[1], shape[0], data_type=dt))
         vector._elements()[...] = array.reshape(shape)
         return vector
-
-    def to_numpy(self):
-        out = self._elements().copy()
-        return out[0] if self._vectors == 1 else out
-
-    def _elements(self):
-        return np.lib.stride_tricks.as_strided(
-            self._bytes[self._offset:].view(_DTYPE[self._data_type]),
-            (self._vectors, self._length), (self._vector_bytes, self._esize))
 
     length = property(lambda self: self._length)
     vectors = property(lambda self: self._vectors)

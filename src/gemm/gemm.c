@@ -251,10 +251,12 @@ static void gemv_tasks(void *ctx, int64_t begin, int64_t end) {
 
 /* n == 1, A fp32 with unit column stride: C[i, 0] = dot(A row i, B column) for a chunk of
  * rows; 16 partial sums added in a fixed order. */
+typedef struct dot_plan { const mk_sgemm_args *p; _Atomic int failed; } dot_plan;
+
 static void dot_tasks(void *ctx, int64_t begin, int64_t end) {
-    const mk_sgemm_args *p = ctx;
+    const mk_sgemm_args *p = ((dot_plan *)ctx)->p;
     float *x = malloc((size_t)p->k * sizeof(float));
-    if (!x) { ((mk_sgemm_args *)ctx)->k = -1; return; }   /* reported as MK_ENOMEM */
+    if (!x) { atomic_store(&((dot_plan *)ctx)->failed, 1); return; }
     for (int64_t t = begin; t < end; t++) {
         int64_t bi = t / cdiv(p->m, THIN_CHUNK), i0 = t % cdiv(p->m, THIN_CHUNK) * THIN_CHUNK;
         int64_t mc = p->m - i0 < THIN_CHUNK ? p->m - i0 : THIN_CHUNK;
@@ -291,9 +293,9 @@ mk_status mk_sgemm(const mk_sgemm_args *p, mk_pool *pool) {
         return MK_OK;
     }
     if (p->n == 1 && p->a.format == MK_FMT_F32 && p->a.cs == 1) {
-        mk_sgemm_args q = *p;   /* dot_tasks sets q.k = -1 if it runs out of memory */
-        mk_parallel_for(pool, p->batch * cdiv(p->m, THIN_CHUNK), grain_all, dot_tasks, &q);
-        return q.k < 0 ? MK_ENOMEM : MK_OK;
+        dot_plan d = {p, 0};
+        mk_parallel_for(pool, p->batch * cdiv(p->m, THIN_CHUNK), grain_all, dot_tasks, &d);
+        return atomic_load(&d.failed) ? MK_ENOMEM : MK_OK;
     }
     sgemm_plan g = {.p = p, .u = mk_gemm_ukernel_active()};
     int64_t MR = g.u->mr, m = p->m, n = p->n, k = p->k;
