@@ -45,7 +45,8 @@ mk_conv_weights *mk_conv_weights_create(const mk_conv_params *shape, const void 
     w->kernel = kernel;
     w->shape = *shape;
     int64_t cout = (int64_t)shape->groups * shape->cout_g;
-    w->bias = calloc((size_t)cout, sizeof(float));
+    /* padded: a kernel may load a whole vector of bias at the last columns */
+    w->bias = calloc((size_t)cout + 64, sizeof(float));
     if (w->bias == NULL) {
         free(w);
         return NULL;

@@ -106,13 +106,15 @@ static mk_status igemm_plan_create(mk_conv_plan *plan) {
      * needs no indirection buffer */
     s->tight = s->im2col && p->dx == 1 && p->up_x == 1 && p->groups == 1;
     mk_conv_source_strides_tight(p, s->tight, &s->a_n, &s->a_y, &s->a_x);
-    s->zero = aligned_alloc(64, (size_t)(((int64_t)p->cin_g * 4 + 63) / 64 * 64));
+    /* the micro-kernel may read kc floats of zero: a tap's channels, or a whole im2col row */
+    const int64_t zero_bytes = (s->im2col ? (int64_t)p->kh * p->kw * p->cin_g : p->cin_g) * 4 + 64;
+    s->zero = aligned_alloc(64, (size_t)((zero_bytes + 63) / 64 * 64));
     if (!s->tight) s->indirection = malloc((size_t)(tiles * taps * mr) * sizeof(float *));
     if (s->zero == NULL || (!s->tight && s->indirection == NULL)) {
         igemm_free_plan(plan);
         return MK_ENOMEM;
     }
-    memset(s->zero, 0, (size_t)p->cin_g * 4);
+    memset(s->zero, 0, (size_t)zero_bytes);
     if (s->tight) return MK_OK;
     const char *base = base_of(s);
     for (int64_t t = 0; t < tiles; t++)
