@@ -4,8 +4,8 @@
  * 144. The channel sums are 36 independent GEMMs (tiles x cin times cin x cout), run on the
  * shared micro-kernel (mk_gemm_ukernel_active) with U packed as its B panels.
  *
- * Work items are (block of consecutive tiles over image, tile row, tile column; group of
- * WINO_GROUP output channels: layers with few tiles still split), sized from the shape only so
+ * Work items are (block of consecutive tiles over image, tile row, tile column; group of 64
+ * or 128 output channels: layers with few tiles still split evenly), sized from the shape only so
  * that the block's transformed input V [36][tiles][cin] and products
  * M [36][tiles][cout] stay in L2: input transform, 36 GEMMs (each U panel reused across the
  * block's tiles), output transform (bias, clamp-like neuron; other neurons right after, on
@@ -25,7 +25,6 @@
 #define WINO_MAX_U_BYTES (16 << 20)
 #define WINO_BLOCK_BYTES (768 << 10)   /* V + M of one work item */
 #define WINO_MAX_MR 32
-#define WINO_GROUP 128                 /* output channels per work item (a multiple of NR) */
 
 typedef struct wino_plan {
     const mk_gemm_ukernel *uk;
@@ -33,7 +32,7 @@ typedef struct wino_plan {
     ck_wino_out_fn out;
     int32_t *ys, *xs;            /* tiles_y x 6 source rows, tiles_x x 6 source columns */
     int64_t tiles_y, tiles_x, tiles, block, blocks;
-    int64_t groups;              /* output channel groups of WINO_GROUP */
+    int64_t group, groups;       /* output channels per work item (a multiple of NR), groups */
     float *zero;                 /* cin zeros for the micro-kernel's unused rows */
 } wino_plan;
 
@@ -136,7 +135,10 @@ static mk_status wino_plan_create(mk_conv_plan *plan) {
     s->blocks = (s->tiles + fit - 1) / fit;
     s->block = ck_round_up((s->tiles + s->blocks - 1) / s->blocks, mr);
     s->blocks = (s->tiles + s->block - 1) / s->block;
-    s->groups = (p->cout_g + WINO_GROUP - 1) / WINO_GROUP;
+    /* 64 channels when there are few: more, evenly sized items (e.g. 128->128 at 28x28 has
+     * 5 blocks; 2 groups make 10 items) for little repeated input transform */
+    s->group = p->cout_g <= 128 ? 64 : 128;
+    s->groups = (p->cout_g + s->group - 1) / s->group;
     s->ys = malloc((size_t)(s->tiles_y * 6) * sizeof(int32_t));
     s->xs = malloc((size_t)(s->tiles_x * 6) * sizeof(int32_t));
     s->zero = calloc((size_t)p->cin_g, sizeof(float));
@@ -212,8 +214,8 @@ static void wino_task(void *arg, int64_t begin, int64_t end) {
     const mk_gemm_epilogue ep = {1.0f, 0.0f, NULL, -INFINITY, INFINITY};
     for (int64_t item = begin; item < end; item++) {
         const int64_t t0 = item / s->groups * B, nt = s->tiles - t0 < B ? s->tiles - t0 : B;
-        const int64_t o0 = item % s->groups * WINO_GROUP;
-        const int64_t nc_group = cout - o0 < WINO_GROUP ? cout - o0 : WINO_GROUP;
+        const int64_t o0 = item % s->groups * s->group;
+        const int64_t nc_group = cout - o0 < s->group ? cout - o0 : s->group;
         for (int64_t t = 0; t < nt; t++) {   /* input transform */
             const int64_t tile_i = t0 + t, plane = s->tiles_y * s->tiles_x;
             const int64_t img = tile_i / plane, ty = tile_i % plane / s->tiles_x, tx = tile_i % s->tiles_x;
