@@ -57,6 +57,7 @@ class BuildExt(build_ext):
 extension = Extension(
     "mpskernels._native",
     sources=["mpskernels/_native.pyx"] + c_sources(),
+    depends=sorted(glob.glob("src/**/*.h", recursive=True)),   # a changed header rebuilds
     include_dirs=["src", numpy.get_include()],
     define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
     extra_link_args=["-pthread"],

@@ -103,11 +103,11 @@ def cases(device):
 def run(threads=(1, 2), progress=None, min_time=0.25):
     """Rows of (case, threads, ours_us, numpy_us, ratio, our GB/s)."""
     rows = []
-    total = len(threads) * 6
+    per_device = [cases(mk.Device(num_threads=n)) for n in threads]
+    total = sum(len(c) for c in per_device)
     done = 0
-    for n in threads:
-        device = mk.Device(num_threads=n)
-        for name, ours, theirs, nbytes in cases(device):
+    for n, device_cases in zip(threads, per_device):
+        for name, ours, theirs, nbytes in device_cases:
             t_ours = median_seconds(ours, min_time)
             t_np = median_seconds(theirs, min_time)
             rows.append((name, n, t_ours * 1e6, t_np * 1e6, t_ours / t_np, nbytes / t_ours / 1e9))
