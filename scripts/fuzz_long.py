@@ -8,7 +8,9 @@ Prints the calls made, how each call ended (counts per kind and per exception ty
 failure hypothesis found (shrunk, with the blob that reproduces it). Exit status 1 if any."""
 import argparse
 import collections
+import faulthandler
 import os
+import random
 import sys
 import time
 import traceback
@@ -25,13 +27,19 @@ def main():
     parser.add_argument("--calls", type=int, default=100_000)
     parser.add_argument("--steps", type=int, default=100, help="steps per example")
     parser.add_argument("--examples", type=int, default=200, help="examples per round")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="first round's seed (default: from the clock); round k uses seed + k")
     args = parser.parse_args()
+    faulthandler.enable()          # a crash prints where each thread was
+    seed = args.seed if args.seed is not None else int(time.time())
     warnings.simplefilter("ignore", ResourceWarning)   # leftover read counts: expected here
     total, failures, rounds = collections.Counter(), [], 0
     start = time.monotonic()
     while total["calls"] < args.calls:
         rounds += 1
         before = test_fuzz.STATS.copy()
+        random.seed(seed + rounds)     # hypothesis draws its seed from `random` when not derandomized
+        print(f"round {rounds}: seed {seed + rounds}", flush=True)
         try:
             test_fuzz.run_fuzz(args.examples, args.steps, derandomize=False)
         except BaseException as exc:  # noqa: BLE001 - report every finding and go on

@@ -17,11 +17,20 @@ here="$(cd "$(dirname "$0")/.." && pwd)"
 mode="${1:-asan}"
 [ $# -gt 0 ] && shift
 
-work="$(mktemp -d)"
-trap 'rm -rf "$work"' EXIT
-cp -r "$here/setup.py" "$here/pyproject.toml" "$here/src" "$here/mpskernels" "$here/tests" \
-      "$here/scripts" "$work/"
-rm -f "$work"/mpskernels/*.so "$work/mpskernels/_native.c"
+# SANITIZE_DIR=path keeps the build there and reuses it (to run test files one by one).
+if [ -n "${SANITIZE_DIR:-}" ]; then
+    work="$SANITIZE_DIR/$mode"
+    mkdir -p "$work"
+else
+    work="$(mktemp -d)"
+    trap 'rm -rf "$work"' EXIT
+fi
+if ! compgen -G "$work/mpskernels/_native*.so" >/dev/null; then
+    cp -r "$here/setup.py" "$here/pyproject.toml" "$here/src" "$here/mpskernels" "$here/tests" \
+          "$here/scripts" "$work/"
+    rm -f "$work"/mpskernels/*.so "$work/mpskernels/_native.c"
+    fresh=1
+fi
 cd "$work"
 
 case "$mode" in
@@ -42,8 +51,10 @@ tsan)
     ;;
 esac
 
-MPSKERNELS_CFLAGS="$flags" LDFLAGS="${flags%% *}" python setup.py -q build_ext --inplace \
-    >"$work/build.log" 2>&1 || { cat "$work/build.log"; exit 1; }
+if [ -n "${fresh:-}" ]; then
+    MPSKERNELS_CFLAGS="$flags" LDFLAGS="${flags%% *}" python setup.py -q build_ext --inplace \
+        >"$work/build.log" 2>&1 || { cat "$work/build.log"; exit 1; }
+fi
 
 # The interpreter itself, not a wrapper script (pyenv shims are bash: keep the preload off them).
 py="$(python -c 'import sys; print(sys.executable)')"
@@ -57,6 +68,7 @@ export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1:exitcode=87"
 export TSAN_OPTIONS="halt_on_error=1:exitcode=88:second_deadlock_stack=1:suppressions=$work/scripts/tsan.supp:report_signal_unsafe=0"
 # Reports go to files: pytest captures fd 2, and a halted process never shows what it captured.
 # Subprocesses the tests start (the MAX_ISA test) inherit all this and report there too.
+rm -rf "$work/reports"
 mkdir "$work/reports"
 for tool in ASAN UBSAN TSAN; do
     declare -x "${tool}_OPTIONS=$(eval echo "\$${tool}_OPTIONS"):log_path=$work/reports/${tool,,}"
