@@ -36,7 +36,9 @@ cd "$work"
 case "$mode" in
 asan)
     flags="-fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer -g"
-    runtime="$(gcc -print-file-name=libasan.so)"
+    # libstdc++ first too: a C++ library loaded later (onnxruntime) that throws needs the real
+    # __cxa_throw that ASan's interceptor looks up at start.
+    runtime="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so)"
     tests=("$@")
     ;;
 tsan)
