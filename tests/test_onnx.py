@@ -172,18 +172,18 @@ def test_cli_package_and_run(model_path, tmp_path):
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(mk.__file__))))
     out = tmp_path / "m.mpkg"
     r = subprocess.run([sys.executable, "-m", "mpskernels", "package", model_path, "-o", str(out)],
-                       capture_output=True, text=True, env=env)
+                       capture_output=True, text=True, env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert out.exists() and "8 nodes" in r.stdout
     x = np.random.default_rng(1).standard_normal((2, 8, 9, 10)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
     r = subprocess.run([sys.executable, "-m", "mpskernels", "run", str(out), "--input", str(tmp_path / "x.npy"),
                         "--output", str(tmp_path / "y.npy"), "--repeat", "2", "--threads", "1"],
-                       capture_output=True, text=True, env=env)
+                       capture_output=True, text=True, env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "output 'y': shape (2, 5)" in r.stdout and "median" in r.stdout and "lower bound" in r.stdout
     want = ReferenceEvaluator(model_path).run(None, {"x": x})[0]
     np.testing.assert_allclose(np.load(tmp_path / "y.npy"), want, rtol=1e-4, atol=1e-5)
     r = subprocess.run([sys.executable, "-m", "mpskernels", "run", model_path, "--batch", "3", "--repeat", "1"],
-                       capture_output=True, text=True, env=env)
+                       capture_output=True, text=True, env=env, cwd=tmp_path)
     assert r.returncode == 0 and "shape (3, 5)" in r.stdout, r.stderr
