@@ -12,7 +12,6 @@ FUZZ_KERNELS: what the API fuzzer (tests/test_fuzz.py) draws. A PointwiseKernel 
   possibly invalid parameters and checked for behaviour only: it succeeds or raises one of
   ours, keeps read counts right and writes nothing outside its destination.
 """
-import os
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -385,8 +384,3 @@ def _make_reduction(device, p):
 
 FUZZ_KERNELS += [OpaqueKernel("convolution", 1, _draw_convolution, _make_convolution),
                  OpaqueKernel("reduction", 1, _draw_reduction, _make_reduction)]
-
-# Left out under AddressSanitizer while it has an open report (docs/reliability.md): freeing a
-# convolution's plan after its weights, when the garbage collector breaks their cycle.
-if os.environ.get("MPSKERNELS_SANITIZER") == "asan":
-    FUZZ_KERNELS = [k for k in FUZZ_KERNELS if k.name != "convolution"]
