@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 import mpskernels as mk
+import timing
 from mpskernels import _native
 
 ROUNDS = 7
@@ -53,23 +54,8 @@ def _device(threads):
     return _devices[threads]
 
 
-def _samples(fn, seconds, clock):
-    fn()
-    out = []
-    deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline or len(out) < 3:
-        t0 = clock()
-        fn()
-        out.append(clock() - t0)
-    return out
-
-
-def paired_samples(seconds, *fns, clock=time.perf_counter):
-    times = [[] for _ in fns]
-    for _ in range(ROUNDS):
-        for t, fn in zip(times, fns):
-            t += _samples(fn, seconds / ROUNDS / len(fns), clock)
-    return [np.array(t) for t in times]
+def paired_samples(seconds, *fns, **kwargs):
+    return timing.paired_samples(seconds, *fns, rounds=ROUNDS, **kwargs)
 
 
 @pytest.mark.parametrize("threads", [1, 2])

@@ -20,12 +20,12 @@ split over the same thread count) — the best read rate a kernel can hope for. 
 cases sample the probe over the source image's own storage alternately with the kernel and
 report probe time / kernel time: the fraction of the read bandwidth they reach (must hold:
 >= 80%)."""
-import time
 
 import numpy as np
 import pytest
 
 import mpskernels as mk
+import timing
 from mpskernels import _native
 
 F32 = mk.ImageFeatureChannelFormat.FLOAT32
@@ -48,24 +48,8 @@ LARGE_CASES = ("channels sum", "row sum", "column sum", "channels max")
 _images = {}
 
 
-def _samples(fn, seconds):
-    fn()
-    out = []
-    deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline or len(out) < 3:
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
-
-
-def paired_samples(seconds, *fns):
-    """Times of each fn(), sampled alternately over ROUNDS rounds."""
-    times = [[] for _ in fns]
-    for _ in range(ROUNDS):
-        for t, fn in zip(times, fns):
-            t += _samples(fn, seconds / ROUNDS / len(fns))
-    return [np.array(t) for t in times]
+def paired_samples(seconds, *fns, **kwargs):
+    return timing.paired_samples(seconds, *fns, rounds=ROUNDS, **kwargs)
 
 
 def source(device, shape):
