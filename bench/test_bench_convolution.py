@@ -1,16 +1,17 @@
 """The convolution layers of issue 3 against torch.nn.functional.conv2d / conv_transpose2d in
 the same process and thread count. torch gets contiguous NCHW and channels_last and we keep
-its faster one. Ours is encode + commit + wait with persistent images. Both are timed
-alternately in one loop (the machine is shared: a ratio from one run is what is comparable),
-best of the rounds each. Run: pytest bench/test_bench_convolution.py -s
+its faster one. Ours is encode + commit + wait with persistent images. Medians, sampled in
+alternating blocks in one run (bench/timing.py): a ratio from one run is what is comparable on
+a shared machine, and a block's discarded first call keeps torch's still-spinning OpenMP threads
+from stealing our second core. Run: pytest bench/test_bench_convolution.py -s
 (torch: pip install torch==2.13.0, or pip install '.[bench]')."""
-import time
 from typing import NamedTuple
 
 import numpy as np
 import pytest
 
 import mpskernels as mk
+import timing
 
 F32 = mk.ImageFeatureChannelFormat.FLOAT32
 
@@ -41,22 +42,6 @@ LAYERS = [
     Layer("128->128 28 3x3 g32", 128, 128, 28, 3, groups=32),
     Layer("transpose 64->32 28 4x4 s2", 64, 32, 28, 4, 2, transpose=True),
 ]
-
-
-def _best_alternating(fns, rounds, min_time=1.0):
-    """Best time of each fn, running them in turn (warm-up first)."""
-    for fn in fns:
-        fn()
-    best = [float("inf")] * len(fns)
-    deadline = time.perf_counter() + min_time
-    r = 0
-    while r < rounds or time.perf_counter() < deadline:
-        for i, fn in enumerate(fns):
-            t0 = time.perf_counter()
-            fn()
-            best[i] = min(best[i], time.perf_counter() - t0)
-        r += 1
-    return best
 
 
 def _ours(device, layer, x, w):
@@ -102,6 +87,9 @@ def _ours(device, layer, x, w):
     return conv, run, dst, out
 
 
+_ratios = {}   # threads -> every layer's ratio, for the geometric mean
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("layer", LAYERS, ids=[layer.name for layer in LAYERS])
 def test_convolution_vs_torch(report, threads, layer):
@@ -132,12 +120,23 @@ def test_convolution_vs_torch(report, threads, layer):
         expected = call(*layouts["nchw"]).permute(0, 2, 3, 1).numpy()
         np.testing.assert_allclose(dst.to_numpy()[0], expected[0], rtol=1e-3, atol=1e-3)
         fns = [ours] + [(lambda a=a, b=b: call(a, b)) for a, b in layouts.values()]
-        best = _best_alternating(fns, rounds=10)
-    ours_s, torch_s = best[0], min(best[1:])
-    torch_layout = list(layouts)[int(np.argmin(best[1:]))]
+        med = [float(np.median(t)) for t in timing.paired_samples(3.0, *fns, rounds=5)]
+    ours_s, torch_s = med[0], min(med[1:])
+    torch_layout = list(layouts)[int(np.argmin(med[1:]))]
+    _ratios.setdefault(threads, []).append(ours_s / torch_s)
     flops = 2.0 * out * out * L.cout * L.k * L.k * cin_g
     if L.transpose:
         flops = 2.0 * L.size * L.size * L.cin * L.k * L.k * (L.cout // groups)
     report((f"{L.name} [{conv.implementation}]", threads, ours_s * 1e6, torch_s * 1e6,
             ours_s / torch_s, f"{flops / ours_s / 1e9:6.1f} GFLOP/s (torch {torch_layout} "
                               f"{flops / torch_s / 1e9:.1f})"))
+
+
+def test_geometric_mean(report):
+    """Issue 3's bar: geometric mean of the layer ratios <= 1.0 at each thread count."""
+    if not _ratios:
+        pytest.skip("run with the layer benchmarks")
+    for threads, ratios in sorted(_ratios.items()):
+        g = float(np.exp(np.mean(np.log(ratios))))
+        report((f"geometric mean of {len(ratios)} layers", threads, 0.0, 0.0, g,
+                f"worst {max(ratios):.2f}"))

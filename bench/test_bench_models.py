@@ -1,13 +1,12 @@
 """Whole models against ONNX Runtime: ResNet-18 and MobileNetV2 (bench/models.py, random
 weights), fp32, batch 1 and 8, 1 and 2 threads. Checks outputs (1e-4 relative to the largest
 logit), the memory plan (intermediates heap <= 1.05x the live-bytes lower bound), and reports
-latency ratios (our median / ORT's median, interleaved in the same process) and peak RSS (each
+latency ratios (our median / ORT's median, alternating blocks in one process: bench/timing.py) and peak RSS (each
 engine alone in a fresh process). Needs torch==2.13.0, onnx, onnxruntime (pip install '.[bench]').
 Run: pytest bench/test_bench_models.py -s"""
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -16,6 +15,7 @@ torch = pytest.importorskip("torch", reason="exporting the models needs torch (p
 ort = pytest.importorskip("onnxruntime", reason="the peer is onnxruntime (pip install onnxruntime)")
 pytest.importorskip("onnx", reason="the importer needs onnx (pip install onnx)")
 
+import timing  # noqa: E402
 from mpskernels import ml  # noqa: E402
 
 MODELS = ("resnet18", "mobilenetv2")
@@ -42,18 +42,6 @@ def _ort(path, threads):
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-
-
-def _interleaved_medians(calls, rounds):
-    for f in calls:
-        f()
-    times = [[] for _ in calls]
-    for _ in range(rounds):
-        for t, f in zip(times, calls):
-            start = time.perf_counter()
-            f()
-            t.append(time.perf_counter() - start)
-    return [float(np.median(t)) for t in times]
 
 
 @pytest.mark.parametrize("batch", [1, 8])
@@ -84,8 +72,9 @@ def test_latency_vs_onnxruntime(model_paths, report, model, batch, threads):
     x = _input(batch)
     ours = ml.Session(model_paths[model], num_threads=threads)
     peer = _ort(model_paths[model], threads)
-    a, b = _interleaved_medians([lambda: ours.run({"input": x}), lambda: peer.run(None, {"input": x})],
-                                rounds=10 if batch == 1 else 4)
+    a, b = (float(np.median(t)) for t in timing.paired_samples(
+        4.0 if batch == 1 else 8.0, lambda: ours.run({"input": x}),
+        lambda: peer.run(None, {"input": x}), rounds=4))
     report((f"{model} batch {batch}", threads, a * 1e6, b * 1e6, a / b, "vs onnxruntime"))
 
 
