@@ -1,0 +1,846 @@
+"""mpskernels.ops: one-off calls on NumPy arrays, in the shape NumPy and torch.nn.functional
+users know: conv2d, conv_transpose2d, linear, matmul, max_pool2d / avg_pool2d, the reductions
+(sum, mean, max, min, argmax, argmin) and the neurons (relu, sigmoid, gelu, ...).
+
+Every call runs our kernels (src/conv, src/gemm, src/pool, src/reduce, src/elementwise)
+straight away: the commands a kernel would record on a command buffer run on the calling
+thread over the device's thread pool, with the GIL released, directly on the arrays (no
+queue, no images, no arena). There is no NumPy fallback for the arithmetic.
+
+- device: a Device, default create_system_default_device(); its num_threads is the thread
+  count. Results are bitwise the same for any thread count.
+- Arrays are float32 (TypeError otherwise; argmax / argmin give int64 like NumPy). Any
+  strides work: what a kernel can read in place is read in place (a transposed operand of
+  matmul, a channels-last view given as NCHW), anything else is copied first.
+- out=: an array of exactly the result's shape and dtype. It may overlap the inputs (the
+  result is then made aside and copied in, as NumPy does).
+- Layouts: conv and pooling take layout="NCHW" (default, PyTorch's) or "NHWC". Weights are
+  PyTorch's whatever the layout: conv2d (out, in/groups, kh, kw), conv_transpose2d
+  (in, out/groups, kh, kw). An NCHW result is C-contiguous, except that an input whose
+  memory is channels-last (x.transpose(0, 3, 1, 2) of an NHWC array) gives a channels-last
+  result, as PyTorch's memory format does; the kernels run channels-last, so other NCHW
+  inputs and results are copied (by the copy kernel) on the way in and out.
+
+Convolution weights are packed once per (weights array, bias, geometry, activation) and kept
+in a per-device cache (up to 64 kernels, LRU; clear_cache() empties it). The cache is never
+stale: it keeps a copy of the weights and bias it packed, and each call compares the arrays
+with it bit for bit (about 0.1 ms per MB of weights; packing costs far more, e.g. 42 ms for
+a 3x3 256->256 Winograd kernel), so a changed array is repacked."""
+import builtins
+import threading
+import weakref
+from collections import OrderedDict
+
+import numpy as np
+
+from mpskernels import _native
+from mpskernels.convolution import (CNNConvolution, CNNConvolutionDescriptor,
+                                    CNNConvolutionTranspose, _ArraySource)
+from mpskernels.device import Device, create_system_default_device
+from mpskernels.enums import CNNNeuronType as T
+from mpskernels.enums import TensorDataType
+from mpskernels.geometry import Offset
+from mpskernels.matrix import _clamp_of
+from mpskernels.ml import _Operand, convolution_op, copy_op, neuron_op, pool_op
+from mpskernels.neuron import NNNeuronDescriptor
+from mpskernels.reduction import (ARGMAX, ARGMIN, COLUMN, FEATURE_CHANNELS, MAX, MEAN, MIN,
+                                  SUM)
+
+__all__ = ["conv2d", "conv_transpose2d", "linear", "matmul", "max_pool2d", "avg_pool2d",
+           "sum", "mean", "max", "min", "amax", "amin", "argmax", "argmin",
+           "neuron", "relu", "leaky_relu", "relu6", "prelu", "elu", "gelu", "sigmoid",
+           "hardsigmoid", "tanh", "softplus", "softsign", "abs", "absolute", "exp", "log",
+           "power", "clear_cache"]
+
+_INT32_MAX = (1 << 31) - 1
+
+
+# ==== running: commands recorded as on a command buffer, run at once ==========================
+
+class _Now:
+    """Stands in for a command buffer: the kernels' encode paths record into it (`_add`),
+    run() runs the commands in order on the calling thread with the device's pool."""
+    __slots__ = ("commands",)
+
+    def __init__(self):
+        self.commands = []
+
+    def _add(self, command, operands, description):
+        for k, (op, byte_offset, (sn, sy, sx, sc)) in enumerate(operands):
+            command.set_operand(k, op._root._address() + byte_offset, op._format, sn, sy, sx, sc)
+        command.description = description
+        self.commands.append(command)
+
+    def run(self, device):
+        for command in self.commands:
+            command.run(device._pool)
+
+
+def _device(device):
+    if device is None:
+        return create_system_default_device()
+    if not isinstance(device, Device):
+        raise TypeError(f"device must be an mpskernels Device or None, got {type(device).__name__}")
+    return device
+
+
+# ==== arrays ===================================================================================
+
+def _array(x, name, ndim=None, what=""):
+    """x, checked: a float32 ndarray (of ndim dimensions)."""
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{name} must be a NumPy array, got {type(x).__name__} "
+                        f"(np.asarray({name}, np.float32))")
+    if x.dtype != np.float32:
+        raise TypeError(f"{name} has dtype {x.dtype}; ops compute in float32: pass "
+                        f"{name}.astype(np.float32)")
+    if ndim is not None and x.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D{what}, got shape {x.shape}")
+    return x
+
+
+def _readable(x):
+    """x, or a C-contiguous copy if a kernel cannot walk its strides (negative, zero, not a
+    multiple of 4 bytes, or misaligned)."""
+    if x.flags.aligned and all(s > 0 and s % 4 == 0 for d, s in zip(x.shape, x.strides) if d > 1):
+        return x
+    return np.ascontiguousarray(x)
+
+
+def _strides(a):
+    """Element strides; a dimension of extent 1 gets the stride it would have if packed."""
+    out, packed = [], 1
+    for d, s in zip(reversed(a.shape), reversed(a.strides)):
+        out.append(s // 4 if d > 1 else packed)
+        packed = out[-1] * d
+    return tuple(reversed(out))
+
+
+def _op(a, name):
+    return _Operand(a.__array_interface__["data"][0], a.shape, _strides(a),
+                    TensorDataType.FLOAT32, name)
+
+
+def _contiguous(a):
+    return a.flags.c_contiguous and a.flags.aligned
+
+
+def _out(out, shape, inputs, dtype=np.float32, writable=_contiguous):
+    """(result, target): the array returned (out, checked, or a new one) and the one the
+    kernel writes — result itself, or a new array to copy into out afterwards when out
+    overlaps an input or writable(out) is false."""
+    if out is None:
+        result = np.empty(shape, dtype)
+        return result, result
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"out must be a NumPy array or None, got {type(out).__name__}")
+    if out.dtype != dtype:
+        raise TypeError(f"out has dtype {out.dtype}; this result is {np.dtype(dtype)}")
+    if out.shape != tuple(shape):
+        raise ValueError(f"out has shape {out.shape}; the result has shape {tuple(shape)}")
+    if not out.flags.writeable:
+        raise ValueError("out is read-only")
+    if not writable(out) or any(np.may_share_memory(out, x) for x in inputs):
+        return out, np.empty(shape, dtype)
+    return out, out
+
+
+def _finish(now, device, result, target):
+    """Run, with a copy of target into result (out) last if the kernels wrote aside."""
+    if target is not result and result.dtype == np.float32 and _readable(result) is result:
+        copy_op(now, _op(target, "result"), _op(result, "out"), "ops: copy to out")
+        target = result
+    now.run(device)
+    if target is not result:   # out with strides no kernel takes, or indices as int64
+        result[...] = target
+    return result
+
+
+def _pair(value, name, minimum=1):
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(f"{name} must be an int or a pair (y, x), got {value!r}")
+        pair = tuple(value)
+    else:
+        pair = (value, value)
+    for v in pair:
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
+            raise ValueError(f"{name} must be an int >= {minimum} or a pair of them, got {value!r}")
+    return int(pair[0]), int(pair[1])
+
+
+def _layout(layout):
+    if layout not in ("NCHW", "NHWC"):
+        raise ValueError(f"layout must be 'NCHW' or 'NHWC', got {layout!r}")
+    return layout
+
+
+# ==== channels-last views of 4-D operands ======================================================
+
+def _nhwc_source(now, x, layout):
+    """x as an (N, H, W, C) view with channels contiguous: in place if x allows, else a copy
+    recorded on `now`. Returns (view, whether x's memory was already channels-last)."""
+    v = x if layout == "NHWC" else x.transpose(0, 2, 3, 1)
+    if _readable(v) is v and _strides(v)[3] == 1:
+        return v, True
+    packed = np.empty(v.shape, np.float32)
+    copy_op(now, _op(_readable(v), "x"), _op(packed, "x (channels-last copy)"), "ops: layout copy")
+    return packed, False
+
+
+def _nhwc_result(n, h, w, c, layout, channels_last, out, inputs):
+    """(result in the caller's layout, NHWC array the kernel writes, copy-out pending?)"""
+    shape = (n, c, h, w) if layout == "NCHW" else (n, h, w, c)
+    if out is None and (layout == "NHWC" or channels_last):
+        nhwc = np.empty((n, h, w, c), np.float32)
+        return (nhwc if layout == "NHWC" else nhwc.transpose(0, 3, 1, 2)), nhwc
+    result, target = _out(out, shape, inputs, writable=_readable)
+    view = target if layout == "NHWC" else target.transpose(0, 2, 3, 1)
+    if _strides(view)[3] == 1:
+        return result, view
+    return result, np.empty((n, h, w, c), np.float32)
+
+
+def _nhwc_finish(now, device, result, nhwc, layout):
+    """Run; copy the NHWC result into `result` unless the kernel wrote it there."""
+    view = result if layout == "NHWC" else result.transpose(0, 2, 3, 1)
+    if view.__array_interface__["data"][0] != nhwc.__array_interface__["data"][0] \
+            or view.strides != nhwc.strides:
+        copy_op(now, _op(nhwc, "result"), _op(view, "out"), "ops: layout copy")
+    now.run(device)
+    return result
+
+
+# ==== neurons ====================================================================================
+
+_ACTIVATIONS = {
+    "relu": (T.RELU,), "relu6": (T.RELUN, 0.0, 6.0), "sigmoid": (T.SIGMOID,),
+    "hardsigmoid": (T.HARD_SIGMOID, 1 / 6, 0.5), "tanh": (T.TANH, 1.0, 1.0),
+    "gelu": (T.GELU,), "elu": (T.ELU, 1.0), "softplus": (T.SOFT_PLUS, 1.0, 1.0),
+    "softsign": (T.SOFT_SIGN,), "abs": (T.ABSOLUTE,),
+}
+
+
+def _descriptor(activation, name="activation"):
+    if activation is None:
+        return None
+    if isinstance(activation, NNNeuronDescriptor):
+        return activation
+    if isinstance(activation, str) and activation in _ACTIVATIONS:
+        return NNNeuronDescriptor(*_ACTIVATIONS[activation])
+    raise ValueError(f"{name} must be None, an NNNeuronDescriptor or one of "
+                     f"{', '.join(sorted(_ACTIVATIONS))}; got {activation!r}")
+
+
+def neuron(x, descriptor, *, axis=-1, out=None, device=None):
+    """descriptor's function of every element of x (an NNNeuronDescriptor, or a name as
+    conv2d's activation takes). PReLU's slopes run along `axis`."""
+    device = _device(device)
+    d = _descriptor(descriptor, "descriptor")
+    if d is None:
+        raise ValueError("descriptor must not be None")
+    x = _array(x, "x")
+    if out is None:
+        result = target = np.empty_like(x)   # x's memory order: its strides merge alike
+    else:   # out may be x itself: the kernel reads and writes each element in place
+        result, target = _out(out, x.shape, () if out is x else (x,), writable=_readable)
+    if x.size == 0:
+        return result
+    src, dst = _readable(x).reshape(x.shape or (1,)), target.reshape(x.shape or (1,))
+    if d.neuron_type == T.PRELU and x.ndim > 1:   # slopes along the innermost operand axis
+        axis = _axes(axis, x.ndim, "axis")[0]
+        order = [i for i in range(x.ndim) if i != axis] + [axis]
+        src, dst = src.transpose(order), dst.transpose(order)
+    now = _Now()
+    neuron_op(now, d, _op(src, "x"), _op(dst, "out"), f"ops: {d.neuron_type.name.lower()}")
+    return _finish(now, device, result, target)
+
+
+def relu(x, *, out=None, device=None):
+    """max(x, 0)."""
+    return neuron(x, NNNeuronDescriptor(T.RELU), out=out, device=device)
+
+
+def leaky_relu(x, negative_slope=0.01, *, out=None, device=None):
+    """x if x >= 0 else negative_slope * x."""
+    return neuron(x, NNNeuronDescriptor(T.RELU, negative_slope), out=out, device=device)
+
+
+def relu6(x, *, out=None, device=None):
+    """min(max(x, 0), 6)."""
+    return neuron(x, NNNeuronDescriptor(T.RELUN, 0.0, 6.0), out=out, device=device)
+
+
+def prelu(x, weight, *, axis=1, out=None, device=None):
+    """x if x >= 0 else weight[c] * x, c the index along `axis` (PyTorch: the channels,
+    axis 1; a 1-D x: axis 0); weight has one slope, or one per index of that axis."""
+    x, slopes = _array(x, "x"), _array(weight, "weight").reshape(-1)
+    if x.ndim < 2:
+        axis = 0
+    channels = x.shape[_axes(axis, x.ndim)[0]] if x.ndim else 1
+    if slopes.size not in (1, channels):
+        raise ValueError(f"prelu: weight has {slopes.size} slopes; x {x.shape} has {channels} "
+                         f"along axis {axis}: give one, or one per index")
+    return neuron(x, NNNeuronDescriptor.cnn_neuron_prelu_descriptor(slopes), axis=axis, out=out,
+                  device=device)
+
+
+def elu(x, alpha=1.0, *, out=None, device=None):
+    """x if x >= 0 else alpha * (exp(x) - 1)."""
+    return neuron(x, NNNeuronDescriptor(T.ELU, alpha), out=out, device=device)
+
+
+def gelu(x, *, out=None, device=None):
+    """0.5 x (1 + erf(x / sqrt 2)) (PyTorch's approximate='none')."""
+    return neuron(x, NNNeuronDescriptor(T.GELU), out=out, device=device)
+
+
+def sigmoid(x, *, out=None, device=None):
+    """1 / (1 + exp(-x))."""
+    return neuron(x, NNNeuronDescriptor(T.SIGMOID), out=out, device=device)
+
+
+def hardsigmoid(x, alpha=1 / 6, beta=0.5, *, out=None, device=None):
+    """clamp(alpha x + beta, 0, 1); the defaults are PyTorch's (ONNX: alpha=0.2)."""
+    return neuron(x, NNNeuronDescriptor(T.HARD_SIGMOID, alpha, beta), out=out, device=device)
+
+
+def tanh(x, *, out=None, device=None):
+    return neuron(x, NNNeuronDescriptor(T.TANH, 1.0, 1.0), out=out, device=device)
+
+
+def softplus(x, beta=1.0, *, out=None, device=None):
+    """log(1 + exp(beta x)) / beta (PyTorch's, without its threshold)."""
+    return neuron(x, NNNeuronDescriptor(T.SOFT_PLUS, 1.0 / beta, beta), out=out, device=device)
+
+
+def softsign(x, *, out=None, device=None):
+    """x / (1 + |x|)."""
+    return neuron(x, NNNeuronDescriptor(T.SOFT_SIGN), out=out, device=device)
+
+
+def absolute(x, *, out=None, device=None):
+    return neuron(x, NNNeuronDescriptor(T.ABSOLUTE), out=out, device=device)
+
+
+def exp(x, *, out=None, device=None):
+    return neuron(x, NNNeuronDescriptor(T.EXPONENTIAL, 1.0, 0.0, -1.0), out=out, device=device)
+
+
+def log(x, *, out=None, device=None):
+    """The natural logarithm."""
+    return neuron(x, NNNeuronDescriptor(T.LOGARITHM, 1.0, 0.0, -1.0), out=out, device=device)
+
+
+def power(x, exponent, *, out=None, device=None):
+    """x ** exponent (a number)."""
+    return neuron(x, NNNeuronDescriptor(T.POWER, 1.0, 0.0, exponent), out=out, device=device)
+
+
+# ==== convolution ================================================================================
+
+_CACHE_SIZE = 64
+_caches = weakref.WeakKeyDictionary()   # device -> OrderedDict key -> (kernel, weights, bias)
+_cache_lock = threading.Lock()
+
+
+def clear_cache(device=None):
+    """Drop the packed convolution weights kept for `device` (None: every device)."""
+    with _cache_lock:
+        if device is None:
+            _caches.clear()
+        else:
+            _caches.pop(device, None)
+
+
+def _same_bits(a, b):
+    return np.array_equal(a.view(np.uint32), b.view(np.uint32))
+
+
+def _identity(a):
+    return None if a is None else (a.__array_interface__["data"][0], a.shape, a.strides)
+
+
+def _cached_kernel(device, key, weight, bias, make):
+    """The kernel for `key`, built by make() unless the cache holds one packed from arrays
+    with the same bits as weight and bias now."""
+    key = (key, _identity(weight), _identity(bias))
+    with _cache_lock:
+        cache = _caches.setdefault(device, OrderedDict())
+        entry = cache.get(key)
+        if entry is not None:
+            cache.move_to_end(key)
+    if entry is not None:
+        kernel, w, b = entry
+        if _same_bits(weight, w) and (bias is None or _same_bits(bias, b)):
+            return kernel
+    kernel = make()
+    entry = (kernel, weight.copy(), None if bias is None else bias.copy())
+    with _cache_lock:
+        cache[key] = entry
+        while len(cache) > _CACHE_SIZE:
+            cache.popitem(last=False)
+    return kernel
+
+
+def _bias(bias, channels):
+    if bias is None:
+        return None
+    bias = _array(bias, "bias", 1)
+    if bias.shape[0] != channels:
+        raise ValueError(f"bias has {bias.shape[0]} values; one per output channel "
+                         f"({channels}) is needed")
+    return bias
+
+
+def _neuron_key(d):
+    if d is None:
+        return None
+    data = None if d.data is None else np.asarray(d.data, np.float32).tobytes()
+    return (int(d.neuron_type), d.a, d.b, d.c, data)
+
+
+def _padding(padding, k, dilation, stride):
+    """((top, bottom), (left, right)) from an int, (y, x), ((top, bottom), (left, right)),
+    'valid' or 'same' (stride 1; the odd pixel at the bottom / right, as PyTorch)."""
+    if padding == "valid":
+        return (0, 0), (0, 0)
+    if padding == "same":
+        if stride != (1, 1):
+            raise ValueError("padding='same' needs stride 1 (as in PyTorch); give the pads")
+        total = [d * (kk - 1) for d, kk in zip(dilation, k)]
+        return tuple((t // 2, t - t // 2) for t in total)
+    if isinstance(padding, (tuple, list)) and len(padding) == 2 \
+            and all(isinstance(p, (tuple, list)) for p in padding):
+        pads = [_pair(p, "padding", 0) for p in padding]
+        return pads[0], pads[1]
+    py, px = _pair(padding, "padding", 0)
+    return (py, py), (px, px)
+
+
+def _conv_shapes(x, weight, layout, groups, channels_per_group, what):
+    n, c, h, w = x.shape if layout == "NCHW" else (x.shape[0], x.shape[3], x.shape[1], x.shape[2])
+    if isinstance(groups, bool) or not isinstance(groups, (int, np.integer)) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    if c != channels_per_group * groups:
+        raise ValueError(f"x has {c} channels ({layout}); weight {weight.shape} {what} with "
+                         f"groups={groups} needs {channels_per_group * groups}")
+    return n, c, h, w
+
+
+def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
+           layout="NCHW", activation=None, out=None, device=None):
+    """2-D convolution (cross-correlation) as torch.nn.functional.conv2d, activation fused.
+
+    x: (N, C, H, W), or (N, H, W, C) with layout="NHWC". weight: (out, C/groups, kh, kw)
+    (PyTorch's, for both layouts). bias: (out,) or None. stride, dilation: int or (y, x);
+    padding: int, (y, x), ((top, bottom), (left, right)), 'valid' or 'same'. activation:
+    None, a name ('relu', 'relu6', 'sigmoid', 'hardsigmoid', 'tanh', 'gelu', 'elu',
+    'softplus', 'softsign', 'abs') or an NNNeuronDescriptor (e.g. leaky ReLU, PReLU)."""
+    device, layout = _device(device), _layout(layout)
+    x = _array(x, "x", 4, f" ({layout})")
+    weight = _array(weight, "weight", 4, " (out_channels, in_channels/groups, kh, kw)")
+    cout, cin_g, kh, kw = weight.shape
+    n, c, h, w = _conv_shapes(x, weight, layout, groups, cin_g, "(out, in/groups, kh, kw)")
+    if cout % groups:
+        raise ValueError(f"groups={groups} must divide the {cout} output channels of weight")
+    bias = _bias(bias, cout)
+    stride, dilation = _pair(stride, "stride"), _pair(dilation, "dilation")
+    (pt, pb), (pl, pr) = _padding(padding, (kh, kw), dilation, stride)
+    ho = (h + pt + pb - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (w + pl + pr - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    if ho < 1 or wo < 1 or builtins.min(cout, kh, kw) < 1:
+        raise ValueError(f"conv2d: a {h}x{w} input padded by {(pt, pb)}, {(pl, pr)} is smaller "
+                         f"than the {kh}x{kw} window dilated by {dilation}")
+    act = _descriptor(activation)
+
+    def make():
+        d = CNNConvolutionDescriptor(kw, kh, c, cout)
+        d.stride_in_pixels_y, d.stride_in_pixels_x = stride
+        d.dilation_rate_y, d.dilation_rate_x = dilation
+        d.groups = groups
+        if act is not None:
+            d.fused_neuron_descriptor = act
+        kernel = CNNConvolution.from_arrays(device, d, np.ascontiguousarray(
+            weight.transpose(0, 2, 3, 1)), None if bias is None else np.ascontiguousarray(bias))
+        # output i's window starts at i*stride - pad; the kernel centres it on offset + i*stride
+        kernel.offset = Offset(((kw - 1) * dilation[1] + 1) // 2 - pl,
+                               ((kh - 1) * dilation[0] + 1) // 2 - pt, 0)
+        return kernel
+
+    key = ("conv2d", stride, dilation, groups, pt, pl, _neuron_key(act))
+    return _convolve(device, key, weight, bias, make, x, layout, (n, ho, wo, cout), out)
+
+
+def _convolve(device, key, weight, bias, make, x, layout, out_shape, out):
+    n, ho, wo, cout = out_shape
+    if n == 0 or x.size == 0:
+        return _out(out, (n, cout, ho, wo) if layout == "NCHW" else out_shape, ())[0]
+    kernel = _cached_kernel(device, key, weight, bias, make)
+    now = _Now()
+    src, channels_last = _nhwc_source(now, x, layout)
+    result, nhwc = _nhwc_result(n, ho, wo, cout, layout, channels_last, out, (x,))
+    convolution_op(now, kernel, _op(src, "x"), _op(nhwc, "out"), kernel)
+    return _nhwc_finish(now, device, result, nhwc, layout)
+
+
+def conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1,
+                     dilation=1, *, layout="NCHW", activation=None, out=None, device=None):
+    """Transposed convolution as torch.nn.functional.conv_transpose2d (same argument order),
+    activation fused. weight: (C, out/groups, kh, kw) (PyTorch's). The result has
+    (H - 1)*stride - 2*padding + dilation*(kh - 1) + output_padding + 1 rows (columns
+    alike); output_padding must be smaller than stride or dilation."""
+    device, layout = _device(device), _layout(layout)
+    x = _array(x, "x", 4, f" ({layout})")
+    weight = _array(weight, "weight", 4, " (in_channels, out_channels/groups, kh, kw)")
+    cin, cout_g, kh, kw = weight.shape
+    if isinstance(groups, bool) or not isinstance(groups, (int, np.integer)) or groups < 1 \
+            or cin % groups:
+        raise ValueError(f"groups must be a positive int dividing the {cin} input channels of "
+                         f"weight, got {groups!r}")
+    n, c, h, w = _conv_shapes(x, weight, layout, groups, cin // groups,
+                              "(in, out/groups, kh, kw)")
+    cout = cout_g * groups
+    bias = _bias(bias, cout)
+    stride, dilation = _pair(stride, "stride"), _pair(dilation, "dilation")
+    pad = _pair(padding, "padding", 0)
+    extra = _pair(output_padding, "output_padding", 0)
+    for e, s, d in zip(extra, stride, dilation):
+        if e >= builtins.max(s, d):
+            raise ValueError(f"output_padding {output_padding} must be smaller than stride "
+                             f"{stride} or dilation {dilation}")
+    ho = (h - 1) * stride[0] - 2 * pad[0] + dilation[0] * (kh - 1) + extra[0] + 1
+    wo = (w - 1) * stride[1] - 2 * pad[1] + dilation[1] * (kw - 1) + extra[1] + 1
+    if ho < 1 or wo < 1 or builtins.min(cout, kh, kw) < 1:
+        raise ValueError(f"conv_transpose2d: padding {padding} leaves no output of a {h}x{w} "
+                         f"input")
+    act = _descriptor(activation)
+
+    def make():
+        d = CNNConvolutionDescriptor(kw, kh, c, cout)
+        d.stride_in_pixels_y, d.stride_in_pixels_x = stride
+        d.dilation_rate_y, d.dilation_rate_x = dilation
+        d.groups = groups
+        if act is not None:
+            d.fused_neuron_descriptor = act
+        # ours: [out][kh][kw][in/groups], correlating the zero-stuffed input with the kernel
+        # flipped in both axes (docs/convolution.md)
+        wt = weight.reshape(groups, cin // groups, cout_g, kh, kw)[..., ::-1, ::-1]
+        packed = np.ascontiguousarray(wt.transpose(0, 2, 3, 4, 1)).reshape(cout, kh, kw, -1)
+        kernel = CNNConvolutionTranspose(device, _ArraySource(
+            d, packed, None if bias is None else np.ascontiguousarray(bias)))
+        kernel.kernel_offset_y = pad[0] - (kh - 1) * dilation[0]
+        kernel.kernel_offset_x = pad[1] - (kw - 1) * dilation[1]
+        return kernel
+
+    key = ("conv_transpose2d", stride, dilation, groups, pad, _neuron_key(act))
+    return _convolve(device, key, weight, bias, make, x, layout, (n, ho, wo, cout), out)
+
+
+# ==== pooling ====================================================================================
+
+def _pool(mode, x, kernel_size, stride, padding, dilation, ceil_mode, count_include_pad,
+          layout, out, device):
+    device, layout = _device(device), _layout(layout)
+    x = _array(x, "x", 4, f" ({layout})")
+    k = _pair(kernel_size, "kernel_size")
+    s = k if stride is None else _pair(stride, "stride")
+    d = _pair(dilation, "dilation")
+    p = _pair(padding, "padding", 0)
+    n, c, h, w = x.shape if layout == "NCHW" else (x.shape[0], x.shape[3], x.shape[1], x.shape[2])
+    size = []
+    for i, extent in enumerate((h, w)):
+        span = d[i] * (k[i] - 1) + 1
+        if p[i] > span // 2:
+            raise ValueError(f"padding {padding} must be at most half the window "
+                             f"{span} (as in PyTorch)")
+        o = -(-(extent + 2 * p[i] - span) // s[i]) if ceil_mode else (extent + 2 * p[i] - span) // s[i]
+        o += 1
+        if ceil_mode and (o - 1) * s[i] >= extent + p[i]:   # the last window starts in the padding
+            o -= 1
+        if o < 1:
+            raise ValueError(f"the {h}x{w} input padded by {p} is smaller than the window {k}")
+        size.append(o)
+    ho, wo = size
+    if x.size == 0:
+        return _out(out, (n, c, ho, wo) if layout == "NCHW" else (n, ho, wo, c), ())[0]
+    now = _Now()
+    src, channels_last = _nhwc_source(now, x, layout)
+    result, nhwc = _nhwc_result(n, ho, wo, c, layout, channels_last, out, (x,))
+    attrs = dict(mode=mode, kernel=k, strides=s, dilations=d,
+                 pads=(p[0], p[1], p[0], p[1]), count_include_pad=count_include_pad)
+    pool_op(now, attrs, _op(src, "x"), _op(nhwc, "out"), f"ops: {mode}_pool2d")
+    return _nhwc_finish(now, device, result, nhwc, layout)
+
+
+def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, *,
+               layout="NCHW", out=None, device=None):
+    """As torch.nn.functional.max_pool2d (stride defaults to kernel_size; padding at most
+    half the window)."""
+    return _pool("max", x, kernel_size, stride, padding, dilation, ceil_mode, False, layout,
+                 out, device)
+
+
+def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
+               *, layout="NCHW", out=None, device=None):
+    """As torch.nn.functional.avg_pool2d (no divisor_override). With count_include_pad the
+    divisor counts the padding but not a ceil_mode window's part past it, as PyTorch."""
+    return _pool("average", x, kernel_size, stride, padding, 1, ceil_mode,
+                 bool(count_include_pad), layout, out, device)
+
+
+# ==== matrix products ============================================================================
+
+def _gemm(now, batch, m, n, k, operands, bias=None, lo=-np.inf, hi=np.inf):
+    """Record one mk_sgemm; operands: (address, (row, column, batch) element strides) of
+    A, B and C."""
+    command = _native.GemmCommand(batch, m, n, k, 1.0, 0.0, bias, lo, hi)
+    for i, (address, (rs, cs, bs)) in enumerate(operands):
+        command.set_operand(i, address, 4, rs, cs, bs)
+    command.description = "ops: matrix product"
+    now.commands.append(command)
+
+
+def _address(a):
+    return a.__array_interface__["data"][0]
+
+
+def matmul(a, b, *, out=None, device=None):
+    """np.matmul on float32: (..., M, K) @ (..., K, N) with the batch dimensions broadcast;
+    a 1-D a is one row, a 1-D b one column, and that dimension is left out of the result.
+    Transposed and strided operands are read in place."""
+    device = _device(device)
+    a, b = _array(a, "a"), _array(b, "b")
+    if a.ndim == 0 or b.ndim == 0:
+        raise ValueError("matmul: a and b need at least one dimension (use * for scalars)")
+    a2 = _readable(a[None, :] if a.ndim == 1 else a)
+    b2 = _readable(b[:, None] if b.ndim == 1 else b)
+    (m, k), (k2, n) = a2.shape[-2:], b2.shape[-2:]
+    if k != k2:
+        raise ValueError(f"matmul: a {a.shape} has {k} columns but b {b.shape} has {k2} rows")
+    try:
+        batch = np.broadcast_shapes(a2.shape[:-2], b2.shape[:-2])
+    except ValueError:
+        raise ValueError(f"matmul: the batch dimensions of a {a.shape} and b {b.shape} do not "
+                         f"broadcast") from None
+    shape = batch + (m,) * (a.ndim > 1) + (n,) * (b.ndim > 1)
+    result, target = _out(out, shape, (a, b))
+    now = _Now()
+    if result.size and k == 0:
+        target[...] = 0
+    elif result.size:
+        operands = [np.broadcast_to(a2, batch + (m, k)), np.broadcast_to(b2, batch + (k, n)),
+                    target.reshape(batch + (m, n))]
+        _batched(now, operands, m, n, k)
+    return _finish(now, device, result, target)
+
+
+def _batched(now, operands, m, n, k):
+    """GEMMs over the batch dimensions of A, B, C: merged into one batch stride wherever all
+    three allow, a loop over the rest. A B shared by the whole batch, with A's and C's rows
+    evenly spaced across it, makes one GEMM of batch*M rows instead."""
+    strides = [_strides(t) for t in operands]
+    dims = []   # (extent, [stride of A, B, C]), innermost first
+    for i in reversed(range(len(operands[0].shape) - 2)):
+        extent, st = operands[0].shape[i], [s[i] for s in strides]
+        if extent == 1:
+            continue
+        if dims and all(o == e * dims[-1][0] for o, e in zip(st, dims[-1][1])):
+            dims[-1] = (dims[-1][0] * extent, dims[-1][1])
+        else:
+            dims.append((extent, st))
+    inner_n, inner = dims.pop(0) if dims else (1, [0, 0, 0])
+    rc = [(s[-2], s[-1]) for s in strides]
+    bases = [_address(t) for t in operands]
+    if inner_n > 1 and inner[1] == 0 and all(inner[j] == rc[j][0] * m for j in (0, 2)):
+        m, inner_n, inner = m * inner_n, 1, [0, 0, 0]
+    for index in np.ndindex(*[e for e, _ in reversed(dims)]):
+        offsets = [builtins.sum(i * st[j] for i, (_, st) in zip(index, reversed(dims)))
+                   for j in range(3)]
+        _gemm(now, inner_n, m, n, k, [(bases[j] + 4 * offsets[j], (*rc[j], inner[j]))
+                                      for j in range(3)])
+
+
+def linear(x, weight, bias=None, *, activation=None, out=None, device=None):
+    """x @ weight.T + bias, as torch.nn.functional.linear, activation fused (ReLU and ReLU6
+    in the GEMM, others right after it). x: (..., in); weight: (out, in); bias: (out,)."""
+    device = _device(device)
+    x = _array(x, "x")
+    weight = _array(weight, "weight", 2, " (out_features, in_features)")
+    if x.ndim == 0:
+        raise ValueError("linear: x needs at least one dimension (..., in_features)")
+    n, k = weight.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"linear: x {x.shape} has {x.shape[-1]} features; weight {weight.shape} "
+                         f"takes {k}")
+    bias = _bias(bias, n)
+    act = _descriptor(activation)
+    result, target = _out(out, x.shape[:-1] + (n,), (x, weight) + ((bias,) if bias is not None else ()))
+    if result.size == 0:
+        return result
+    rows = target.size // n
+    now = _Now()
+    t, a, b, _ = (T.NONE, 0, 0, 0) if act is None else (act.neuron_type, act.a, act.b, act.c)
+    clamp = _clamp_of(t, a, b)
+    if k == 0:
+        target[...] = 0 if bias is None else bias
+        clamp = None
+    else:
+        x2 = _readable(x.reshape(rows, k))
+        w = _readable(weight)
+        lo, hi = clamp if clamp else (-np.inf, np.inf)
+        _gemm(now, 1, rows, n, k, [(_address(x2), (*_strides(x2), 0)),
+                                   (_address(w), (_strides(w)[1], _strides(w)[0], 0)),
+                                   (_address(target), (n, 1, 0))],
+              None if bias is None else np.ascontiguousarray(bias), lo, hi)
+    if clamp is None and act is not None:
+        view = _op(target.reshape(rows, n), "out")
+        neuron_op(now, act, view, view, f"ops: linear {t.name.lower()}")
+    return _finish(now, device, result, target)
+
+
+# ==== reductions =================================================================================
+
+def _axes(axis, ndim, name="axis"):
+    """axis (None: all, an int, or a tuple of ints) as a sorted tuple of distinct axes."""
+    if axis is None:
+        return tuple(range(ndim))
+    items = axis if isinstance(axis, tuple) else (axis,)
+    axes = []
+    for a in items:
+        if isinstance(a, bool) or not isinstance(a, (int, np.integer)):
+            raise TypeError(f"{name} must be None, an int or a tuple of ints, got {axis!r}")
+        if not -ndim <= a < ndim:
+            raise ValueError(f"{name} {a} is out of bounds for an array of {ndim} dimensions")
+        axes.append(int(a) % ndim)
+    if len(set(axes)) != len(axes):
+        raise ValueError(f"{name} {axis!r} repeats an axis")
+    return tuple(sorted(axes))
+
+
+def _groups(dims):
+    """Neighbouring (extent, reduced) dimensions of the same kind merged."""
+    out = []
+    for extent, reduced in dims:
+        if out and out[-1][1] == reduced:
+            out[-1] = (out[-1][0] * extent, reduced)
+        else:
+            out.append((extent, reduced))
+    return out
+
+
+def _reduce_command(now, op, axis, extent, src, src_strides, dst, dst_strides):
+    if builtins.max(extent) > _INT32_MAX:
+        raise ValueError(f"ops: a reduction over {extent} elements is too large for one kernel "
+                         f"call (each extent must be below 2**31)")
+    command = _native.ReduceCommand(extent, op, axis)
+    command.set_operand(0, _address(src), 4, *src_strides)
+    command.set_operand(1, _address(dst), 4, *dst_strides)
+    command.description = "ops: reduction"
+    now.commands.append(command)
+
+
+_NAMES = {SUM: "sum", MEAN: "mean", MAX: "maximum", MIN: "minimum", ARGMAX: "argmax",
+          ARGMIN: "argmin"}
+
+
+def _reduce(op, x, axis, keepdims, out, device):
+    device = _device(device)
+    x = _array(x, "x")
+    axes = _axes(axis, x.ndim)
+    arg = op in (ARGMIN, ARGMAX)
+    if arg and len(axes) != 1 and axis is not None:
+        raise ValueError(f"{_NAMES[op]} takes one axis or None (the flattened array), got {axis!r}")
+    shape = tuple(1 if i in axes else d for i, d in enumerate(x.shape) if keepdims or i not in axes)
+    x = x.reshape(x.shape or (1,))
+    result, target = _out(out, shape, (x,), np.int64 if arg else np.float32)
+    count = int(np.prod([x.shape[i] for i in axes]))
+    now = _Now()
+    if count == 0:
+        if op not in (SUM, MEAN):
+            raise ValueError(f"{_NAMES[op]} of an empty selection: it has no identity")
+        target[...] = 0 if op == SUM else np.nan
+        return _finish(now, device, result, target)
+    if result.size == 0:
+        return result
+    src = x
+    if not _contiguous(x):
+        src = np.empty(x.shape, np.float32)
+        copy_op(now, _op(_readable(x), "x"), _op(src, "x (copy)"), "ops: copy")
+    if arg:
+        if axis is None:
+            a, r, b = 1, src.size, 1
+        else:
+            (ax,) = axes
+            a, r, b = int(np.prod(src.shape[:ax])), src.shape[ax], int(np.prod(src.shape[ax + 1:]))
+        if r > 1 << 24:
+            raise ValueError(f"{_NAMES[op]} over {r} elements: the kernel's indices are exact up "
+                             f"to 2**24")
+        if b > 1:   # the kernel takes the innermost axis: move the reduced axis there
+            moved = np.empty((a, b, r), np.float32)
+            view = _Operand(_address(src), (a, b, r), (r * b, 1, b), TensorDataType.FLOAT32, "x")
+            copy_op(now, view, _op(moved, "x (reduced axis last)"), "ops: copy")
+            src = moved
+        indices = np.empty(a * b, np.float32)
+        _reduce_command(now, op, FEATURE_CHANNELS, (1, 1, a * b, r), src, (0, 0, r, 1),
+                        indices, (0, 0, 1, 1))
+        return _finish(now, device, result, indices.reshape(shape))
+    groups = _groups([(d, i in axes) for i, d in enumerate(src.shape) if d > 1])
+    if groups == [(src.size, True)] and len([d for d in src.shape if d > 1]) > 1:
+        first = next(d for d in src.shape if d > 1)   # two steps: the first one in parallel
+        groups = [(first, True), (src.size // first, True)]
+    if not any(reduced for _, reduced in groups):   # only axes of extent 1: a copy
+        copy_op(now, _op(src, "x"), _op(target.reshape(src.shape), "out"), "ops: copy")
+        return _finish(now, device, result, target)
+    while True:
+        i = builtins.max(j for j, (_, reduced) in enumerate(groups) if reduced)
+        a = int(np.prod([e for e, _ in groups[:i]]))
+        r = groups[i][0]
+        b = int(np.prod([e for e, _ in groups[i + 1:]]))
+        groups = _groups(groups[:i] + groups[i + 1:])
+        last = not any(reduced for _, reduced in groups)
+        dst = target if last else np.empty(a * b, np.float32)
+        if b == 1:   # the innermost axis: across "channels", one result per "pixel"
+            _reduce_command(now, op, FEATURE_CHANNELS, (1, 1, a, r), src, (0, 0, r, 1),
+                            dst, (0, 0, 1, 1))
+        else:        # down the "columns" of (a, r, b): b contiguous results per a
+            _reduce_command(now, op, COLUMN, (a, r, 1, b), src, (r * b, b, b, 1),
+                            dst, (b, b, b, 1))
+        if last:
+            return _finish(now, device, result, target)
+        src = dst
+
+
+def sum(x, axis=None, keepdims=False, *, out=None, device=None):
+    """np.sum over axis (None: all, an int, or a tuple); float32, accumulated in float32 in
+    a fixed order (docs/reduction.md)."""
+    return _reduce(SUM, x, axis, keepdims, out, device)
+
+
+def mean(x, axis=None, keepdims=False, *, out=None, device=None):
+    """np.mean over axis (None, an int or a tuple)."""
+    return _reduce(MEAN, x, axis, keepdims, out, device)
+
+
+def amax(x, axis=None, keepdims=False, *, out=None, device=None):
+    """np.max over axis (None, an int or a tuple); NaN if any element is NaN."""
+    return _reduce(MAX, x, axis, keepdims, out, device)
+
+
+def amin(x, axis=None, keepdims=False, *, out=None, device=None):
+    """np.min over axis (None, an int or a tuple); NaN if any element is NaN."""
+    return _reduce(MIN, x, axis, keepdims, out, device)
+
+
+def argmax(x, axis=None, keepdims=False, *, out=None, device=None):
+    """np.argmax: int64 indices along one axis, or into the flattened array (axis=None);
+    the first of ties, the first NaN if any. An axis other than the last costs a copy."""
+    return _reduce(ARGMAX, x, axis, keepdims, out, device)
+
+
+def argmin(x, axis=None, keepdims=False, *, out=None, device=None):
+    """np.argmin, as argmax."""
+    return _reduce(ARGMIN, x, axis, keepdims, out, device)
+
+
+max, min, abs = amax, amin, absolute   # NumPy's names (this module's, not the builtins)
