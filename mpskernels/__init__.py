@@ -37,6 +37,7 @@ from mpskernels.neuron import (CNNNeuron, CNNNeuronAbsolute, CNNNeuronELU, CNNNe
                                CNNNeuronLogarithm, CNNNeuronPower, CNNNeuronPReLU, CNNNeuronReLU,
                                CNNNeuronReLUN, CNNNeuronSigmoid, CNNNeuronSoftPlus,
                                CNNNeuronSoftSign, CNNNeuronTanH, NNNeuronDescriptor)
+from mpskernels import ops  # noqa: F401  (one-off calls on NumPy arrays: mk.ops.conv2d, ...)
 
 __version__ = "0.1.0"
 

@@ -59,11 +59,18 @@ _INT32_MAX = (1 << 31) - 1
 
 class _Now:
     """Stands in for a command buffer: the kernels' encode paths record into it (`_add`),
-    run() runs the commands in order on the calling thread with the device's pool."""
-    __slots__ = ("commands",)
+    run() runs the commands in order on the calling thread with the device's pool. It keeps
+    every array it hands out an address of alive until then (`keep`)."""
+    __slots__ = ("commands", "keep")
 
     def __init__(self):
         self.commands = []
+        self.keep = []
+
+    def op(self, a, name):
+        """The operand of an array the commands read or write."""
+        self.keep.append(a)
+        return _Operand(_address(a), a.shape, _strides(a), TensorDataType.FLOAT32, name)
 
     def _add(self, command, operands, description):
         for k, (op, byte_offset, (sn, sy, sx, sc)) in enumerate(operands):
@@ -87,7 +94,9 @@ def _device(device):
 # ==== arrays ===================================================================================
 
 def _array(x, name, ndim=None, what=""):
-    """x, checked: a float32 ndarray (of ndim dimensions)."""
+    """x, checked: a float32 ndarray (of ndim dimensions); a NumPy scalar as a 0-d one."""
+    if isinstance(x, np.generic):
+        x = np.asarray(x)
     if not isinstance(x, np.ndarray):
         raise TypeError(f"{name} must be a NumPy array, got {type(x).__name__} "
                         f"(np.asarray({name}, np.float32))")
@@ -99,12 +108,14 @@ def _array(x, name, ndim=None, what=""):
     return x
 
 
+def _walkable(x):
+    """Whether kernels can walk x's strides: positive multiples of 4 bytes, aligned."""
+    return x.flags.aligned and all(s > 0 and s % 4 == 0 for d, s in zip(x.shape, x.strides) if d > 1)
+
+
 def _readable(x):
-    """x, or a C-contiguous copy if a kernel cannot walk its strides (negative, zero, not a
-    multiple of 4 bytes, or misaligned)."""
-    if x.flags.aligned and all(s > 0 and s % 4 == 0 for d, s in zip(x.shape, x.strides) if d > 1):
-        return x
-    return np.ascontiguousarray(x)
+    """x, or a C-contiguous copy if kernels cannot walk its strides."""
+    return x if _walkable(x) else np.ascontiguousarray(x)
 
 
 def _strides(a):
@@ -116,9 +127,8 @@ def _strides(a):
     return tuple(reversed(out))
 
 
-def _op(a, name):
-    return _Operand(a.__array_interface__["data"][0], a.shape, _strides(a),
-                    TensorDataType.FLOAT32, name)
+def _address(a):
+    return a.__array_interface__["data"][0]
 
 
 def _contiguous(a):
@@ -147,8 +157,8 @@ def _out(out, shape, inputs, dtype=np.float32, writable=_contiguous):
 
 def _finish(now, device, result, target):
     """Run, with a copy of target into result (out) last if the kernels wrote aside."""
-    if target is not result and result.dtype == np.float32 and _readable(result) is result:
-        copy_op(now, _op(target, "result"), _op(result, "out"), "ops: copy to out")
+    if target is not result and result.dtype == np.float32 and _walkable(result):
+        copy_op(now, now.op(target, "result"), now.op(result, "out"), "ops: copy to out")
         target = result
     now.run(device)
     if target is not result:   # out with strides no kernel takes, or indices as int64
@@ -181,10 +191,10 @@ def _nhwc_source(now, x, layout):
     """x as an (N, H, W, C) view with channels contiguous: in place if x allows, else a copy
     recorded on `now`. Returns (view, whether x's memory was already channels-last)."""
     v = x if layout == "NHWC" else x.transpose(0, 2, 3, 1)
-    if _readable(v) is v and _strides(v)[3] == 1:
+    if _walkable(v) and _strides(v)[3] == 1:
         return v, True
     packed = np.empty(v.shape, np.float32)
-    copy_op(now, _op(_readable(v), "x"), _op(packed, "x (channels-last copy)"), "ops: layout copy")
+    copy_op(now, now.op(_readable(v), "x"), now.op(packed, "x (channels-last copy)"), "ops: layout copy")
     return packed, False
 
 
@@ -194,7 +204,7 @@ def _nhwc_result(n, h, w, c, layout, channels_last, out, inputs):
     if out is None and (layout == "NHWC" or channels_last):
         nhwc = np.empty((n, h, w, c), np.float32)
         return (nhwc if layout == "NHWC" else nhwc.transpose(0, 3, 1, 2)), nhwc
-    result, target = _out(out, shape, inputs, writable=_readable)
+    result, target = _out(out, shape, inputs, writable=_walkable)
     view = target if layout == "NHWC" else target.transpose(0, 2, 3, 1)
     if _strides(view)[3] == 1:
         return result, view
@@ -206,7 +216,7 @@ def _nhwc_finish(now, device, result, nhwc, layout):
     view = result if layout == "NHWC" else result.transpose(0, 2, 3, 1)
     if view.__array_interface__["data"][0] != nhwc.__array_interface__["data"][0] \
             or view.strides != nhwc.strides:
-        copy_op(now, _op(nhwc, "result"), _op(view, "out"), "ops: layout copy")
+        copy_op(now, now.op(nhwc, "result"), now.op(view, "out"), "ops: layout copy")
     now.run(device)
     return result
 
@@ -243,7 +253,7 @@ def neuron(x, descriptor, *, axis=-1, out=None, device=None):
     if out is None:
         result = target = np.empty_like(x)   # x's memory order: its strides merge alike
     else:   # out may be x itself: the kernel reads and writes each element in place
-        result, target = _out(out, x.shape, () if out is x else (x,), writable=_readable)
+        result, target = _out(out, x.shape, () if out is x else (x,), writable=_walkable)
     if x.size == 0:
         return result
     src, dst = _readable(x).reshape(x.shape or (1,)), target.reshape(x.shape or (1,))
@@ -252,7 +262,7 @@ def neuron(x, descriptor, *, axis=-1, out=None, device=None):
         order = [i for i in range(x.ndim) if i != axis] + [axis]
         src, dst = src.transpose(order), dst.transpose(order)
     now = _Now()
-    neuron_op(now, d, _op(src, "x"), _op(dst, "out"), f"ops: {d.neuron_type.name.lower()}")
+    neuron_op(now, d, now.op(src, "x"), now.op(dst, "out"), f"ops: {d.neuron_type.name.lower()}")
     return _finish(now, device, result, target)
 
 
@@ -480,7 +490,7 @@ def _convolve(device, key, weight, bias, make, x, layout, out_shape, out):
     now = _Now()
     src, channels_last = _nhwc_source(now, x, layout)
     result, nhwc = _nhwc_result(n, ho, wo, cout, layout, channels_last, out, (x,))
-    convolution_op(now, kernel, _op(src, "x"), _op(nhwc, "out"), kernel)
+    convolution_op(now, kernel, now.op(src, "x"), now.op(nhwc, "out"), kernel)
     return _nhwc_finish(now, device, result, nhwc, layout)
 
 
@@ -569,7 +579,7 @@ def _pool(mode, x, kernel_size, stride, padding, dilation, ceil_mode, count_incl
     result, nhwc = _nhwc_result(n, ho, wo, c, layout, channels_last, out, (x,))
     attrs = dict(mode=mode, kernel=k, strides=s, dilations=d,
                  pads=(p[0], p[1], p[0], p[1]), count_include_pad=count_include_pad)
-    pool_op(now, attrs, _op(src, "x"), _op(nhwc, "out"), f"ops: {mode}_pool2d")
+    pool_op(now, attrs, now.op(src, "x"), now.op(nhwc, "out"), f"ops: {mode}_pool2d")
     return _nhwc_finish(now, device, result, nhwc, layout)
 
 
@@ -595,14 +605,10 @@ def _gemm(now, batch, m, n, k, operands, bias=None, lo=-np.inf, hi=np.inf):
     """Record one mk_sgemm; operands: (address, (row, column, batch) element strides) of
     A, B and C."""
     command = _native.GemmCommand(batch, m, n, k, 1.0, 0.0, bias, lo, hi)
-    for i, (address, (rs, cs, bs)) in enumerate(operands):
+    for i, (address, (rs, cs, bs)) in enumerate(operands):   # arrays in now.keep
         command.set_operand(i, address, 4, rs, cs, bs)
     command.description = "ops: matrix product"
     now.commands.append(command)
-
-
-def _address(a):
-    return a.__array_interface__["data"][0]
 
 
 def matmul(a, b, *, out=None, device=None):
@@ -639,6 +645,7 @@ def _batched(now, operands, m, n, k):
     """GEMMs over the batch dimensions of A, B, C: merged into one batch stride wherever all
     three allow, a loop over the rest. A B shared by the whole batch, with A's and C's rows
     evenly spaced across it, makes one GEMM of batch*M rows instead."""
+    now.keep += operands
     strides = [_strides(t) for t in operands]
     dims = []   # (extent, [stride of A, B, C]), innermost first
     for i in reversed(range(len(operands[0].shape) - 2)):
@@ -688,13 +695,14 @@ def linear(x, weight, bias=None, *, activation=None, out=None, device=None):
     else:
         x2 = _readable(x.reshape(rows, k))
         w = _readable(weight)
+        now.keep += [x2, w, target]
         lo, hi = clamp if clamp else (-np.inf, np.inf)
         _gemm(now, 1, rows, n, k, [(_address(x2), (*_strides(x2), 0)),
                                    (_address(w), (_strides(w)[1], _strides(w)[0], 0)),
                                    (_address(target), (n, 1, 0))],
               None if bias is None else np.ascontiguousarray(bias), lo, hi)
     if clamp is None and act is not None:
-        view = _op(target.reshape(rows, n), "out")
+        view = now.op(target.reshape(rows, n), "out")
         neuron_op(now, act, view, view, f"ops: linear {t.name.lower()}")
     return _finish(now, device, result, target)
 
@@ -733,6 +741,7 @@ def _reduce_command(now, op, axis, extent, src, src_strides, dst, dst_strides):
     if builtins.max(extent) > _INT32_MAX:
         raise ValueError(f"ops: a reduction over {extent} elements is too large for one kernel "
                          f"call (each extent must be below 2**31)")
+    now.keep += [src, dst]
     command = _native.ReduceCommand(extent, op, axis)
     command.set_operand(0, _address(src), 4, *src_strides)
     command.set_operand(1, _address(dst), 4, *dst_strides)
@@ -766,7 +775,7 @@ def _reduce(op, x, axis, keepdims, out, device):
     src = x
     if not _contiguous(x):
         src = np.empty(x.shape, np.float32)
-        copy_op(now, _op(_readable(x), "x"), _op(src, "x (copy)"), "ops: copy")
+        copy_op(now, now.op(_readable(x), "x"), now.op(src, "x (copy)"), "ops: copy")
     if arg:
         if axis is None:
             a, r, b = 1, src.size, 1
@@ -778,8 +787,9 @@ def _reduce(op, x, axis, keepdims, out, device):
                              f"to 2**24")
         if b > 1:   # the kernel takes the innermost axis: move the reduced axis there
             moved = np.empty((a, b, r), np.float32)
+            now.keep.append(src)
             view = _Operand(_address(src), (a, b, r), (r * b, 1, b), TensorDataType.FLOAT32, "x")
-            copy_op(now, view, _op(moved, "x (reduced axis last)"), "ops: copy")
+            copy_op(now, view, now.op(moved, "x (reduced axis last)"), "ops: copy")
             src = moved
         indices = np.empty(a * b, np.float32)
         _reduce_command(now, op, FEATURE_CHANNELS, (1, 1, a * b, r), src, (0, 0, r, 1),
@@ -790,7 +800,7 @@ def _reduce(op, x, axis, keepdims, out, device):
         first = next(d for d in src.shape if d > 1)   # two steps: the first one in parallel
         groups = [(first, True), (src.size // first, True)]
     if not any(reduced for _, reduced in groups):   # only axes of extent 1: a copy
-        copy_op(now, _op(src, "x"), _op(target.reshape(src.shape), "out"), "ops: copy")
+        copy_op(now, now.op(src, "x"), now.op(target.reshape(src.shape), "out"), "ops: copy")
         return _finish(now, device, result, target)
     while True:
         i = builtins.max(j for j, (_, reduced) in enumerate(groups) if reduced)
