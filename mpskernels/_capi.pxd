@@ -28,6 +28,8 @@ cdef extern from "mpskernels.h" nogil:
     void mk_pool_destroy(mk_pool *pool)
     int mk_pool_num_threads(const mk_pool *pool)
     mk_status mk_pool_set_num_threads(mk_pool *pool, int num_threads)
+    ctypedef void (*mk_task_fn)(void *ctx, int64_t begin, int64_t end) noexcept nogil
+    void mk_parallel_for(mk_pool *pool, int64_t n, int64_t grain, mk_task_fn fn, void *ctx)
     int mk_affinity_cpu_count()
 
     size_t mk_format_size(int format)

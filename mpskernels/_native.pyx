@@ -87,6 +87,24 @@ cdef class Pool:
         check(s, "set_num_threads")
 
 
+cdef void _count_visits(void *ctx, int64_t begin, int64_t end) noexcept nogil:
+    cdef int32_t *counts = <int32_t *>ctx
+    cdef int64_t i
+    for i in range(begin, end):
+        counts[i] += 1
+
+
+def pool_visit_counts(Pool pool, int64_t n, int64_t grain):
+    """How often mk_parallel_for(pool, n, grain) hands each index to a task: all ones when the
+    pool works (the thread-pool tests; a chunk run twice is also a race ThreadSanitizer sees)."""
+    counts = np.zeros(max(n, 0), dtype=np.int32)
+    cdef int32_t[::1] c = counts
+    cdef void *data = &c[0] if n > 0 else NULL
+    with nogil:
+        mk_parallel_for(pool.pool, n, grain, _count_visits, data)
+    return counts
+
+
 # ---- arena ---------------------------------------------------------------------------------
 
 def plan_arena(sizes, firsts, lasts):

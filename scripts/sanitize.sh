@@ -44,7 +44,7 @@ asan)
 tsan)
     flags="-fsanitize=thread -fno-omit-frame-pointer -g"
     runtime="$(gcc -print-file-name=libtsan.so)"
-    [ $# -gt 0 ] || set -- tests/test_concurrency.py tests/test_command_buffer.py tests/test_determinism.py
+    [ $# -gt 0 ] || set -- tests/test_thread_pool.py tests/test_concurrency.py tests/test_command_buffer.py tests/test_determinism.py
     tests=("$@")
     ;;
 *)

@@ -2,13 +2,15 @@
  *
  * Our own pool (not OpenMP) so it never fights torch's or numpy's pools in one process.
  * Chunk boundaries come from `grain` alone, so which thread runs a chunk never changes a
- * result. Idle workers sleep on a condition variable: nothing spins between jobs. */
+ * result. The caller waits only for chunks still running, never for idle workers; idle
+ * workers poll briefly for the next job, then sleep on a condition variable. */
 #define _GNU_SOURCE
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <time.h>
 
 #include "mpskernels.h"
 
@@ -24,7 +26,21 @@ static mk_fpstate fp_enter(void) { return 0; }
 static void fp_leave(mk_fpstate s) { (void)s; }
 #endif
 
-typedef struct worker_arg { struct mk_pool *pool; uint64_t generation0; } worker_arg;
+/* The job a parallel_for publishes. A worker copies it under `mu`, then claims chunks from
+ * `ticket`: (job generation << 32) | next chunk. Claiming by compare-and-swap against its own
+ * generation means a worker that wakes late can never take a chunk of the next job and run it
+ * with the old job's function. */
+typedef struct job {
+    mk_task_fn fn;
+    void *ctx;
+    int64_t n, grain, num_chunks;
+    uint64_t generation;
+} job;
+
+/* Idle workers poll for the next job this long before sleeping, and the caller polls this
+ * long for the last chunks before it sleeps: kernels of a command buffer follow each other
+ * within microseconds, and a futex wake-up costs about as much as a small kernel. */
+#define SPIN_NS 50000
 
 struct mk_pool {
     pthread_mutex_t run_lock;   /* held by the caller of the current parallel_for */
@@ -34,41 +50,75 @@ struct mk_pool {
                                  * read without it by parallel_for's quick check */
     int num_workers;            /* threads running now (num_threads - 1 once started) */
     pthread_t *threads;
-    worker_arg *args;
-    uint64_t generation;        /* bumped for each job and for shutdown */
-    int shutdown, checked_in;
-    /* the current job */
-    mk_task_fn fn;
-    void *ctx;
-    int64_t n, grain, num_chunks;
-    atomic_llong next_chunk;
+    int shutdown;               /* under mu */
+    int sleepers;               /* workers waiting on `wake`, under mu */
+    int caller_waiting;         /* the caller waits on `done`, under mu */
+    job current;                /* under mu */
+    _Atomic uint64_t generation;   /* current.generation, readable while spinning */
+    _Atomic uint64_t ticket;
+    _Atomic uint64_t finished;     /* chunks of the current job done */
 };
 
-static void run_chunks(struct mk_pool *p) {
+static uint64_t now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
+}
+
+/* Poll until *word differs from `value` or SPIN_NS have passed; returns the last value read. */
+static uint64_t spin_while_equal(const _Atomic uint64_t *word, uint64_t value) {
+    const uint64_t deadline = now_ns() + SPIN_NS;
+    for (unsigned i = 1;; i++) {
+        uint64_t v = atomic_load_explicit(word, memory_order_acquire);
+        if (v != value || (i % 64 == 0 && now_ns() > deadline)) return v;
+#if MK_X86
+        _mm_pause();
+#endif
+    }
+}
+
+/* Claim chunk after chunk of job `j` and run them; returns when none is left. */
+static void run_chunks(struct mk_pool *p, const job *j) {
+    const uint64_t tag = (uint64_t)j->generation << 32;
+    uint64_t t = atomic_load_explicit(&p->ticket, memory_order_relaxed);
     for (;;) {
-        int64_t k = atomic_fetch_add_explicit(&p->next_chunk, 1, memory_order_relaxed);
-        if (k >= p->num_chunks) return;
-        int64_t begin = k * p->grain;
-        int64_t end = begin + p->grain < p->n ? begin + p->grain : p->n;
-        p->fn(p->ctx, begin, end);
+        if ((t & ~(uint64_t)UINT32_MAX) != tag || (int64_t)(t & UINT32_MAX) >= j->num_chunks) return;
+        if (!atomic_compare_exchange_weak_explicit(&p->ticket, &t, t + 1, memory_order_acquire,
+                                                   memory_order_relaxed))
+            continue;   /* t now holds the fresh value */
+        const int64_t begin = (int64_t)(t & UINT32_MAX) * j->grain;
+        j->fn(j->ctx, begin, begin + j->grain < j->n ? begin + j->grain : j->n);
+        if (atomic_fetch_add_explicit(&p->finished, 1, memory_order_acq_rel) + 1 ==
+            (uint64_t)j->num_chunks) {
+            pthread_mutex_lock(&p->mu);
+            if (p->caller_waiting) pthread_cond_signal(&p->done);
+            pthread_mutex_unlock(&p->mu);
+        }
+        t = atomic_load_explicit(&p->ticket, memory_order_relaxed);
     }
 }
 
 static void *worker_main(void *arg) {
-    worker_arg *w = arg;
-    struct mk_pool *p = w->pool;
-    uint64_t seen = w->generation0;
+    struct mk_pool *p = arg;
     pthread_mutex_lock(&p->mu);
+    uint64_t seen = p->current.generation;
     for (;;) {
-        while (!p->shutdown && p->generation == seen) pthread_cond_wait(&p->wake, &p->mu);
+        if (!p->shutdown && p->current.generation == seen) {
+            pthread_mutex_unlock(&p->mu);
+            spin_while_equal(&p->generation, seen);
+            pthread_mutex_lock(&p->mu);
+            p->sleepers++;
+            while (!p->shutdown && p->current.generation == seen) pthread_cond_wait(&p->wake, &p->mu);
+            p->sleepers--;
+        }
         if (p->shutdown) break;
-        seen = p->generation;
+        job j = p->current;
+        seen = j.generation;
         pthread_mutex_unlock(&p->mu);
         mk_fpstate fp = fp_enter();
-        run_chunks(p);
+        run_chunks(p, &j);
         fp_leave(fp);
         pthread_mutex_lock(&p->mu);
-        if (++p->checked_in == p->num_workers) pthread_cond_signal(&p->done);
     }
     pthread_mutex_unlock(&p->mu);
     return NULL;
@@ -78,14 +128,11 @@ static void stop_workers(struct mk_pool *p) {
     if (!p->num_workers) return;
     pthread_mutex_lock(&p->mu);
     p->shutdown = 1;
-    p->generation++;
     pthread_cond_broadcast(&p->wake);
     pthread_mutex_unlock(&p->mu);
     for (int i = 0; i < p->num_workers; i++) pthread_join(p->threads[i], NULL);
     free(p->threads);
-    free(p->args);
     p->threads = NULL;
-    p->args = NULL;
     p->num_workers = 0;
     p->shutdown = 0;
 }
@@ -95,18 +142,9 @@ static void start_workers(struct mk_pool *p) {
     int want = atomic_load_explicit(&p->num_threads, memory_order_relaxed) - 1;
     if (p->num_workers == want || want <= 0) return;
     p->threads = calloc((size_t)want, sizeof *p->threads);
-    p->args = calloc((size_t)want, sizeof *p->args);
-    if (!p->threads || !p->args) {
-        free(p->threads);
-        free(p->args);
-        p->threads = NULL;
-        p->args = NULL;
-        return;
-    }
+    if (!p->threads) return;
     for (int i = 0; i < want; i++) {
-        p->args[i].pool = p;
-        p->args[i].generation0 = p->generation;
-        if (pthread_create(&p->threads[i], NULL, worker_main, &p->args[i]) != 0) break;
+        if (pthread_create(&p->threads[i], NULL, worker_main, p) != 0) break;
         p->num_workers++;
     }
 }
@@ -119,6 +157,9 @@ mk_pool *mk_pool_create(int num_threads) {
     pthread_cond_init(&p->wake, NULL);
     pthread_cond_init(&p->done, NULL);
     atomic_init(&p->num_threads, num_threads < 1 ? 1 : num_threads);
+    atomic_init(&p->generation, 0);
+    atomic_init(&p->ticket, 0);
+    atomic_init(&p->finished, 0);
     return p;
 }
 
@@ -153,6 +194,10 @@ void mk_parallel_for(mk_pool *p, int64_t n, int64_t grain, mk_task_fn fn, void *
     if (n <= 0) return;
     if (grain < 1) grain = 1;
     int64_t num_chunks = (n + grain - 1) / grain;
+    if (num_chunks > UINT32_MAX) {   /* the ticket counts chunks in 32 bits: merge chunks */
+        grain *= (num_chunks + UINT32_MAX - 1) / UINT32_MAX;
+        num_chunks = (n + grain - 1) / grain;
+    }
     mk_fpstate fp = fp_enter();
     /* One chunk, one thread, or the pool busy with another caller: run here, in order. */
     if (!p || num_chunks == 1 || atomic_load_explicit(&p->num_threads, memory_order_relaxed) == 1
@@ -166,22 +211,34 @@ void mk_parallel_for(mk_pool *p, int64_t n, int64_t grain, mk_task_fn fn, void *
     }
     start_workers(p);
     pthread_mutex_lock(&p->mu);
-    p->fn = fn;
-    p->ctx = ctx;
-    p->n = n;
-    p->grain = grain;
-    p->num_chunks = num_chunks;
-    atomic_store(&p->next_chunk, 0);
-    p->checked_in = 0;
-    p->generation++;
-    pthread_cond_broadcast(&p->wake);
+    const uint64_t g = (p->current.generation + 1) & UINT32_MAX;
+    p->current = (job){fn, ctx, n, grain, num_chunks, g};
+    atomic_store_explicit(&p->finished, 0, memory_order_relaxed);
+    atomic_store_explicit(&p->ticket, (uint64_t)g << 32, memory_order_release);
+    atomic_store_explicit(&p->generation, g, memory_order_release);
+    if (p->sleepers) pthread_cond_broadcast(&p->wake);
+    const job j = p->current;
     pthread_mutex_unlock(&p->mu);
 
-    run_chunks(p);
+    run_chunks(p, &j);
 
-    pthread_mutex_lock(&p->mu);
-    while (p->checked_in < p->num_workers) pthread_cond_wait(&p->done, &p->mu);
-    pthread_mutex_unlock(&p->mu);
+    /* Wait for the chunks other threads still run (not for idle workers to check in): the
+     * count only grows, so polling while it is unchanged suffices. */
+    const uint64_t all = (uint64_t)num_chunks;
+    uint64_t done = atomic_load_explicit(&p->finished, memory_order_acquire);
+    while (done < all) {
+        const uint64_t before = done;
+        if ((done = spin_while_equal(&p->finished, before)) != before) continue;
+        break;
+    }
+    if (atomic_load_explicit(&p->finished, memory_order_acquire) < all) {
+        pthread_mutex_lock(&p->mu);
+        p->caller_waiting = 1;
+        while (atomic_load_explicit(&p->finished, memory_order_acquire) < all)
+            pthread_cond_wait(&p->done, &p->mu);
+        p->caller_waiting = 0;
+        pthread_mutex_unlock(&p->mu);
+    }
     pthread_mutex_unlock(&p->run_lock);
     fp_leave(fp);
 }
