@@ -133,11 +133,16 @@ cdef class GemmCommand(Command):
     """C[b] = clamp(alpha A[b] B[b] + beta C[b] + bias, lo, hi) for b < batch (mk_sgemm);
     operands 0, 1, 2 are A, B, C, each (address, format, row, column, batch strides)."""
     cdef mk_sgemm_args args
+    cdef object bias   # what args.bias points into (`keep` is the caller's)
 
-    def __cinit__(self, int64_t batch, int64_t m, int64_t n, int64_t k, float alpha, float beta,
-                  bias=None, float lo=float("-inf"), float hi=float("inf")):
-        cdef float[::1] b
+    def __cinit__(self, *args, **kwargs):
         memset(&self.args, 0, sizeof(mk_sgemm_args))
+        self.command.run = run_gemm
+        self.command.args = &self.args
+
+    def __init__(self, int64_t batch, int64_t m, int64_t n, int64_t k, float alpha, float beta,
+                 bias=None, float lo=float("-inf"), float hi=float("inf")):
+        cdef float[::1] b
         if min(batch, m, n, k) < 1:
             raise ValueError(f"bad GEMM sizes batch={batch} m={m} n={n} k={k}")
         self.args.batch, self.args.m, self.args.n, self.args.k = batch, m, n, k
@@ -147,9 +152,14 @@ cdef class GemmCommand(Command):
             if b.shape[0] < n:
                 raise ValueError("the bias needs one value per column")
             self.args.bias = &b[0]
-            self.keep = bias
-        self.command.run = run_gemm
-        self.command.args = &self.args
+            self.bias = bias
+
+    def copy(self):
+        """A new command with the same arguments (a recorded command is never shared)."""
+        cdef GemmCommand c = GemmCommand.__new__(GemmCommand)
+        c.args = self.args
+        c.bias = self.bias
+        return c
 
     def set_operand(self, int k, size_t address, int fmt, int64_t rs, int64_t cs, int64_t bs):
         if not 0 <= k < 3:

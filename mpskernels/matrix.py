@@ -227,6 +227,9 @@ class Matrix(_Storage):
         self._needed = ((d.matrices - 1) * d.matrix_bytes + (d.rows - 1) * d.row_bytes
                         + d.columns * self._esize)
         self._attach(buffer, offset, self._needed, "Matrix")
+        # everything a kernel's encode depends on: equal keys, equal commands
+        self._key = (self._base, d.data_type, d.rows, d.columns, d.matrices, d.row_bytes,
+                     d.matrix_bytes)
 
     @classmethod
     def with_device(cls, device, descriptor):
@@ -419,38 +422,88 @@ class _NeuronMixin:
         _record(command_buffer, command, self, (matrix,))
 
 
+def _origin_property(which):
+    """An origin checked when set; setting it drops the kernel's cached command."""
+    def set_origin(self, value):
+        self._origins[which] = _origin(value, f"{which}_matrix_origin")
+        self._plan = None
+    return property(lambda self: self._origins[which], set_origin)
+
+
 class MatrixMultiplication(Kernel):
     """MPSMatrixMultiplication: C = alpha * op(A) op(B) + beta * C, op(X) = X or its transpose;
-    op(A) is result_rows x interior_columns, op(B) interior_columns x result_columns."""
+    op(A) is result_rows x interior_columns, op(B) interior_columns x result_columns. The sizes,
+    transposes, alpha and beta are fixed at creation (as in MPS); origins and the batch range
+    may change between encodes (checked when set)."""
 
     def __init__(self, device, result_rows, result_columns, interior_columns,
                  transpose_left=False, transpose_right=False, alpha=1.0, beta=0.0):
         super().__init__(device)
-        self.result_rows = _count(result_rows, "result_rows")
-        self.result_columns = _count(result_columns, "result_columns")
-        self.interior_columns = _count(interior_columns, "interior_columns")
-        self.transpose_left, self.transpose_right = bool(transpose_left), bool(transpose_right)
-        self.alpha, self.beta = float(alpha), float(beta)
-        self.result_matrix_origin = self.left_matrix_origin = self.right_matrix_origin = Origin()
-        self.batch_start = 0
-        self.batch_size = None   # all the matrices available at encode
+        self._m = _count(result_rows, "result_rows")
+        self._n = _count(result_columns, "result_columns")
+        self._k = _count(interior_columns, "interior_columns")
+        self._transpose_left, self._transpose_right = bool(transpose_left), bool(transpose_right)
+        self._alpha, self._beta = float(alpha), float(beta)
+        self._origins = {"left": Origin(), "right": Origin(), "result": Origin()}
+        self._batch_start, self._batch_size = 0, None   # None: all the matrices at encode
+        self._plan = None   # (operand keys, command): the last encode's command, to copy
+
+    result_rows = property(lambda self: self._m)
+    result_columns = property(lambda self: self._n)
+    interior_columns = property(lambda self: self._k)
+    transpose_left = property(lambda self: self._transpose_left)
+    transpose_right = property(lambda self: self._transpose_right)
+    alpha = property(lambda self: self._alpha)
+    beta = property(lambda self: self._beta)
+
+    left_matrix_origin = _origin_property("left")
+    right_matrix_origin = _origin_property("right")
+    result_matrix_origin = _origin_property("result")
+
+    @property
+    def batch_start(self):
+        return self._batch_start
+
+    @batch_start.setter
+    def batch_start(self, value):
+        self._batch_start = _count(value, "batch_start", 0)
+        self._plan = None
+
+    @property
+    def batch_size(self):
+        return self._batch_size
+
+    @batch_size.setter
+    def batch_size(self, value):
+        self._batch_size = None if value is None else _count(value, "batch_size")
+        self._plan = None
 
     def encode(self, command_buffer, left_matrix, right_matrix, result_matrix):
-        m, n, k = self.result_rows, self.result_columns, self.interior_columns
-        lo = _origin(self.left_matrix_origin, "left_matrix_origin")
-        ro = _origin(self.right_matrix_origin, "right_matrix_origin")
-        co = _origin(self.result_matrix_origin, "result_matrix_origin")
-        _check_holds(left_matrix, lo, m, k, "left_matrix", self.transpose_left)
-        _check_holds(right_matrix, ro, k, n, "right_matrix", self.transpose_right)
+        operands = (left_matrix, right_matrix, result_matrix)
+        try:
+            key = (left_matrix._key, right_matrix._key, result_matrix._key)
+        except AttributeError:   # not matrices: _command says which
+            key = None
+        plan = self._plan
+        if key is None or plan is None or plan[0] != key:
+            plan = (key, self._command(*operands))
+            self._plan = plan
+        _record(command_buffer, plan[1].copy(), self, operands)
+
+    def _command(self, left_matrix, right_matrix, result_matrix):
+        m, n, k = self._m, self._n, self._k
+        lo, ro, co = self._origins["left"], self._origins["right"], self._origins["result"]
+        _check_holds(left_matrix, lo, m, k, "left_matrix", self._transpose_left)
+        _check_holds(right_matrix, ro, k, n, "right_matrix", self._transpose_right)
         _check_holds(result_matrix, co, m, n, "result_matrix")
         _check_no_overlap(result_matrix, (left_matrix, right_matrix), "MatrixMultiplication")
         start, size = _batch(self, (left_matrix.matrices, right_matrix.matrices,
                                     result_matrix.matrices))
-        command = _native.GemmCommand(size, m, n, k, self.alpha, self.beta)
-        command.set_operand(0, *left_matrix._operand(start, lo.x, lo.y, self.transpose_left))
-        command.set_operand(1, *right_matrix._operand(start, ro.x, ro.y, self.transpose_right))
+        command = _native.GemmCommand(size, m, n, k, self._alpha, self._beta)
+        command.set_operand(0, *left_matrix._operand(start, lo.x, lo.y, self._transpose_left))
+        command.set_operand(1, *right_matrix._operand(start, ro.x, ro.y, self._transpose_right))
         command.set_operand(2, *result_matrix._operand(start, co.x, co.y))
-        _record(command_buffer, command, self, (left_matrix, right_matrix, result_matrix))
+        return command
 
 
 def _vector_operand(vector, batch, first):

@@ -96,6 +96,29 @@ def test_multiplication_origins_and_batches(device, run, rng, isa):
     np.testing.assert_array_equal(out[[0, 4, 5]], c[[0, 4, 5]].astype(np.float32))
 
 
+def test_multiplication_reencoded(device, run, rng):
+    """One kernel encoded repeatedly (encode reuses the previous command when nothing it
+    depends on changed): new matrices, origins and batch ranges all take effect."""
+    a, b = _stored(rng, (3, 10, 12)), _stored(rng, (3, 12, 9))
+    A, B = _matrix(device, a), _matrix(device, b)
+    Cs = [mk.Matrix.with_device(device, mk.MatrixDescriptor(8, 9, 3)) for _ in range(2)]
+    kernel = mk.MatrixMultiplication(device, 8, 9, 12)
+
+    def encode(cb):
+        kernel.encode(cb, A, B, Cs[0])
+        kernel.encode(cb, A, B, Cs[1])             # the same operands but the result
+        kernel.left_matrix_origin = (2, 0, 0)
+        kernel.batch_start, kernel.batch_size = 1, 1
+        kernel.encode(cb, _matrix(device, a), B, Cs[0])   # equal layout, other storage
+    run(device, encode)
+    for C, batches, rows in ((Cs[0], [0, 2], slice(0, 8)), (Cs[0], [1], slice(2, 10)),
+                             (Cs[1], [0, 1, 2], slice(0, 8))):
+        sa, sb = a[batches, rows], b[batches]
+        _check_product(C.to_numpy()[batches], sa @ sb, np.abs(sa) @ np.abs(sb), 12)
+    with pytest.raises(AttributeError):
+        kernel.alpha = 2.0   # fixed at creation, as in MPS
+
+
 def test_multiplication_default_batch_is_all(device, run, rng):
     a, b = _stored(rng, (4, 8, 9)), _stored(rng, (4, 9, 10))
     C = mk.Matrix.with_device(device, mk.MatrixDescriptor(8, 10, 4))
@@ -325,9 +348,8 @@ def test_multiplication_validation(device):
     kernel.left_matrix_origin = (1, 0, 0)
     with pytest.raises(ValueError, match="left_matrix"):
         _encode(device, kernel, A, B, C)
-    kernel.left_matrix_origin = (0, 0, 1)
     with pytest.raises(ValueError, match="left_matrix_origin"):
-        _encode(device, kernel, A, B, C)
+        kernel.left_matrix_origin = (0, 0, 1)
     kernel = mk.MatrixMultiplication(device, 4, 6, 5)
     kernel.batch_start = 1
     with pytest.raises(ValueError, match="batch_start"):
@@ -352,3 +374,19 @@ def test_vector_and_kernel_validation(device):
         _encode(device, fc, A, A, None, A)
     with pytest.raises(ValueError, match="PRELU"):
         fc.set_neuron_type(mk.CNNNeuronType.PRELU)
+
+
+def test_fully_connected_bias_outlives_encode(device, rng):
+    """The bias is read at encode into a private copy that must live until the command ran:
+    freeing it at the end of encode and reusing its memory must not change the result."""
+    x, w, bias = _stored(rng, (8, 16)), _stored(rng, (16, 40)), _stored(rng, 40)
+    out = mk.Matrix.with_device(device, mk.MatrixDescriptor(8, 40))
+    fc = mk.MatrixFullyConnected(device)
+    cb = device.make_command_queue().make_command_buffer()
+    fc.encode(cb, _matrix(device, x), _matrix(device, w),
+              mk.Vector.from_numpy(device, bias.astype(np.float32)), out)
+    junk = [np.full(40, 1e30, np.float32) for _ in range(1000)]   # reuse freed memory
+    cb.commit()
+    cb.wait_until_completed()
+    del junk
+    np.testing.assert_allclose(out.to_numpy(), x @ w + bias, rtol=1e-5 * 4, atol=1e-4)
