@@ -27,6 +27,7 @@ stale: it keeps a copy of the weights and bias it packed, and each call compares
 with it bit for bit (about 0.1 ms per MB of weights; packing costs far more, e.g. 42 ms for
 a 3x3 256->256 Winograd kernel), so a changed array is repacked."""
 import builtins
+import math
 import threading
 import weakref
 from collections import OrderedDict
@@ -38,7 +39,6 @@ from mpskernels.convolution import (CNNConvolution, CNNConvolutionDescriptor,
                                     CNNConvolutionTranspose, _ArraySource)
 from mpskernels.device import Device, create_system_default_device
 from mpskernels.enums import CNNNeuronType as T
-from mpskernels.enums import TensorDataType
 from mpskernels.geometry import Offset
 from mpskernels.matrix import _clamp_of
 from mpskernels.ml import _Operand, convolution_op, copy_op, neuron_op, pool_op
@@ -46,13 +46,14 @@ from mpskernels.neuron import NNNeuronDescriptor
 from mpskernels.reduction import (ARGMAX, ARGMIN, COLUMN, FEATURE_CHANNELS, MAX, MEAN, MIN,
                                   SUM)
 
+# sum, max, min and abs are left out: a star import must not hide the builtins
 __all__ = ["conv2d", "conv_transpose2d", "linear", "matmul", "max_pool2d", "avg_pool2d",
-           "sum", "mean", "max", "min", "amax", "amin", "argmax", "argmin",
-           "neuron", "relu", "leaky_relu", "relu6", "prelu", "elu", "gelu", "sigmoid",
-           "hardsigmoid", "tanh", "softplus", "softsign", "abs", "absolute", "exp", "log",
-           "power", "clear_cache"]
+           "mean", "amax", "amin", "argmax", "argmin", "neuron", "relu", "leaky_relu", "relu6",
+           "prelu", "elu", "gelu", "sigmoid", "hardsigmoid", "tanh", "softplus", "softsign",
+           "absolute", "exp", "log", "power", "clear_cache"]
 
 _INT32_MAX = (1 << 31) - 1
+_F32 = 4   # mk_format of float32
 
 
 # ==== running: commands recorded as on a command buffer, run at once ==========================
@@ -68,9 +69,19 @@ class _Now:
         self.keep = []
 
     def op(self, a, name):
-        """The operand of an array the commands read or write."""
+        """The operand (as ml.py's tensor operations take) of an array the commands use."""
         self.keep.append(a)
-        return _Operand(_address(a), a.shape, _strides(a), TensorDataType.FLOAT32, name)
+        return _ArrayOperand(a, name)
+
+    def copy(self, src, dst):
+        """Record dst = src: float32 arrays of one shape, rank <= 4, extents < 2**31."""
+        shape = (1,) * (4 - src.ndim) + src.shape
+        command = _native.ElementwiseCommand.copy(shape)
+        for k, a in enumerate((src, dst)):
+            self.keep.append(a)
+            command.set_operand(k, _address(a), _F32, *(0,) * (4 - a.ndim), *_strides(a))
+        command.description = "ops: copy"
+        self.commands.append(command)
 
     def _add(self, command, operands, description):
         for k, (op, byte_offset, (sn, sy, sx, sc)) in enumerate(operands):
@@ -81,6 +92,16 @@ class _Now:
     def run(self, device):
         for command in self.commands:
             command.run(device._pool)
+
+
+class _ArrayOperand(_Operand):
+    """A float32 array as an ml.py operand (made without the data-type lookups)."""
+    __slots__ = ()
+
+    def __init__(self, a, name):
+        self.address, self.shape, self.strides = _address(a), a.shape, _strides(a)
+        self._format, self.esize, self.name = _F32, 4, name
+        self.nbytes = (builtins.sum((d - 1) * s for d, s in zip(self.shape, self.strides)) + 1) * 4
 
 
 def _device(device):
@@ -120,9 +141,11 @@ def _readable(x):
 
 def _strides(a):
     """Element strides; a dimension of extent 1 gets the stride it would have if packed."""
+    if 1 not in a.shape:
+        return tuple(s >> 2 for s in a.strides)
     out, packed = [], 1
     for d, s in zip(reversed(a.shape), reversed(a.strides)):
-        out.append(s // 4 if d > 1 else packed)
+        out.append(s >> 2 if d > 1 else packed)
         packed = out[-1] * d
     return tuple(reversed(out))
 
@@ -167,6 +190,8 @@ def _finish(now, device, result, target):
 
 
 def _pair(value, name, minimum=1):
+    if type(value) is int and value >= minimum:
+        return value, value
     if isinstance(value, (tuple, list)):
         if len(value) != 2:
             raise ValueError(f"{name} must be an int or a pair (y, x), got {value!r}")
@@ -191,33 +216,35 @@ def _nhwc_source(now, x, layout):
     """x as an (N, H, W, C) view with channels contiguous: in place if x allows, else a copy
     recorded on `now`. Returns (view, whether x's memory was already channels-last)."""
     v = x if layout == "NHWC" else x.transpose(0, 2, 3, 1)
-    if _walkable(v) and _strides(v)[3] == 1:
+    if _walkable(v) and (v.strides[3] == 4 or v.shape[3] == 1):
         return v, True
     packed = np.empty(v.shape, np.float32)
-    copy_op(now, now.op(_readable(v), "x"), now.op(packed, "x (channels-last copy)"), "ops: layout copy")
+    now.copy(_readable(v), packed)
     return packed, False
 
 
 def _nhwc_result(n, h, w, c, layout, channels_last, out, inputs):
-    """(result in the caller's layout, NHWC array the kernel writes, copy-out pending?)"""
+    """(result in the caller's layout, the NHWC array the kernel writes, and the NHWC view
+    of result to copy that into afterwards, or None if the kernel writes result itself)."""
     shape = (n, c, h, w) if layout == "NCHW" else (n, h, w, c)
     if out is None and (layout == "NHWC" or channels_last):
         nhwc = np.empty((n, h, w, c), np.float32)
-        return (nhwc if layout == "NHWC" else nhwc.transpose(0, 3, 1, 2)), nhwc
+        return (nhwc if layout == "NHWC" else nhwc.transpose(0, 3, 1, 2)), nhwc, None
     result, target = _out(out, shape, inputs, writable=_walkable)
-    view = target if layout == "NHWC" else target.transpose(0, 2, 3, 1)
-    if _strides(view)[3] == 1:
-        return result, view
-    return result, np.empty((n, h, w, c), np.float32)
-
-
-def _nhwc_finish(now, device, result, nhwc, layout):
-    """Run; copy the NHWC result into `result` unless the kernel wrote it there."""
     view = result if layout == "NHWC" else result.transpose(0, 2, 3, 1)
-    if view.__array_interface__["data"][0] != nhwc.__array_interface__["data"][0] \
-            or view.strides != nhwc.strides:
-        copy_op(now, now.op(nhwc, "result"), now.op(view, "out"), "ops: layout copy")
+    if target is result and (view.strides[3] == 4 or view.shape[3] == 1):
+        return result, view, None
+    return result, np.empty((n, h, w, c), np.float32), view
+
+
+def _nhwc_finish(now, device, result, nhwc, view):
+    """Run, copying the NHWC result into result's view last if it was made aside."""
+    if view is not None and _walkable(view):
+        now.copy(nhwc, view)
+        view = None
     now.run(device)
+    if view is not None:   # out with strides no kernel takes (negative, misaligned)
+        view[...] = nhwc
     return result
 
 
@@ -245,10 +272,20 @@ def _descriptor(activation, name="activation"):
 def neuron(x, descriptor, *, axis=-1, out=None, device=None):
     """descriptor's function of every element of x (an NNNeuronDescriptor, or a name as
     conv2d's activation takes). PReLU's slopes run along `axis`."""
-    device = _device(device)
     d = _descriptor(descriptor, "descriptor")
     if d is None:
         raise ValueError("descriptor must not be None")
+    return _neuron(x, d, axis, out, device)
+
+
+def _flat(a, b):
+    """Whether a and b hold their elements in one memory order, without gaps."""
+    return (a.flags.c_contiguous and b.flags.c_contiguous
+            or a.flags.f_contiguous and b.flags.f_contiguous) and a.flags.aligned
+
+
+def _neuron(x, d, axis, out, device):
+    device = _device(device)
     x = _array(x, "x")
     if out is None:
         result = target = np.empty_like(x)   # x's memory order: its strides merge alike
@@ -256,29 +293,45 @@ def neuron(x, descriptor, *, axis=-1, out=None, device=None):
         result, target = _out(out, x.shape, () if out is x else (x,), writable=_walkable)
     if x.size == 0:
         return result
+    now = _Now()
+    t = d.neuron_type
+    if t != T.PRELU and x.size <= _INT32_MAX and _flat(x, target):   # the common case
+        command = _native.ElementwiseCommand.neuron((1, 1, 1, x.size), int(t), d.a, d.b, d.c)
+        command.set_operand(0, _address(x), _F32, 0, 0, 0, 1)
+        command.set_operand(1, _address(target), _F32, 0, 0, 0, 1)
+        command.description = f"ops: {t.name.lower()}"
+        now.commands.append(command)
+        return _finish(now, device, result, target)
     src, dst = _readable(x).reshape(x.shape or (1,)), target.reshape(x.shape or (1,))
-    if d.neuron_type == T.PRELU and x.ndim > 1:   # slopes along the innermost operand axis
+    if t == T.PRELU and x.ndim > 1:   # slopes along the innermost operand axis
         axis = _axes(axis, x.ndim, "axis")[0]
         order = [i for i in range(x.ndim) if i != axis] + [axis]
         src, dst = src.transpose(order), dst.transpose(order)
-    now = _Now()
-    neuron_op(now, d, now.op(src, "x"), now.op(dst, "out"), f"ops: {d.neuron_type.name.lower()}")
+    neuron_op(now, d, now.op(src, "x"), now.op(dst, "out"), f"ops: {t.name.lower()}")
     return _finish(now, device, result, target)
+
+
+# descriptors of the neurons without parameters, made once (never handed out)
+_RELU, _RELU6, _GELU, _SIGMOID, _TANH, _SOFTSIGN, _ABS, _EXP, _LOG = (
+    NNNeuronDescriptor(T.RELU), NNNeuronDescriptor(T.RELUN, 0.0, 6.0), NNNeuronDescriptor(T.GELU),
+    NNNeuronDescriptor(T.SIGMOID), NNNeuronDescriptor(T.TANH, 1.0, 1.0),
+    NNNeuronDescriptor(T.SOFT_SIGN), NNNeuronDescriptor(T.ABSOLUTE),
+    NNNeuronDescriptor(T.EXPONENTIAL, 1.0, 0.0, -1.0), NNNeuronDescriptor(T.LOGARITHM, 1.0, 0.0, -1.0))
 
 
 def relu(x, *, out=None, device=None):
     """max(x, 0)."""
-    return neuron(x, NNNeuronDescriptor(T.RELU), out=out, device=device)
+    return _neuron(x, _RELU, -1, out, device)
 
 
 def leaky_relu(x, negative_slope=0.01, *, out=None, device=None):
     """x if x >= 0 else negative_slope * x."""
-    return neuron(x, NNNeuronDescriptor(T.RELU, negative_slope), out=out, device=device)
+    return _neuron(x, NNNeuronDescriptor(T.RELU, negative_slope), -1, out, device)
 
 
 def relu6(x, *, out=None, device=None):
     """min(max(x, 0), 6)."""
-    return neuron(x, NNNeuronDescriptor(T.RELUN, 0.0, 6.0), out=out, device=device)
+    return _neuron(x, _RELU6, -1, out, device)
 
 
 def prelu(x, weight, *, axis=1, out=None, device=None):
@@ -291,80 +344,90 @@ def prelu(x, weight, *, axis=1, out=None, device=None):
     if slopes.size not in (1, channels):
         raise ValueError(f"prelu: weight has {slopes.size} slopes; x {x.shape} has {channels} "
                          f"along axis {axis}: give one, or one per index")
-    return neuron(x, NNNeuronDescriptor.cnn_neuron_prelu_descriptor(slopes), axis=axis, out=out,
-                  device=device)
+    return _neuron(x, NNNeuronDescriptor.cnn_neuron_prelu_descriptor(slopes), axis, out, device)
 
 
 def elu(x, alpha=1.0, *, out=None, device=None):
     """x if x >= 0 else alpha * (exp(x) - 1)."""
-    return neuron(x, NNNeuronDescriptor(T.ELU, alpha), out=out, device=device)
+    return _neuron(x, NNNeuronDescriptor(T.ELU, alpha), -1, out, device)
 
 
 def gelu(x, *, out=None, device=None):
     """0.5 x (1 + erf(x / sqrt 2)) (PyTorch's approximate='none')."""
-    return neuron(x, NNNeuronDescriptor(T.GELU), out=out, device=device)
+    return _neuron(x, _GELU, -1, out, device)
 
 
 def sigmoid(x, *, out=None, device=None):
     """1 / (1 + exp(-x))."""
-    return neuron(x, NNNeuronDescriptor(T.SIGMOID), out=out, device=device)
+    return _neuron(x, _SIGMOID, -1, out, device)
 
 
 def hardsigmoid(x, alpha=1 / 6, beta=0.5, *, out=None, device=None):
     """clamp(alpha x + beta, 0, 1); the defaults are PyTorch's (ONNX: alpha=0.2)."""
-    return neuron(x, NNNeuronDescriptor(T.HARD_SIGMOID, alpha, beta), out=out, device=device)
+    return _neuron(x, NNNeuronDescriptor(T.HARD_SIGMOID, alpha, beta), -1, out, device)
 
 
 def tanh(x, *, out=None, device=None):
-    return neuron(x, NNNeuronDescriptor(T.TANH, 1.0, 1.0), out=out, device=device)
+    return _neuron(x, _TANH, -1, out, device)
 
 
 def softplus(x, beta=1.0, *, out=None, device=None):
     """log(1 + exp(beta x)) / beta (PyTorch's, without its threshold)."""
-    return neuron(x, NNNeuronDescriptor(T.SOFT_PLUS, 1.0 / beta, beta), out=out, device=device)
+    return _neuron(x, NNNeuronDescriptor(T.SOFT_PLUS, 1.0 / beta, beta), -1, out, device)
 
 
 def softsign(x, *, out=None, device=None):
     """x / (1 + |x|)."""
-    return neuron(x, NNNeuronDescriptor(T.SOFT_SIGN), out=out, device=device)
+    return _neuron(x, _SOFTSIGN, -1, out, device)
 
 
 def absolute(x, *, out=None, device=None):
-    return neuron(x, NNNeuronDescriptor(T.ABSOLUTE), out=out, device=device)
+    return _neuron(x, _ABS, -1, out, device)
 
 
 def exp(x, *, out=None, device=None):
-    return neuron(x, NNNeuronDescriptor(T.EXPONENTIAL, 1.0, 0.0, -1.0), out=out, device=device)
+    return _neuron(x, _EXP, -1, out, device)
 
 
 def log(x, *, out=None, device=None):
     """The natural logarithm."""
-    return neuron(x, NNNeuronDescriptor(T.LOGARITHM, 1.0, 0.0, -1.0), out=out, device=device)
+    return _neuron(x, _LOG, -1, out, device)
 
 
 def power(x, exponent, *, out=None, device=None):
     """x ** exponent (a number)."""
-    return neuron(x, NNNeuronDescriptor(T.POWER, 1.0, 0.0, exponent), out=out, device=device)
+    return _neuron(x, NNNeuronDescriptor(T.POWER, 1.0, 0.0, exponent), -1, out, device)
 
 
 # ==== convolution ================================================================================
 
 _CACHE_SIZE = 64
-_caches = weakref.WeakKeyDictionary()   # device -> OrderedDict key -> (kernel, weights, bias)
 _cache_lock = threading.Lock()
+_cached_devices = weakref.WeakSet()
+
+
+def _cache(device):
+    """device's kernels: an LRU OrderedDict key -> (kernel, weights copy, bias copy). It lives
+    on the device (kernels refer to their device: a cache beside it would keep it alive)."""
+    cache = device.__dict__.get("_ops_kernels")
+    if cache is None:
+        cache = device.__dict__.setdefault("_ops_kernels", OrderedDict())
+        _cached_devices.add(device)
+    return cache
 
 
 def clear_cache(device=None):
     """Drop the packed convolution weights kept for `device` (None: every device)."""
     with _cache_lock:
-        if device is None:
-            _caches.clear()
-        else:
-            _caches.pop(device, None)
+        for d in [device] if device is not None else list(_cached_devices):
+            d.__dict__.get("_ops_kernels", {}).clear()
 
 
 def _same_bits(a, b):
-    return np.array_equal(a.view(np.uint32), b.view(np.uint32))
+    """Whether a (any strides) holds exactly the bits of b (a copy of it taken earlier)."""
+    if b.nbytes <= 1 << 16:
+        return a.tobytes() == b.tobytes()   # for small arrays a memcmp is the quickest
+    return bool((a.view(np.uint32) == b.view(np.uint32)).all())
 
 
 def _identity(a):
@@ -376,7 +439,7 @@ def _cached_kernel(device, key, weight, bias, make):
     with the same bits as weight and bias now."""
     key = (key, _identity(weight), _identity(bias))
     with _cache_lock:
-        cache = _caches.setdefault(device, OrderedDict())
+        cache = _cache(device)
         entry = cache.get(key)
         if entry is not None:
             cache.move_to_end(key)
@@ -489,9 +552,9 @@ def _convolve(device, key, weight, bias, make, x, layout, out_shape, out):
     kernel = _cached_kernel(device, key, weight, bias, make)
     now = _Now()
     src, channels_last = _nhwc_source(now, x, layout)
-    result, nhwc = _nhwc_result(n, ho, wo, cout, layout, channels_last, out, (x,))
+    result, nhwc, view = _nhwc_result(n, ho, wo, cout, layout, channels_last, out, (x,))
     convolution_op(now, kernel, now.op(src, "x"), now.op(nhwc, "out"), kernel)
-    return _nhwc_finish(now, device, result, nhwc, layout)
+    return _nhwc_finish(now, device, result, nhwc, view)
 
 
 def conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1,
@@ -576,11 +639,11 @@ def _pool(mode, x, kernel_size, stride, padding, dilation, ceil_mode, count_incl
         return _out(out, (n, c, ho, wo) if layout == "NCHW" else (n, ho, wo, c), ())[0]
     now = _Now()
     src, channels_last = _nhwc_source(now, x, layout)
-    result, nhwc = _nhwc_result(n, ho, wo, c, layout, channels_last, out, (x,))
+    result, nhwc, view = _nhwc_result(n, ho, wo, c, layout, channels_last, out, (x,))
     attrs = dict(mode=mode, kernel=k, strides=s, dilations=d,
                  pads=(p[0], p[1], p[0], p[1]), count_include_pad=count_include_pad)
     pool_op(now, attrs, now.op(src, "x"), now.op(nhwc, "out"), f"ops: {mode}_pool2d")
-    return _nhwc_finish(now, device, result, nhwc, layout)
+    return _nhwc_finish(now, device, result, nhwc, view)
 
 
 def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, *,
@@ -624,19 +687,21 @@ def matmul(a, b, *, out=None, device=None):
     (m, k), (k2, n) = a2.shape[-2:], b2.shape[-2:]
     if k != k2:
         raise ValueError(f"matmul: a {a.shape} has {k} columns but b {b.shape} has {k2} rows")
-    try:
-        batch = np.broadcast_shapes(a2.shape[:-2], b2.shape[:-2])
-    except ValueError:
-        raise ValueError(f"matmul: the batch dimensions of a {a.shape} and b {b.shape} do not "
-                         f"broadcast") from None
+    batch = a2.shape[:-2]
+    if b2.shape[:-2] != batch:
+        try:
+            batch = np.broadcast_shapes(batch, b2.shape[:-2])
+        except ValueError:
+            raise ValueError(f"matmul: the batch dimensions of a {a.shape} and b {b.shape} do "
+                             f"not broadcast") from None
     shape = batch + (m,) * (a.ndim > 1) + (n,) * (b.ndim > 1)
     result, target = _out(out, shape, (a, b))
     now = _Now()
     if result.size and k == 0:
         target[...] = 0
     elif result.size:
-        operands = [np.broadcast_to(a2, batch + (m, k)), np.broadcast_to(b2, batch + (k, n)),
-                    target.reshape(batch + (m, n))]
+        operands = [t if t.shape[:-2] == batch else np.broadcast_to(t, batch + t.shape[-2:])
+                    for t in (a2, b2)] + [target.reshape(batch + (m, n))]
         _batched(now, operands, m, n, k)
     return _finish(now, device, result, target)
 
@@ -661,6 +726,9 @@ def _batched(now, operands, m, n, k):
     bases = [_address(t) for t in operands]
     if inner_n > 1 and inner[1] == 0 and all(inner[j] == rc[j][0] * m for j in (0, 2)):
         m, inner_n, inner = m * inner_n, 1, [0, 0, 0]
+    if not dims:   # one GEMM (the usual case)
+        _gemm(now, inner_n, m, n, k, [(bases[j], (*rc[j], inner[j])) for j in range(3)])
+        return
     for index in np.ndindex(*[e for e, _ in reversed(dims)]):
         offsets = [builtins.sum(i * st[j] for i, (_, st) in zip(index, reversed(dims)))
                    for j in range(3)]
@@ -763,7 +831,7 @@ def _reduce(op, x, axis, keepdims, out, device):
     shape = tuple(1 if i in axes else d for i, d in enumerate(x.shape) if keepdims or i not in axes)
     x = x.reshape(x.shape or (1,))
     result, target = _out(out, shape, (x,), np.int64 if arg else np.float32)
-    count = int(np.prod([x.shape[i] for i in axes]))
+    count = math.prod(x.shape[i] for i in axes)
     now = _Now()
     if count == 0:
         if op not in (SUM, MEAN):
@@ -781,15 +849,13 @@ def _reduce(op, x, axis, keepdims, out, device):
             a, r, b = 1, src.size, 1
         else:
             (ax,) = axes
-            a, r, b = int(np.prod(src.shape[:ax])), src.shape[ax], int(np.prod(src.shape[ax + 1:]))
+            a, r, b = math.prod(src.shape[:ax]), src.shape[ax], math.prod(src.shape[ax + 1:])
         if r > 1 << 24:
             raise ValueError(f"{_NAMES[op]} over {r} elements: the kernel's indices are exact up "
                              f"to 2**24")
         if b > 1:   # the kernel takes the innermost axis: move the reduced axis there
             moved = np.empty((a, b, r), np.float32)
-            now.keep.append(src)
-            view = _Operand(_address(src), (a, b, r), (r * b, 1, b), TensorDataType.FLOAT32, "x")
-            copy_op(now, view, now.op(moved, "x (reduced axis last)"), "ops: copy")
+            now.copy(src.reshape(a, r, b).transpose(0, 2, 1), moved)
             src = moved
         indices = np.empty(a * b, np.float32)
         _reduce_command(now, op, FEATURE_CHANNELS, (1, 1, a * b, r), src, (0, 0, r, 1),
@@ -804,9 +870,9 @@ def _reduce(op, x, axis, keepdims, out, device):
         return _finish(now, device, result, target)
     while True:
         i = builtins.max(j for j, (_, reduced) in enumerate(groups) if reduced)
-        a = int(np.prod([e for e, _ in groups[:i]]))
+        a = math.prod(e for e, _ in groups[:i])
         r = groups[i][0]
-        b = int(np.prod([e for e, _ in groups[i + 1:]]))
+        b = math.prod(e for e, _ in groups[i + 1:])
         groups = _groups(groups[:i] + groups[i + 1:])
         last = not any(reduced for _, reduced in groups)
         dst = target if last else np.empty(a * b, np.float32)

@@ -286,10 +286,10 @@ def test_weights_cache(rng):
     device = mk.Device(num_threads=1)
     x, wt, b = random(rng, 1, 8, 7, 7), random(rng, 8, 8, 3, 3), random(rng, 8)
     first = ops.conv2d(x, wt, b, padding=1, device=device)
-    kernels = list(ops._caches[device].values())
+    kernels = list(device._ops_kernels.values())
     assert len(kernels) == 1
     np.testing.assert_array_equal(ops.conv2d(x, wt, b, padding=1, device=device), first)
-    assert list(ops._caches[device].values())[0][0] is kernels[0][0]   # not repacked
+    assert list(device._ops_kernels.values())[0][0] is kernels[0][0]   # not repacked
     wt[2, 1, 0, 0] += 1.0
     y, s = conv_ref(x, wt, b, (1, 1), ((1, 1), (1, 1)), (1, 1), 1)
     assert_within(ops.conv2d(x, wt, b, padding=1, device=device), y, 1e-5 * s)
@@ -298,17 +298,28 @@ def test_weights_cache(rng):
     assert_within(ops.conv2d(x, wt, b, padding=1, device=device), y, 1e-5 * s)
     wt[0, 0, 0, 0] = np.nan   # NaN weights are compared by their bits: still cached
     ops.conv2d(x, wt, b, padding=1, device=device)
-    kernel = list(ops._caches[device].values())[-1][0]
+    kernel = list(device._ops_kernels.values())[-1][0]
     ops.conv2d(x, wt, b, padding=1, device=device)
-    assert list(ops._caches[device].values())[-1][0] is kernel
+    assert list(device._ops_kernels.values())[-1][0] is kernel
     weights = [random(rng, 8, 8, 1, 1) for _ in range(ops._CACHE_SIZE + 5)]
     for w in weights:   # all alive: distinct addresses, distinct entries
         ops.conv2d(x, w, device=device)
-    assert len(ops._caches[device]) == ops._CACHE_SIZE
+    assert len(device._ops_kernels) == ops._CACHE_SIZE
     weights[-1][...] = 0   # an array freed and another made at its address: the bits decide
     assert not ops.conv2d(x, weights[-1], device=device).any()
     ops.clear_cache(device)
-    assert device not in ops._caches
+    assert not device._ops_kernels
+
+
+def test_cache_does_not_keep_the_device_alive(rng):
+    import gc
+    import weakref
+    device = mk.Device(num_threads=2)
+    ops.conv2d(random(rng, 1, 4, 5, 5), random(rng, 4, 4, 3, 3), device=device)
+    ref = weakref.ref(device)
+    del device
+    gc.collect()
+    assert ref() is None
 
 
 # ---- pooling -----------------------------------------------------------------------------------
@@ -568,3 +579,23 @@ W = np.zeros((8, 4, 3, 3), F32)
 def test_bad_input(call, error, words):
     with pytest.raises(error, match=words):
         call()
+
+
+def test_out_with_strides_no_kernel_takes(device, rng):
+    """A negative-stride or misaligned out is filled too (the result made aside)."""
+    x, wt = random(rng, 1, 3, 5, 5), random(rng, 4, 3, 3, 3)
+    y, s = conv_ref(x, wt, None, (1, 1), ((1, 1), (1, 1)), (1, 1), 1)
+    out = np.zeros((1, 4, 5, 5), F32)
+    ops.conv2d(x, wt, padding=1, out=out[:, :, ::-1], device=device)
+    assert_within(out[:, :, ::-1], y, 1e-5 * s)
+    raw = np.zeros(4 * 25 * 4 + 1, np.uint8)
+    odd = raw[1:].view(F32).reshape(1, 4, 5, 5)
+    ops.conv2d(x, wt, padding=1, out=odd, device=device)
+    assert_within(odd, y, 1e-5 * s)
+    r = np.zeros(8, F32)
+    ops.relu(np.arange(-4, 4, dtype=F32), out=r[::-1], device=device)
+    np.testing.assert_array_equal(r[::-1], np.maximum(np.arange(-4, 4), 0))
+    m = np.zeros((3, 3), F32)
+    a = random(rng, 3, 3)
+    ops.matmul(a, a, out=m[::-1], device=device)
+    np.testing.assert_allclose(m[::-1], a.astype(np.float64) @ a, rtol=1e-5, atol=1e-6)
