@@ -11,6 +11,7 @@ from mpskernels.kernel import CNNBinaryKernel
 
 
 class CNNArithmetic(CNNBinaryKernel):
+    _replayable = True   # elementwise commands only read their arguments
     _op = None
 
     def __init__(self, device):

@@ -97,6 +97,13 @@ class CommandBuffer:
         command.description = description
         self._commands.append(command)
 
+    def _add_recorded(self, commands, images):
+        """Record commands made by an earlier encode on these persistent images (kernel.py
+        _Encoding._replay): their operands already hold the images' addresses."""
+        for image in images:
+            self._retained.add(image._root)
+        self._commands.extend(commands)
+
     def _take_storage(self, root):
         self._roots.append(root)
 

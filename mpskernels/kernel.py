@@ -2,6 +2,7 @@
 geometry every pointwise kernel shares: which source pixel feeds which destination pixel."""
 import abc
 import copy as _copy
+import weakref
 
 import numpy as np
 
@@ -254,7 +255,12 @@ def _consume(*sources):
 
 
 class _Encoding:
-    """What unary and binary CNN kernels share: clip rect, allocator, padding, batches."""
+    """What unary and binary CNN kernels share: clip rect, allocator, padding, batches, replay."""
+
+    # Kernels whose commands only read their arguments (elementwise) set this: their last
+    # encode on persistent images is kept and replayed while nothing has changed.
+    _replayable = False
+    _recorded = None   # (kernel state, weak references to the images, commands)
 
     def _init_encoding(self):
         self.clip_rect = RECT_NO_CLIP
@@ -271,6 +277,38 @@ class _Encoding:
     @clip_rect.setter
     def clip_rect(self, value):
         self._clip_rect = as_region(value)
+
+    def _state(self):
+        state = self.__dict__.copy()
+        state.pop("_recorded", None)
+        return state
+
+    def _replay(self, command_buffer, images):
+        """Record what the last encode recorded, if it was on these same persistent images
+        with the kernel's attributes unchanged (the loop that re-encodes one kernel on the
+        same images then skips validation and geometry); returns whether it did."""
+        recorded = self._recorded
+        if recorded is None:
+            return False
+        state, refs, commands = recorded
+        if len(refs) != len(images):
+            return False
+        for ref, image in zip(refs, images):
+            if ref() is not image:
+                return False
+        try:
+            if state != self._state():
+                return False
+        except (TypeError, ValueError):   # e.g. an attribute holding an array was replaced
+            return False
+        command_buffer._add_recorded(commands, images)
+        return True
+
+    def _record(self, command_buffer, first, images):
+        """Keep the commands recorded since index `first`, when they can be replayed."""
+        if self._replayable and not any(i._root._is_temporary for i in images):
+            self._recorded = (self._state(), [weakref.ref(i) for i in images],
+                              command_buffer._commands[first:])
 
     def _make_destination(self, command_buffer, sources):
         descriptor = self.destination_image_descriptor(sources)
@@ -356,8 +394,13 @@ class CNNKernel(Kernel, _Encoding):
         if destination is None:
             destination = self._make_destination(command_buffer, [source])
         destination._check_use(command_buffer, reading=False)
+        images = (source, destination)
+        if self._replay(command_buffer, images):
+            return destination
         _check_no_alias(destination, source)
+        first = len(command_buffer._commands)
         self._encode(command_buffer, source, destination)
+        self._record(command_buffer, first, images)
         _consume(source)
         return destination
 
@@ -467,8 +510,13 @@ class CNNBinaryKernel(Kernel, _Encoding):
         if destination is None:
             destination = self._make_destination(command_buffer, [primary, secondary])
         destination._check_use(command_buffer, reading=False)
+        images = (primary, secondary, destination)
+        if self._replay(command_buffer, images):
+            return destination
         _check_no_alias(destination, primary, secondary)
+        first = len(command_buffer._commands)
         self._encode(command_buffer, primary, secondary, destination)
+        self._record(command_buffer, first, images)
         _consume(primary, secondary)
         return destination
 

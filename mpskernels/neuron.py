@@ -43,6 +43,8 @@ class NNNeuronDescriptor:
 class CNNNeuron(CNNKernel):
     """MPSCNNNeuron: applies neuron_descriptor's function to every channel of every pixel."""
 
+    _replayable = True   # elementwise commands only read their arguments
+
     def __init__(self, device, neuron_descriptor):
         super().__init__(device)
         if not isinstance(neuron_descriptor, NNNeuronDescriptor):

@@ -73,7 +73,8 @@ struct mk_queue {
     pthread_cond_t work, changed;   /* work: for the worker; changed: for waiters */
     mk_buffer *head, *tail;         /* enqueued, not yet taken */
     int running;                    /* a buffer of this queue is executing */
-    int worker_looking;             /* the idle worker is looking: commit need not wake it */
+    int worker_asleep;              /* the worker waits on `work` with no time limit: only
+                                     * then does a commit (or a finished buffer) wake it */
     atomic_llong commits;           /* bumped by every commit */
 
     int shutdown, worker_started;
@@ -190,7 +191,10 @@ static void execute(mk_queue *q, mk_buffer *b) {
     q->running = 0;
     atomic_store(&b->finished, 1);   /* b may be freed by its owner from here on */
     pthread_cond_broadcast(&q->changed);
-    pthread_cond_broadcast(&q->work);
+    /* A sleeping worker only needs waking when a committed buffer waits behind this one
+     * (or to exit); waking it for nothing costs the waker a system call. */
+    if (q->worker_asleep && ((q->head && atomic_load(&q->head->status) == ST_COMMITTED) || q->shutdown))
+        pthread_cond_signal(&q->work);
     pthread_mutex_unlock(&q->mu);
 }
 
@@ -234,17 +238,15 @@ static void *worker_main(void *arg) {
         if (b) {
             pthread_mutex_unlock(&q->mu);
             execute(q, b);
-            pthread_mutex_lock(&q->mu);
             commits_since c = {q, atomic_load(&q->commits)};
-            q->worker_looking = 1;
-            pthread_mutex_unlock(&q->mu);
-            spin(new_commit, &c, MK_IDLE_SPIN_NS);
+            spin(new_commit, &c, MK_IDLE_SPIN_NS);   /* awake, so commits need not wake it */
             pthread_mutex_lock(&q->mu);
-            q->worker_looking = 0;
             continue;
         }
         if (q->shutdown && !q->head && !q->running) break;
+        q->worker_asleep = 1;
         pthread_cond_wait(&q->work, &q->mu);
+        q->worker_asleep = 0;
     }
     pthread_mutex_unlock(&q->mu);
     return NULL;
@@ -268,7 +270,7 @@ mk_status mk_buffer_commit(mk_buffer *b, const mk_command *commands, int32_t cou
     if (atomic_load(&b->status) == ST_NOT_ENQUEUED) append(q, b);
     atomic_store(&b->status, ST_COMMITTED);
     atomic_fetch_add(&q->commits, 1);
-    int wake = !q->worker_looking;
+    int wake = q->worker_asleep;   /* looking, in its grace wait or busy: it will see this */
     pthread_mutex_unlock(&q->mu);
     if (wake) pthread_cond_signal(&q->work);   /* after unlocking: the lock is free for it */
     return MK_OK;
