@@ -13,7 +13,8 @@ import numpy as np
 
 from mpskernels import _native
 from mpskernels.arithmetic import CNNArithmetic
-from mpskernels.convolution import CNNConvolution, CNNConvolutionDescriptor, _ConvolutionBase
+from mpskernels.convolution import (CNNConvolution, CNNConvolutionDescriptor, CNNConvolutionTranspose,
+                                    _ArraySource, _ConvolutionBase)
 from mpskernels.enums import (BindingAccess, CNNNeuronType, Stages, TensorDataType, TensorUsage,
                               VisibilityOptions)
 from mpskernels.errors import CommandBufferStateError, HazardError, ValidationError
@@ -247,14 +248,8 @@ def reshape_op(cb, ops, description):
         copy_op(cb, _with(src, dst.shape), dst, description)
     elif _is_packed(dst):
         copy_op(cb, src, _with(dst, src.shape), description)
-    else:   # the pipeline stages a reshape between two bindings (staged_reshape_op)
+    else:   # the pipeline stages a reshape between two bindings (_staged)
         raise ValidationError(f"{description}: neither {src.name} nor {dst.name} is packed")
-
-
-def staged_reshape_op(cb, ops, description):
-    src, staging, dst = ops
-    copy_op(cb, src, staging, description)
-    copy_op(cb, _with(staging, dst.shape), dst, description)
 
 
 def _rows(op, what):
@@ -303,6 +298,145 @@ def pool_op(cb, attrs, src, dst, description):
     cb._add(command, [(src, 0, src.strides), (dst, 0, dst.strides)], description)
 
 
+def _check_f32(ops, description, what):
+    for op in ops:
+        if op._format != 4:
+            raise ValidationError(f"{description}: {what} takes float32 operands; {op.name} is not")
+
+
+def nn_rows_op(cb, op, src, dst, description, epsilon=0.0, scale=None, bias=None):
+    """An nn row op along the innermost axis (src/nn): softmax, layer normalisation, erf,
+    hard-swish, tanh-GELU. dst has src's shape, or src's with the innermost dimension 1 for
+    the per-row layer-norm statistics."""
+    _check_f32((src, dst), description, "this op")
+    stat = op in (_native.NN_LAYER_NORM_MEAN, _native.NN_LAYER_NORM_INV_STD)
+    if stat:
+        if dst.shape != src.shape[:-1] + (1,):
+            raise ValidationError(f"{description}: {dst.name} must have shape {src.shape[:-1] + (1,)}")
+        dst = _with(dst, src.shape, dst.strides[:-1] + (0,))
+    else:
+        _check_same_shape(src, dst, description)
+    if _overlapping(src, dst) and (src.address, src.strides) != (dst.address, dst.strides):
+        raise ValidationError(f"{description}: the destination {dst.name} partly overlaps the source {src.name}")
+    rows = op in (_native.NN_SOFTMAX, _native.NN_LAYER_NORM) or stat
+
+    def make(extent):
+        return _native.NNRowsCommand(extent, op, epsilon, scale, bias)
+
+    _, _, extent, inner = _loops(src.shape, [src.strides, dst.strides], keep_inner=rows)
+    if extent[3] > 1 and (inner[0][3] != 1 or (not stat and inner[1][3] != 1)):
+        raise ValidationError(f"{description}: the innermost dimension of {src.name} and {dst.name} must be contiguous")
+    _record_elementwise(cb, make, [src, dst], src.shape, [src.strides, dst.strides], description,
+                        keep_inner=rows)
+
+
+def gather_op(cb, index, value, src, dst, description):
+    """dst[i0, i1, ...] = src[index[0][i0], index[1][i1], ...], or `value` where an index is
+    -1; index[k] None: the identity (dst and src have the same extent there). Rank > 4 after
+    merging runs one command per outer index."""
+    _check_f32((src, dst), description, "gather")
+    if _overlapping(src, dst):
+        raise ValidationError(f"{description}: the destination {dst.name} overlaps the source {src.name}")
+    address = src.address
+    axes = []    # [dst extent, src extent, table or None, src stride, dst stride]
+    for d, s, t, ss, ds in zip(dst.shape, src.shape, index, src.strides, dst.strides):
+        if d == 1 and (t is None or t[0] >= 0):   # one element: an address offset
+            address += (0 if t is None else int(t[0])) * ss * src.esize
+            continue
+        if axes and t is None and axes[-1][2] is None and axes[-1][3] == ss * s and axes[-1][4] == ds * d:
+            axes[-1] = [axes[-1][0] * d, axes[-1][1] * s, None, ss, ds]
+            continue
+        axes.append([d, s, t, ss, ds])
+    while len(axes) < 4:
+        axes.insert(0, [1, 1, None, 0, 0])
+    outer, inner = axes[:-4], axes[-4:]
+    tables = [np.arange(d, dtype=np.int32) if t is None else np.ascontiguousarray(t, np.int32)
+              for d, _, t, _, _ in inner]
+    extent, src_extent = tuple(a[0] for a in inner), tuple(a[1] for a in inner)
+    for idx in itertools.product(*[range(a[0]) for a in outer]):
+        pos = [i if a[2] is None else int(a[2][i]) for i, a in zip(idx, outer)]
+        fill = any(p < 0 for p in pos)
+        command = _native.NNGatherCommand([np.full(extent[0], -1, np.int32)] + tables[1:] if fill else tables,
+                                          value, src_extent, extent)
+        s_op = _with(src, src.shape, src.strides)
+        s_op.address = address + sum(max(p, 0) * a[3] for p, a in zip(pos, outer)) * src.esize
+        d_off = sum(i * a[4] for i, a in zip(idx, outer)) * dst.esize
+        cb._add(command, [(s_op, 0, tuple(a[3] for a in inner)), (dst, d_off, tuple(a[4] for a in inner))],
+                description)
+
+
+def resize_op(cb, tables, src, dst, description):
+    """Bilinear resize of NHWC operands (src/nn): tables (y0, y1, wy, x0, x1, wx)."""
+    _check_f32((src, dst), description, "resize")
+    for op in (src, dst):
+        if len(op.shape) != 4 or op.strides[3] != 1:
+            raise ValidationError(f"{description}: resize takes NHWC operands with contiguous channels; "
+                                  f"{op.name} has shape {op.shape}")
+    if _overlapping(src, dst):
+        raise ValidationError(f"{description}: the destination {dst.name} overlaps the source {src.name}")
+    command = _native.NNResizeCommand(*tables, src.shape[1], src.shape[2], dst.shape)
+    cb._add(command, [(src, 0, src.strides), (dst, 0, dst.strides)], description)
+
+
+_REDUCE_OPS = {"sum": 0, "mean": 1, "min": 2, "max": 3}   # mk_reduce_op
+
+
+def reduce_op(cb, op, axes, src, dst, description):
+    """dst = src reduced over the contiguous range of axes (src/reduce), kept as size 1: the
+    packed source seen as (outer, reduced, inner); one mk_reduce across channels (inner = 1)
+    or down columns."""
+    _check_f32((src, dst), description, "reduce")
+    if not (_is_packed(src) and _is_packed(dst)):
+        raise ValidationError(f"{description}: reduce takes packed operands")
+    a0, a1 = axes[0], axes[-1] + 1
+    outer, r, inner = (int(np.prod(src.shape[:a0])), int(np.prod(src.shape[a0:a1])),
+                       int(np.prod(src.shape[a1:])))
+    if inner == 1:
+        command = _native.ReduceCommand((1, 1, outer, r), _REDUCE_OPS[op], 0, 1.0)
+        strides = [(0, 0, r, 1), (0, 0, 1, 1)]
+    else:
+        command = _native.ReduceCommand((outer, r, 1, inner), _REDUCE_OPS[op], 2, 1.0)
+        strides = [(r * inner, inner, 0, 1), (inner, 0, 0, 1)]
+    cb._add(command, [(src, 0, strides[0]), (dst, 0, strides[1])], description)
+
+
+def _batch_dims(shape, strides_list):
+    """Batch dimensions merged where contiguous in every operand: [(extent, [strides])]."""
+    merged = []
+    for d, st in reversed([(d, [s[i] for s in strides_list]) for i, d in enumerate(shape) if d != 1]):
+        if merged and all(o == i * merged[-1][0] for o, i in zip(st, merged[-1][1])):
+            merged[-1] = (merged[-1][0] * d, merged[-1][1])
+        else:
+            merged.append((d, st))
+    return merged[::-1] or [(1, [0] * len(strides_list))]
+
+
+def matmul_op(cb, transpose_a, transpose_b, alpha, a, b, dst, description):
+    """dst (..., M, N) = alpha * op(a) op(b) (mk_sgemm), batch dimensions broadcast (NumPy
+    rules); op() swaps the last two dimensions when transposed."""
+    _check_f32((a, b, dst), description, "matmul")
+    for src in (a, b):
+        if _overlapping(src, dst):
+            raise ValidationError(f"{description}: the destination {dst.name} overlaps {src.name}")
+    batch = dst.shape[:-2]
+    m, n = dst.shape[-2:]
+    k = a.shape[-1] if not transpose_a else a.shape[-2]
+    mats = []
+    for op, t in ((a, transpose_a), (b, transpose_b)):
+        rs, cs = op.strides[-2:]
+        mats.append((cs, rs) if t else (rs, cs))
+        mats[-1] = (op, *mats[-1], _broadcast(batch, _with(op, op.shape[:-2], op.strides[:-2]), description))
+    mats.append((dst, dst.strides[-2], dst.strides[-1], list(dst.strides[:-2])))
+    dims = _batch_dims(batch, [m_[3] for m_ in mats])
+    *outer, (count, bstrides) = dims
+    for idx in itertools.product(*[range(d) for d, _ in outer]):
+        command = _native.GemmCommand(count, m, n, k, alpha, 0.0)
+        for slot, (op, rs, cs, _) in enumerate(mats):
+            offset = sum(i * st[slot] for i, (_, st) in zip(idx, outer))
+            command.set_operand(slot, op.address + offset * op.esize, op._format, rs, cs, bstrides[slot])
+        cb._add(command, [], description)
+
+
 # ==== the network IR =============================================================================
 
 class Value:
@@ -345,7 +479,8 @@ class Network:
     Inputs get binding indices 0.. in declaration order, outputs follow."""
 
     # the op methods: each node's attrs are exactly their keyword arguments (a package replays them)
-    OPS = ("neuron", "add", "sub", "mul", "div", "transpose", "reshape", "conv2d", "gemm", "pool2d", "concat")
+    OPS = ("neuron", "add", "sub", "mul", "div", "transpose", "reshape", "conv2d", "gemm", "pool2d", "concat",
+           "softmax", "unary", "layer_norm", "gather", "resize_linear", "reduce", "matmul", "conv_transpose2d")
 
     def __init__(self, name="main"):
         self.name = name
@@ -538,6 +673,145 @@ class Network:
 
         return self._node("conv2d", [x], attrs, name, infer)
 
+    def softmax(self, x, name=None):
+        """Softmax along the innermost dimension."""
+        return self._node("softmax", [x], {}, name, lambda s: _rank_at_least(s[0], 1, "softmax"))
+
+    UNARY = ("erf", "hard_swish", "gelu_tanh")
+
+    def unary(self, x, function, name=None):
+        """An elementwise function beyond the neuron types: "erf", "hard_swish"
+        (x * clamp(x/6 + 1/2, 0, 1)) or "gelu_tanh" (GELU's tanh approximation)."""
+        if function not in self.UNARY:
+            raise ValidationError(f"unary: function must be one of {self.UNARY}, got {function!r}")
+        return self._node("unary", [x], {"function": function}, name, lambda s: s[0])
+
+    LAYER_NORM_OUTPUTS = ("y", "mean", "inv_std_dev")
+
+    def layer_norm(self, x, scale=None, bias=None, axis=-1, epsilon=1e-5, output="y", name=None):
+        """Layer normalisation over dimensions axis.. (the innermost ones): y = (x - mean) /
+        sqrt(var + epsilon) * scale + bias, scale and bias broadcast to those dimensions.
+        output "mean" / "inv_std_dev": the per-row statistic instead, shape x.shape[:axis]
+        + (1, ...)."""
+        if output not in self.LAYER_NORM_OUTPUTS:
+            raise ValidationError(f"layer_norm: output must be one of {self.LAYER_NORM_OUTPUTS}, got {output!r}")
+        attrs = {"scale": None if scale is None else np.asarray(scale, np.float32),
+                 "bias": None if bias is None else np.asarray(bias, np.float32),
+                 "axis": int(axis), "epsilon": float(epsilon), "output": output}
+
+        def infer(shapes):
+            shape = shapes[0]
+            a = _axis(axis, len(shape), "layer_norm")
+            for what in ("scale", "bias"):
+                if attrs[what] is not None:
+                    try:
+                        np.broadcast_shapes(attrs[what].shape, shape[a:])
+                    except ValueError:
+                        raise ValidationError(f"layer_norm: {what} of shape {attrs[what].shape} does not "
+                                              f"broadcast to the normalised dimensions {shape[a:]}") from None
+            return shape if output == "y" else shape[:a] + (1,) * (len(shape) - a)
+
+        return self._node("layer_norm", [x], attrs, name, infer)
+
+    def gather(self, x, index, value=0.0, name=None):
+        """out[i0, i1, ...] = x[index[0][i0], index[1][i1], ...], or `value` where an index
+        is -1: one index table (integers) per dimension, None for all of it. Pad, slice
+        with any step, gather along a dimension and nearest-neighbour resize are gathers."""
+        index = [None if t is None else np.asarray(t, np.int32).reshape(-1) for t in index]
+
+        def infer(shapes):
+            shape = shapes[0]
+            if len(index) != len(shape):
+                raise ValidationError(f"gather: {len(index)} index tables for a rank-{len(shape)} input")
+            for k, (t, d) in enumerate(zip(index, shape)):
+                if t is not None and (t.size == 0 or t.min() < -1 or t.max() >= d):
+                    raise ValidationError(f"gather: index table {k} must be non-empty, with entries -1 "
+                                          f"or in 0..{d - 1}")
+            return tuple(d if t is None else t.size for t, d in zip(index, shape))
+
+        return self._node("gather", [x], {"index": index, "value": float(value)}, name, infer)
+
+    def resize_linear(self, x, y0, y1, wy, x0, x1, wx, name=None):
+        """Bilinear resize of NHWC x: output row i blends rows y0[i] and y1[i] with weight
+        wy[i] on y1, columns likewise; out (N, len(y0), len(x0), C)."""
+        tables = [np.asarray(t, np.int32 if k % 3 < 2 else np.float32).reshape(-1)
+                  for k, t in enumerate((y0, y1, wy, x0, x1, wx))]
+        attrs = dict(zip(("y0", "y1", "wy", "x0", "x1", "wx"), tables))
+
+        def infer(shapes):
+            n, h, w, c = _rank(shapes[0], 4, "resize_linear input (NHWC)")
+            for (i0, i1, wt), extent in ((tables[:3], h), (tables[3:], w)):
+                if not (i0.size == i1.size == wt.size > 0) or min(i0.min(), i1.min()) < 0 \
+                        or max(i0.max(), i1.max()) >= extent:
+                    raise ValidationError(f"resize_linear: index tables must have equal, non-zero "
+                                          f"lengths and entries in 0..{extent - 1}")
+            return (n, tables[0].size, tables[3].size, c)
+
+        return self._node("resize_linear", [x], attrs, name, infer)
+
+    REDUCE = ("sum", "mean", "min", "max")
+
+    def reduce(self, x, op, axes, name=None):
+        """x reduced ("sum", "mean", "min", "max") over axes, a contiguous range of
+        dimensions, kept with size 1."""
+        if op not in self.REDUCE:
+            raise ValidationError(f"reduce: op must be one of {self.REDUCE}, got {op!r}")
+        axes = tuple(int(a) for a in axes)
+
+        def infer(shapes):
+            shape = shapes[0]
+            ax = sorted(_axis(a, len(shape), "reduce") for a in axes)
+            if not ax or ax != list(range(ax[0], ax[-1] + 1)):
+                raise ValidationError(f"reduce: axes {axes} must be a non-empty contiguous range")
+            return tuple(1 if i in ax else d for i, d in enumerate(shape))
+
+        return self._node("reduce", [x], {"op": op, "axes": axes}, name, infer)
+
+    def matmul(self, a, b, transpose_a=False, transpose_b=False, alpha=1.0, name=None):
+        """alpha * a @ b over the last two dimensions (each transposed if asked), leading
+        (batch) dimensions broadcast as in NumPy. Runs on mk_sgemm (src/gemm)."""
+        attrs = {"transpose_a": bool(transpose_a), "transpose_b": bool(transpose_b), "alpha": float(alpha)}
+
+        def infer(shapes):
+            sa, sb = shapes
+            if len(sa) < 2 or len(sb) < 2:
+                raise ValidationError(f"matmul: operands need rank >= 2, got {sa} and {sb}")
+            m, k = sa[-2:][::-1] if transpose_a else sa[-2:]
+            k2, n = sb[-2:][::-1] if transpose_b else sb[-2:]
+            if k != k2:
+                raise ValidationError(f"matmul: inner dimensions differ: {sa} @ {sb}")
+            return _broadcast_shapes(sa[:-2], sb[:-2], "matmul") + (m, n)
+
+        return self._node("matmul", [a, b], attrs, name, infer)
+
+    def conv_transpose2d(self, x, weights, bias=None, strides=(1, 1), dilations=(1, 1),
+                         pads=(0, 0, 0, 0), output_padding=(0, 0), groups=1, neuron=None, name=None):
+        """ONNX ConvTranspose of NHWC x: weights [out][kh][kw][in/groups] (ONNX's W
+        [in][out/groups][kh][kw] regrouped, not flipped); pads (top, left, bottom, right) are
+        cut from the full output; output_padding adds rows / columns at the end. Runs on
+        CNNConvolutionTranspose."""
+        w = np.ascontiguousarray(weights, np.float32)
+        if w.ndim != 4:
+            raise ValidationError(f"conv_transpose2d: weights must be [out][kh][kw][in/groups], got shape {w.shape}")
+        out_c, kh, kw, cin_g = w.shape
+        attrs = {"weights": w, "bias": None if bias is None else np.asarray(bias, np.float32).reshape(-1),
+                 "strides": tuple(strides), "dilations": tuple(dilations), "pads": tuple(pads),
+                 "output_padding": tuple(output_padding), "groups": int(groups), "neuron": neuron}
+
+        def infer(shapes):
+            n, h, wd, c = _rank(shapes[0], 4, "conv_transpose2d input (NHWC)")
+            (sy, sx), (dy, dx), (top, left, bottom, right), (oy, ox) = strides, dilations, pads, output_padding
+            if c != cin_g * groups or out_c % groups:
+                raise ValidationError(f"conv_transpose2d: the input has {c} channels; the weights take "
+                                      f"{cin_g} x {groups} groups")
+            oh = sy * (h - 1) + oy + (kh - 1) * dy + 1 - top - bottom
+            ow = sx * (wd - 1) + ox + (kw - 1) * dx + 1 - left - right
+            if oh < 1 or ow < 1:
+                raise ValidationError(f"conv_transpose2d: the pads leave no output ({oh}x{ow})")
+            return (n, oh, ow, out_c)
+
+        return self._node("conv_transpose2d", [x], attrs, name, infer)
+
 
 def _partial_shape(infer, shapes):
     """The output shape with -1 where it depends on the inputs' free (-1) dimensions: infer
@@ -547,6 +821,18 @@ def _partial_shape(infer, shapes):
     except ValidationError:
         return None
     return tuple(x if x == y else -1 for x, y in zip(a, b))
+
+
+def _rank_at_least(shape, rank, what):
+    if len(shape) < rank:
+        raise ValidationError(f"{what} needs rank >= {rank}, got shape {shape}")
+    return shape
+
+
+def _axis(axis, rank, what):
+    if not -rank <= axis < rank:
+        raise ValidationError(f"{what}: axis {axis} is outside a rank-{rank} shape")
+    return axis % rank
 
 
 def _rank(shape, rank, what):
@@ -654,6 +940,31 @@ class _Step:
         self.node, self.run, self.slots = node, run, slots
 
 
+# node kinds that view their operands in other shapes: bound operands are staged (packed)
+_PACKED_OPERANDS = ("reduce", "layer_norm")
+
+
+def _staged(step, staging):
+    """step running on packed slots in place of the bound operands in staging {slot: Value}:
+    inputs copied in before, outputs copied out after."""
+    if not staging:
+        return step
+    run, count, n_in = step.run, len(step.slots), len(step.node.inputs)
+
+    def staged_run(cb, ops, name):
+        own = ops[:count]
+        extra = dict(zip(staging, ops[count:]))
+        for i, op in extra.items():
+            if i < n_in:
+                copy_op(cb, own[i], op, name)
+        run(cb, [extra.get(i, op) for i, op in enumerate(own)], name)
+        for i, op in extra.items():
+            if i >= n_in:
+                copy_op(cb, op, own[i], name)
+
+    return _Step(step.node, staged_run, step.slots + list(staging.values()))
+
+
 class MachineLearningPipelineState:
     """A network compiled for fixed input shapes: kernels made and weights packed once, every
     intermediate's offset in the intermediates heap planned (mk_arena_plan)."""
@@ -676,7 +987,7 @@ class MachineLearningPipelineState:
             shapes[node.outputs[0]] = node.infer([shapes[v] for v in node.inputs])
         self._shapes = shapes
         self._plan(net, shapes)
-        self._steps = [self._compile(node) for node in net.nodes]
+        self._steps = [_staged(self._compile(node), self._staging.get(node)) for node in net.nodes]
         self.reflection = MachineLearningPipelineReflection(
             [Binding(v.name, i, BindingAccess.READ_ONLY, v.data_type, TensorExtents.from_shape(shapes[v]))
              for i, v in enumerate(net.inputs)]
@@ -713,11 +1024,16 @@ class MachineLearningPipelineState:
                 last[v] = t
         order = [n.outputs[0] for n in net.nodes if n.outputs[0] not in bound]
         first = {n.outputs[0]: t for t, n in enumerate(net.nodes)}
-        # a reshape between two bindings (rows may be padded) copies through a packed slot
+        # ops that see an operand in another shape need it packed; a bound tensor's rows may be
+        # padded, so they go through a packed slot (copied in before, out after the node)
         self._staging = {}
         for t, n in enumerate(net.nodes):
-            if n.kind == "reshape" and n.inputs[0] in bound and n.outputs[0] in bound:
-                v = self._staging[n] = Value(net, f"{n.name}/staging", shapes[n.inputs[0]], n.inputs[0].data_type)
+            slots = n.inputs + n.outputs
+            staged = [0] if n.kind == "reshape" and all(v in bound for v in slots) else \
+                [i for i, v in enumerate(slots) if v in bound] if n.kind in _PACKED_OPERANDS else []
+            for i in staged:
+                v = Value(net, f"{n.name}/staging{i}", shapes[slots[i]], slots[i].data_type)
+                self._staging.setdefault(n, {})[i] = v
                 shapes[v], first[v], last[v] = v.shape, t, t
                 order.append(v)
         self._offsets = {}
@@ -745,8 +1061,6 @@ class MachineLearningPipelineState:
             perm = attrs["perm"]
             return _Step(node, lambda cb, ops, name: copy_op(cb, ops[0], ops[1], name, perm), slots)
         if node.kind == "reshape":
-            if node in self._staging:
-                return _Step(node, staged_reshape_op, [node.inputs[0], self._staging[node], node.outputs[0]])
             return _Step(node, reshape_op, slots)
         if node.kind == "conv2d":
             kernel = _conv_kernel(self.device, attrs)
@@ -764,6 +1078,41 @@ class MachineLearningPipelineState:
             n, h, w, c = self._shapes[node.inputs[0]]
             a = dict(attrs, kernel=attrs["kernel"] or (h, w))
             return _Step(node, lambda cb, ops, name: pool_op(cb, a, ops[0], ops[1], name), slots)
+        if node.kind == "softmax":
+            return _Step(node, lambda cb, ops, name: nn_rows_op(cb, _native.NN_SOFTMAX, *ops, name), slots)
+        if node.kind == "unary":
+            op = {"erf": _native.NN_ERF, "hard_swish": _native.NN_HARD_SWISH,
+                  "gelu_tanh": _native.NN_GELU_TANH}[attrs["function"]]
+            return _Step(node, lambda cb, ops, name: nn_rows_op(cb, op, *ops, name), slots)
+        if node.kind == "layer_norm":
+            shape = self._shapes[node.inputs[0]]
+            a = attrs["axis"] % len(shape)
+            inner = shape[a:]
+            rows = (*shape[:a], int(np.prod(inner)))   # the normalised dimensions as one row
+            scale, bias = (None if t is None else np.ascontiguousarray(np.broadcast_to(t, inner).reshape(-1))
+                           for t in (attrs["scale"], attrs["bias"]))
+            op = {"y": _native.NN_LAYER_NORM, "mean": _native.NN_LAYER_NORM_MEAN,
+                  "inv_std_dev": _native.NN_LAYER_NORM_INV_STD}[attrs["output"]]
+            out_rows = rows if attrs["output"] == "y" else rows[:-1] + (1,)
+            eps = attrs["epsilon"]
+            return _Step(node, lambda cb, ops, name: nn_rows_op(
+                cb, op, _with(ops[0], rows), _with(ops[1], out_rows), name, eps, scale, bias), slots)
+        if node.kind == "gather":
+            index, value = attrs["index"], attrs["value"]
+            return _Step(node, lambda cb, ops, name: gather_op(cb, index, value, *ops, name), slots)
+        if node.kind == "resize_linear":
+            tables = [attrs[k] for k in ("y0", "y1", "wy", "x0", "x1", "wx")]
+            return _Step(node, lambda cb, ops, name: resize_op(cb, tables, *ops, name), slots)
+        if node.kind == "reduce":
+            rank = len(self._shapes[node.inputs[0]])
+            op, axes = attrs["op"], sorted(a % rank for a in attrs["axes"])
+            return _Step(node, lambda cb, ops, name: reduce_op(cb, op, axes, *ops, name), slots)
+        if node.kind == "matmul":
+            args = (attrs["transpose_a"], attrs["transpose_b"], attrs["alpha"])
+            return _Step(node, lambda cb, ops, name: matmul_op(cb, *args, *ops, name), slots)
+        if node.kind == "conv_transpose2d":
+            kernel = _conv_transpose_kernel(self.device, attrs)
+            return _Step(node, lambda cb, ops, name: convolution_op(cb, kernel, ops[0], ops[1], name), slots)
         raise ValidationError(f"node {node.name!r}: unknown op {node.kind!r}")
 
     @property
@@ -784,6 +1133,25 @@ def _conv_kernel(device, attrs):
     kernel = CNNConvolution.from_arrays(device, d, w, attrs["bias"])
     # window of output i starts at i*stride - pad: its centre is offset + i*stride (§4.5)
     kernel.offset = Offset(((kw - 1) * dx + 1) // 2 - left, ((kh - 1) * dy + 1) // 2 - top, 0)
+    return kernel
+
+
+def _conv_transpose_kernel(device, attrs):
+    """CNNConvolutionTranspose for ONNX ConvTranspose: the kernel flipped in both spatial axes
+    (docs/convolution.md), the window start placed by kernel_offset (offset 0)."""
+    w = attrs["weights"]
+    out_c, kh, kw, cin_g = w.shape
+    (sy, sx), (dy, dx), (top, left, _, _) = attrs["strides"], attrs["dilations"], attrs["pads"]
+    d = CNNConvolutionDescriptor(kw, kh, cin_g * attrs["groups"], out_c)
+    d.stride_in_pixels_x, d.stride_in_pixels_y = sx, sy
+    d.dilation_rate_x, d.dilation_rate_y = dx, dy
+    d.groups = attrs["groups"]
+    if attrs["neuron"] is not None:
+        d.fused_neuron_descriptor = attrs["neuron"]
+    kernel = CNNConvolutionTranspose(device, _ArraySource(d, np.ascontiguousarray(w[:, ::-1, ::-1, :]),
+                                                          attrs["bias"]))
+    kernel.kernel_offset_x = left - (kw - 1) * dx
+    kernel.kernel_offset_y = top - (kh - 1) * dy
     return kernel
 
 

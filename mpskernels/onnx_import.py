@@ -76,7 +76,10 @@ class _Importer:
             if tt.elem_type != 1:
                 raise ValidationError(f"input {inp.name!r} has ONNX element type {tt.elem_type}; "
                                       f"the importer takes float32 inputs only")
-            shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else -1 for d in tt.shape.dim]
+            shape = [d.dim_value if d.HasField("dim_value") else -1 for d in tt.shape.dim]
+            if 0 in shape:
+                raise ValidationError(f"input {inp.name!r} has shape {shape}: tensors with a zero-sized "
+                                      f"dimension are not supported")
             self.values[inp.name] = (self.net.input(inp.name, shape), "plain")
         self.skip = set()
         nodes = list(graph.node)
@@ -251,7 +254,12 @@ class _Importer:
         if handler is None:
             self._fail(node, f"op {op} is not supported by the importer; supported: "
                              f"{', '.join(sorted(SUPPORTED))}")
-        handler(node)
+        try:
+            handler(node)
+        except ValidationError as e:   # the IR's own checks: say which node
+            if str(e).startswith(self._where(node)):
+                raise
+            raise ValidationError(f"{self._where(node)}: {e}") from None
 
     def _constant_attr(self, node):
         a = node.attribute[0]
@@ -462,12 +470,14 @@ class _Importer:
             self._fail(node, f"the shape of {name!r} is unknown")
         return tuple(value.shape[p] for p in NHWC_TO_NCHW) if layout == "nhwc" else value.shape
 
-    def _reshape_to(self, node, shape):
+    def _reshape_to(self, node, shape, source=None):
+        """node's output = its first input (or the value named source) in a new shape."""
         if list(shape).count(-1) > 1:
             self._fail(node, f"gives shape {shape} with more than one free dimension: fix the input shapes")
-        value, layout = self._value(node.input[0])
+        source = source or node.input[0]
+        value, layout = self._value(source)
         if layout == "nhwc" and value.shape[1:3] != (1, 1):   # H = W = 1: the same bytes as NCHW
-            value = self._plain(node.input[0])
+            value = self._plain(source)
         self._set(node, self.net.reshape(value, shape, name=self._fresh(node.output[0])))
 
     def _op_Flatten(self, node):
@@ -514,28 +524,6 @@ class _Importer:
             axis = NCHW_TO_NHWC.index(axis)
         self._set(node, self.net.concat(*xs, axis=axis, name=self._fresh(node.output[0])), "nhwc" if nhwc else "plain")
 
-    def _op_Gemm(self, node):
-        a = self._attrs(node)
-        b = self._const(node.input[1])
-        if b is None:
-            self._fail(node, "B must be a constant (a run-time B is not supported yet)")
-        x = self._plain(node.input[0])
-        if a.get("transA", 0):
-            x = self.net.transpose(x, (1, 0), name=self._fresh(f"{node.output[0]}_at"))
-        w = b.astype(np.float64)
-        w = (w if a.get("transB", 0) else w.T) * a.get("alpha", 1.0)
-        c = self._const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-        bias, extra = None, None
-        if c is not None:
-            c = c.astype(np.float64) * a.get("beta", 1.0)
-            if c.size == 1 or (c.ndim >= 1 and c.shape[-1] == w.shape[0] and c.size == w.shape[0]):
-                bias = np.broadcast_to(c.reshape(-1), (w.shape[0],))
-            else:
-                extra = c
-        elif len(node.input) > 2 and node.input[2]:
-            self._fail(node, "C must be a constant")
-        self._gemm(node, x, w, bias, extra)
-
     def _gemm(self, node, x, w, bias, extra):
         out = node.output[0]
         neuron, last = (None, node) if extra is not None else self._fuse_activation(node, out)
@@ -546,14 +534,486 @@ class _Importer:
                              name=self._fresh(out))
         self._set(last, y)
 
+    # ---- normalisation, activations without a neuron type -----------------------------------
+
+    def _op_Softmax(self, node):
+        axis = self._attrs(node).get("axis", 1 if self.opset < 13 else -1)
+        value, layout = self._value(node.input[0])
+        rank = len(self._logical_shape(node.input[0], node))
+        if not -rank <= axis < rank:
+            self._fail(node, f"axis {axis} is outside a rank-{rank} input")
+        axis %= rank
+        out = self._fresh(node.output[0])
+        if layout == "nhwc" and axis == 1:   # channels: innermost in NHWC
+            self._set(node, self.net.softmax(value, name=out), "nhwc")
+            return
+        value = self._plain(node.input[0])
+        shape = value.shape
+        if self.opset < 13 and axis < rank - 1:   # softmax of each row flattened from axis on
+            if -1 in shape[axis:]:
+                self._fail(node, "the flattened dimensions must be static")
+            rows = self.net.reshape(value, (-1 if -1 in shape[:axis] else int(np.prod(shape[:axis])),
+                                            int(np.prod(shape[axis:]))), name=self._fresh(f"{out}_rows"))
+            y = self.net.softmax(rows, name=self._fresh(f"{out}_softmax"))
+            self._set(node, self.net.reshape(y, shape, name=out))
+        elif axis == rank - 1:
+            self._set(node, self.net.softmax(value, name=out))
+        else:   # move the axis innermost and back
+            perm = tuple(i for i in range(rank) if i != axis) + (axis,)
+            t = self.net.transpose(value, perm, name=self._fresh(f"{out}_in"))
+            y = self.net.softmax(t, name=self._fresh(f"{out}_softmax"))
+            self._set(node, self.net.transpose(y, tuple(np.argsort(perm)), name=out))
+
+    def _op_LayerNormalization(self, node):
+        a = self._attrs(node)
+        scale = self._const(node.input[1])
+        bias = self._const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        if scale is None or (len(node.input) > 2 and node.input[2] and bias is None):
+            self._fail(node, "Scale and B must be constants")
+        value = self._plain(node.input[0])
+        rank = len(value.shape)
+        axis = a.get("axis", -1)
+        if not -rank <= axis < rank:
+            self._fail(node, f"axis {axis} is outside a rank-{rank} input")
+        for k, output in enumerate(self.net.LAYER_NORM_OUTPUTS):
+            if len(node.output) > k and node.output[k]:
+                self._set(node, self.net.layer_norm(value, scale, bias, axis, a.get("epsilon", 1e-5), output,
+                                                    name=self._fresh(node.output[k])), index=k)
+
+    def _unary_function(self, node, function):
+        value, layout = self._value(node.input[0])
+        self._set(node, self.net.unary(value, function, name=self._fresh(node.output[0])), layout)
+
+    def _op_Erf(self, node):
+        self._unary_function(node, "erf")
+
+    def _op_HardSwish(self, node):
+        self._unary_function(node, "hard_swish")
+
+    def _op_Gelu(self, node):
+        approximate = self._attrs(node).get("approximate", b"none")
+        approximate = approximate.decode() if isinstance(approximate, bytes) else approximate
+        if approximate == "tanh":
+            self._unary_function(node, "gelu_tanh")
+        elif approximate == "none":
+            value, layout = self._value(node.input[0])
+            self._set(node, self.net.neuron(value, T.GELU, name=self._fresh(node.output[0])), layout)
+        else:
+            self._fail(node, f"approximate={approximate!r}: 'none' or 'tanh'")
+
+    # ---- gathers: slices, splits, pads, index gathers, nearest resize -------------------------
+
+    def _gather(self, node, tables, value=0.0, index=0, name=None):
+        """A gather of node's first input with one table per logical (NCHW-order) dimension
+        (None: all of it); an NHWC value stays NHWC."""
+        x, layout = self._value(node.input[0])
+        if layout == "nhwc":
+            tables = [tables[p] for p in NCHW_TO_NHWC]
+        y = self.net.gather(x, tables, value, name=self._fresh(name or node.output[index]))
+        self._set(node, y, layout, index)
+
+    def _static(self, node, shape, axes):
+        for a in axes:
+            if shape[a] == -1:
+                self._fail(node, f"dimension {a} must be static (it is free): fix the input shapes")
+
+    def _input_ints(self, node, k, attr):
+        """Integers from input k (opset >= 10 style) or attribute `attr`; None if neither."""
+        if len(node.input) > k and node.input[k]:
+            c = self._const(node.input[k])
+            if c is None:
+                self._fail(node, f"input {k} ({node.input[k]!r}) must be a constant")
+            return [int(v) for v in c.reshape(-1)]
+        a = self._attrs(node)
+        return [int(v) for v in a[attr]] if attr in a else None
+
+    def _op_Slice(self, node):
+        shape = self._logical_shape(node.input[0], node)
+        tables = _slice_tables(self, node, shape)
+        if any(t is not None and t.size == 0 for t in tables):
+            self._fail(node, "the slice is empty (tensors with a zero-sized dimension are not supported)")
+        self._gather(node, tables)
+
+    def _op_Split(self, node):
+        shape = self._logical_shape(node.input[0], node)
+        rank = len(shape)
+        axis = self._attrs(node).get("axis", 0)
+        if not -rank <= axis < rank:
+            self._fail(node, f"axis {axis} is outside a rank-{rank} input")
+        axis %= rank
+        self._static(node, shape, [axis])
+        sizes = self._input_ints(node, 1, "split")
+        outputs = len(node.output)
+        if sizes is None:   # equal parts; opset 18: the last may be smaller
+            part = -(-shape[axis] // outputs)
+            sizes = [min(part, shape[axis] - i * part) for i in range(outputs)]
+        if len(sizes) != outputs or sum(sizes) != shape[axis] or min(sizes) < 1:
+            self._fail(node, f"split sizes {sizes} do not divide dimension {axis} ({shape[axis]}) into "
+                             f"{outputs} non-empty parts")
+        start = 0
+        for k, size in enumerate(sizes):
+            tables = [None] * rank
+            tables[axis] = np.arange(start, start + size)
+            self._gather(node, tables, index=k)
+            start += size
+
+    def _op_Pad(self, node):
+        a = self._attrs(node)
+        mode = a.get("mode", b"constant")
+        mode = mode.decode() if isinstance(mode, bytes) else mode
+        if mode not in ("constant", "reflect", "edge", "wrap"):
+            self._fail(node, f"mode {mode!r}: constant, reflect, edge or wrap")
+        shape = self._logical_shape(node.input[0], node)
+        rank = len(shape)
+        pads = self._input_ints(node, 1, "pads")
+        if pads is None:
+            self._fail(node, "pads are missing")
+        value = 0.0
+        if self.opset < 11:
+            value = float(a.get("value", 0.0))
+        elif len(node.input) > 2 and node.input[2]:
+            c = self._const(node.input[2])
+            if c is None:
+                self._fail(node, "constant_value must be a constant")
+            value = float(c.reshape(-1)[0]) if c.size else 0.0
+        axes = self._input_ints(node, 3, "__none__") or list(range(rank))
+        axes = [x % rank if -rank <= x < rank else self._fail(node, f"axis {x} is outside a rank-{rank} input")
+                for x in axes]
+        if len(pads) != 2 * len(axes):
+            self._fail(node, f"{len(pads)} pads for {len(axes)} axes (want 2 per axis)")
+        tables = [None] * rank
+        for k, x in enumerate(axes):
+            begin, end = pads[k], pads[k + len(axes)]
+            if begin == end == 0:
+                continue
+            self._static(node, shape, [x])
+            d = shape[x]
+            if d + begin + end < 1:
+                self._fail(node, f"pads {begin}, {end} leave nothing of dimension {x} ({d})")
+            if mode in ("reflect", "wrap") and max(-begin, -end) > 0:
+                self._fail(node, f"negative pads with mode {mode}")
+            if mode == "reflect" and d > 1 and max(begin, end) >= d:
+                self._fail(node, f"reflect pads {begin}, {end} must be smaller than dimension {x} ({d})")
+            tables[x] = _pad_table(np.arange(d + begin + end) - begin, d, mode)
+        if all(t is None for t in tables):
+            self._op_Identity(node)
+            return
+        self._gather(node, tables, value)
+
+    def _op_Gather(self, node):
+        indices = self._const(node.input[1])
+        if indices is None:
+            self._fail(node, "the indices must be a constant")
+        shape = self._logical_shape(node.input[0], node)
+        rank = len(shape)
+        axis = self._attrs(node).get("axis", 0)
+        if not -rank <= axis < rank:
+            self._fail(node, f"axis {axis} is outside a rank-{rank} input")
+        axis %= rank
+        self._static(node, shape, [axis])
+        flat = indices.astype(np.int64).reshape(-1)
+        if flat.size == 0 or flat.min() < -shape[axis] or flat.max() >= shape[axis]:
+            self._fail(node, f"indices must be non-empty and in -{shape[axis]}..{shape[axis] - 1}")
+        tables = [None] * rank
+        tables[axis] = flat % shape[axis]
+        out = shape[:axis] + indices.shape + shape[axis + 1:]
+        if indices.ndim == 1:
+            self._gather(node, tables)
+            return
+        self._gather(node, tables, name=f"{node.output[0]}_flat")
+        self._reshape_to(node, out, source=node.output[0])
+
+    def _op_Resize(self, node):
+        a = self._attrs(node)
+        text = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in a.items()}
+        mode = text.get("mode", "nearest")
+        mode_ct = text.get("coordinate_transformation_mode", "half_pixel" if self.opset >= 11 else "asymmetric")
+        if mode not in ("nearest", "linear"):
+            self._fail(node, f"mode {mode!r}: nearest or linear")
+        if a.get("antialias", 0):
+            self._fail(node, "antialias is not supported")
+        if mode_ct not in _RESIZE_COORDINATES:
+            self._fail(node, f"coordinate_transformation_mode {mode_ct!r}: one of {', '.join(_RESIZE_COORDINATES)}")
+        shape = self._logical_shape(node.input[0], node)
+        rank = len(shape)
+        scale_input, size_input = (1, None) if self.opset < 11 else (2, 3)
+        s = self._const(node.input[scale_input]) if len(node.input) > scale_input else None
+        scales = [float(v) for v in s.reshape(-1)] if s is not None and s.size else None
+        sizes = self._input_ints(node, size_input, "__none__") if size_input else None
+        if scales is None and sizes is None:
+            self._fail(node, "scales or sizes must be a non-empty constant")
+        axes = [x % rank for x in a.get("axes", range(rank))]
+        out, scale = _resize_sizes(self, node, shape, axes, scales, sizes, text.get("keep_aspect_ratio_policy", "stretch"))
+        coordinates = [None] * rank   # (source coordinate per output index, source size)
+        for x in axes:
+            if out[x] != shape[x] or scale[x] != 1.0:
+                coordinates[x] = (_resize_coordinates(mode_ct, shape[x], out[x], scale[x]), shape[x])
+        if all(c is None for c in coordinates):
+            self._op_Identity(node)
+            return
+        if mode == "nearest":
+            nearest = text.get("nearest_mode", "round_prefer_floor")
+            if nearest not in ("round_prefer_floor", "round_prefer_ceil", "floor", "ceil"):
+                self._fail(node, f"nearest_mode {nearest!r} is not supported")
+            self._gather(node, [None if c is None else _nearest(c, nearest) for c in coordinates])
+            return
+        if rank != 4 or coordinates[0] is not None or coordinates[1] is not None:
+            self._fail(node, "linear resize works on the H and W dimensions of a rank-4 (NCHW) input only")
+        x = self._nhwc(node.input[0], node)
+        (y0, y1, wy), (x0, x1, wx) = (_linear(coordinates[k] or (np.arange(shape[k], dtype=np.float64), shape[k]))
+                                      for k in (2, 3))
+        self._set(node, self.net.resize_linear(x, y0, y1, wy, x0, x1, wx, name=self._fresh(node.output[0])), "nhwc")
+
+    # ---- reductions ------------------------------------------------------------------------------
+
+    def _reduce(self, node, op):
+        a = self._attrs(node)
+        shape = self._logical_shape(node.input[0], node)
+        rank = len(shape)
+        uses_input = self.opset >= 18 or (node.op_type == "ReduceSum" and self.opset >= 13)
+        axes = self._input_ints(node, 1, "__none__") if uses_input else \
+            ([int(x) for x in a["axes"]] if "axes" in a else None)
+        if not axes:
+            if a.get("noop_with_empty_axes", 0):
+                self._op_Identity(node)
+                return
+            axes = list(range(rank))
+        if any(not -rank <= x < rank for x in axes):
+            self._fail(node, f"axes {axes} are outside a rank-{rank} input")
+        axes = sorted({x % rank for x in axes})
+        value, layout = self._value(node.input[0])
+        physical = sorted(NHWC_TO_NCHW.index(x) for x in axes) if layout == "nhwc" else axes
+        groups = [[physical[0]]]   # contiguous runs, one reduce node each
+        for x in physical[1:]:
+            if x == groups[-1][-1] + 1:
+                groups[-1].append(x)
+            else:
+                groups.append([x])
+        keep = a.get("keepdims", 1)
+        out = node.output[0] if keep else f"{node.output[0]}_keep"
+        for k, group in enumerate(groups):
+            name = self._fresh(out if k == len(groups) - 1 else f"{out}_{k}")
+            value = self.net.reduce(value, op, group, name=name)
+        self.values[out] = (value, layout)
+        if not keep:
+            self._reshape_to(node, tuple(d for i, d in enumerate(shape) if i not in axes) or (1,), source=out)
+
+    def _op_ReduceMean(self, node):
+        self._reduce(node, "mean")
+
+    def _op_ReduceSum(self, node):
+        self._reduce(node, "sum")
+
+    def _op_ReduceMax(self, node):
+        self._reduce(node, "max")
+
+    def _op_ReduceMin(self, node):
+        self._reduce(node, "min")
+
+    # ---- matrix products -----------------------------------------------------------------------
+
+    def _op_Gemm(self, node):
+        a = self._attrs(node)
+        alpha, beta = a.get("alpha", 1.0), a.get("beta", 1.0)
+        b = self._const(node.input[1])
+        c = self._const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        if b is None or a.get("transA", 0) or (c is None and len(node.input) > 2 and node.input[2]):
+            # a run-time operand (or A transposed): mk_sgemm
+            x, w = self._plain(node.input[0]), self._operand(node.input[1])
+            y = self.net.matmul(x, w, bool(a.get("transA", 0)), bool(a.get("transB", 0)), alpha,
+                                name=self._fresh(node.output[0] if len(node.input) < 3 or not node.input[2]
+                                                 else f"{node.output[0]}_mm"))
+            if len(node.input) > 2 and node.input[2]:
+                bias = self._operand(node.input[2], beta)
+                y = self.net.add(y, bias, name=self._fresh(node.output[0]))
+            self._set(node, y)
+            return
+        x = self._plain(node.input[0])
+        w = b.astype(np.float64)
+        w = (w if a.get("transB", 0) else w.T) * alpha
+        bias, extra = None, None
+        if c is not None:
+            c = c.astype(np.float64) * beta
+            if c.size == 1 or (c.ndim >= 1 and c.shape[-1] == w.shape[0] and c.size == w.shape[0]):
+                bias = np.broadcast_to(c.reshape(-1), (w.shape[0],))
+            else:
+                extra = c
+        self._gemm(node, x, w, bias, extra)
+
+    def _operand(self, name, scale=1.0):
+        """A plain value (a constant times scale, or a computed value times scale)."""
+        c = self._const(name)
+        if c is not None:
+            return self.net.constant(c.astype(np.float64) * scale, self._fresh(name))
+        x = self._plain(name)
+        if scale != 1.0:
+            x = self.net.mul(x, self.net.constant(np.float32(scale), self._fresh(f"{name}_scale")),
+                             name=self._fresh(f"{name}_scaled"))
+        return x
+
     def _op_MatMul(self, node):
         b = self._const(node.input[1])
-        if b is None or b.ndim != 2:
-            self._fail(node, "the right operand must be a 2-D constant (a run-time right operand is not supported yet)")
-        x = self._plain(node.input[0])
-        if len(x.shape) < 2:
-            self._fail(node, f"the left operand must have rank >= 2, got {x.shape}")
-        self._gemm(node, x, b.astype(np.float64).T, None, None)
+        a_shape = self._logical_shape(node.input[0], node)
+        if b is not None and b.ndim == 2 and len(a_shape) >= 2:   # weights: the GEMM of a layer
+            self._gemm(node, self._plain(node.input[0]), b.astype(np.float64).T, None, None)
+            return
+        x, w = self._plain(node.input[0]), self._operand(node.input[1])
+        out = node.output[0]
+        vec_a, vec_b = len(x.shape) == 1, len(w.shape) == 1
+        if vec_a:   # 1-D operands: a row / a column, dropped from the result
+            x = self.net.reshape(x, (1,) + x.shape, name=self._fresh(f"{out}_a"))
+        if vec_b:
+            w = self.net.reshape(w, w.shape + (1,), name=self._fresh(f"{out}_b"))
+        y = self.net.matmul(x, w, name=self._fresh(out if not (vec_a or vec_b) else f"{out}_mm"))
+        if vec_a or vec_b:
+            shape = y.shape[:-2] + (() if vec_a else y.shape[-2:-1]) + (() if vec_b else y.shape[-1:])
+            y = self.net.reshape(y, shape or (1,), name=self._fresh(out))
+        self._set(node, y)
+
+    def _op_ConvTranspose(self, node):
+        a = self._attrs(node)
+        w = self._const(node.input[1])
+        if w is None or w.ndim != 4:
+            self._fail(node, "the weights must be a constant [in][out/groups][kh][kw] (2-D only)")
+        b = self._const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        if len(node.input) > 2 and node.input[2] and b is None:
+            self._fail(node, "the bias must be a constant")
+        x = self._nhwc(node.input[0], node)
+        groups = a.get("group", 1)
+        cin, cout_g, kh, kw = w.shape
+        if cin % groups:
+            self._fail(node, f"{cin} input channels do not split into {groups} groups")
+        strides = tuple(a.get("strides", (1, 1)))
+        dilations = tuple(a.get("dilations", (1, 1)))
+        output_padding = tuple(a.get("output_padding", (0, 0)))
+        auto = a.get("auto_pad", b"NOTSET")
+        auto = auto.decode() if isinstance(auto, bytes) else auto
+        hw = x.shape[1:3] if x.shape else None
+        full = None if hw is None or -1 in hw else [
+            s * (i - 1) + o + (k - 1) * d + 1 for i, k, s, d, o in zip(hw, (kh, kw), strides, dilations, output_padding)]
+        out_shape = a.get("output_shape")
+        if auto in ("SAME_UPPER", "SAME_LOWER") and out_shape is None and "pads" not in a:
+            out_shape = None if hw is None or -1 in hw else [i * s for i, s in zip(hw, strides)]
+        if out_shape is not None or auto in ("SAME_UPPER", "SAME_LOWER"):
+            if full is None or out_shape is None or len(out_shape) != 2:
+                self._fail(node, "output_shape / auto_pad needs a static 2-D input size")
+            out_shape = tuple(out_shape)[-2:]
+            if "pads" in a:   # explicit pads with an output_shape: the window at pads' begin
+                top, left = a["pads"][0], a["pads"][1]
+            else:
+                total = [f - o for f, o in zip(full, out_shape)]
+                top, left = (t // 2 if auto == "SAME_UPPER" else t - t // 2 for t in total)
+            pads = (top, left, full[0] - top - out_shape[0], full[1] - left - out_shape[1])
+        else:
+            pads = tuple(a.get("pads", (0, 0, 0, 0)))
+        if len(pads) != 4 or len(strides) != 2:
+            self._fail(node, "2-D ConvTranspose only")
+        wt = w.reshape(groups, cin // groups, cout_g, kh, kw).transpose(0, 2, 3, 4, 1).reshape(groups * cout_g, kh, kw, cin // groups)
+        neuron, last = self._fuse_activation(node, node.output[0])
+        y = self.net.conv_transpose2d(x, wt, b, strides, dilations, pads, output_padding, groups, neuron,
+                                      name=self._fresh(last.output[0]))
+        self.values[last.output[0]] = (y, "nhwc")
+
+
+def _slice_tables(imp, node, shape):
+    """One index table per dimension (None: all of it) for Slice."""
+    rank = len(shape)
+    if imp.opset < 10:
+        a = imp._attrs(node)
+        starts, ends, axes, steps = list(a["starts"]), list(a["ends"]), a.get("axes"), None
+    else:
+        starts, ends, axes, steps = (imp._input_ints(node, k, "__none__") for k in (1, 2, 3, 4))
+    axes = list(range(len(starts))) if axes is None else list(axes)
+    steps = [1] * len(starts) if steps is None else steps
+    if not len(starts) == len(ends) == len(axes) == len(steps):
+        imp._fail(node, "starts, ends, axes and steps must have the same length")
+    tables = [None] * rank
+    for start, end, x, step in zip(starts, ends, axes, steps):
+        if not -rank <= x < rank or tables[x % rank] is not None:
+            imp._fail(node, f"axis {x} is outside a rank-{rank} input or repeated")
+        x %= rank
+        if step == 0:
+            imp._fail(node, "a step of 0")
+        imp._static(node, shape, [x])
+        tables[x] = np.arange(*slice(start, end, step).indices(shape[x]))
+    return tables
+
+
+def _pad_table(i, d, mode):
+    """Source index of each padded position i (-1: the constant)."""
+    if mode == "constant":
+        return np.where((i >= 0) & (i < d), i, -1)
+    if mode == "edge":
+        return np.clip(i, 0, d - 1)
+    if mode == "wrap":
+        return i % d
+    if d == 1:   # reflect: mirror about the edges without repeating them
+        return np.zeros_like(i)
+    j = i % (2 * (d - 1))
+    return np.where(j >= d, 2 * (d - 1) - j, j)
+
+
+_RESIZE_COORDINATES = ("half_pixel", "half_pixel_symmetric", "pytorch_half_pixel", "align_corners", "asymmetric")
+
+
+def _resize_sizes(imp, node, shape, axes, scales, sizes, policy):
+    """(output size, scale) per dimension of Resize."""
+    out, scale = list(shape), [1.0] * len(shape)
+    given = sizes if sizes is not None else scales
+    if len(given) != len(axes):
+        imp._fail(node, f"{len(given)} scales / sizes for {len(axes)} axes")
+    if sizes is not None:
+        imp._static(node, shape, axes)
+        ratio = {x: sizes[i] / shape[x] for i, x in enumerate(axes)}
+        if policy not in ("stretch", "not_larger", "not_smaller"):
+            imp._fail(node, f"keep_aspect_ratio_policy {policy!r} is not supported")
+        for i, x in enumerate(axes):
+            if policy == "stretch":
+                scale[x], out[x] = ratio[x], sizes[i]
+            else:
+                scale[x] = (min if policy == "not_larger" else max)(ratio.values())
+                out[x] = int(scale[x] * shape[x] + 0.5)
+    else:
+        for i, x in enumerate(axes):
+            if scales[i] <= 0:
+                imp._fail(node, f"scale {scales[i]} must be positive")
+            if scales[i] != 1.0:
+                imp._static(node, shape, [x])
+                scale[x], out[x] = scales[i], int(shape[x] * scales[i])
+    if min(d for d in out if d != -1) < 1:
+        imp._fail(node, f"the output {out} is empty")
+    return out, scale
+
+
+def _resize_coordinates(mode, d, out, scale):
+    """The source coordinate of each output index along one dimension (ONNX's
+    coordinate_transformation_mode; the width is scale * d, as the reference has it)."""
+    y = np.arange(out, dtype=np.float64)
+    width = scale * d
+    if mode == "align_corners":
+        return np.zeros(out) if width == 1 else y * (d - 1) / (width - 1)
+    if mode == "asymmetric":
+        return y / scale
+    if mode == "pytorch_half_pixel" and width == 1:
+        return np.full(out, -0.5)
+    offset = d / 2 * (1 - out / width) if mode == "half_pixel_symmetric" else 0.0
+    return offset + (y + 0.5) / scale - 0.5
+
+
+def _nearest(coordinates, mode):
+    x, d = coordinates
+    i = np.floor(x)
+    r = x - i
+    up = {"round_prefer_floor": r > 0.5, "round_prefer_ceil": r >= 0.5, "floor": r < 0, "ceil": r > 0}[mode]
+    return np.clip(i + up, 0, d - 1).astype(np.int32)
+
+
+def _linear(coordinates):
+    """(i0, i1, weight of i1) of linear interpolation, taps clamped to the edges."""
+    x, d = coordinates
+    i = np.floor(x)
+    return (np.clip(i, 0, d - 1).astype(np.int32), np.clip(i + 1, 0, d - 1).astype(np.int32),
+            (x - i).astype(np.float32))
 
 
 def _reshape_shape(shape, target, allowzero):
@@ -611,6 +1071,8 @@ _FOLD = {
     "Transpose": lambda imp, n, c: c[0].transpose(imp._attrs(n).get("perm")),
     "Concat": lambda imp, n, c: np.concatenate(c, imp._attrs(n)["axis"]),
     "Gather": lambda imp, n, c: np.take(c[0], c[1], imp._attrs(n).get("axis", 0)),
+    "Slice": lambda imp, n, c: c[0][np.ix_(*[np.arange(d) if t is None else t
+                                             for t, d in zip(_slice_tables(imp, n, c[0].shape), c[0].shape)])],
     "Cast": lambda imp, n, c: c[0].astype(_onnx()[0].helper.tensor_dtype_to_np_dtype(imp._attrs(n)["to"])),
     "Shape": lambda imp, n, c: np.array(c[0].shape, np.int64),
 }

@@ -1,6 +1,8 @@
 """The ONNX importer (mpskernels/onnx_import.py), building a pipeline straight from an .onnx
 file, ml.Session, and the `mpskernels package` / `mpskernels run` commands. Results are checked
-against onnx's own reference evaluator (float64 NumPy inside), rtol 1e-4."""
+against onnx's own reference evaluator (float64 NumPy inside), rtol 1e-4; the whole-graph
+blocks (a UNet block, an attention / MLP block) against NumPy references written here."""
+import math
 import os
 import subprocess
 import sys
@@ -14,6 +16,8 @@ from onnx.reference import ReferenceEvaluator  # noqa: E402
 
 import mpskernels as mk  # noqa: E402
 from mpskernels import ml, ml_package, onnx_import  # noqa: E402
+
+import conv_reference as cref  # noqa: E402
 
 
 def residual_model(rng, batch="N"):
@@ -187,3 +191,229 @@ def test_cli_package_and_run(model_path, tmp_path):
     r = subprocess.run([sys.executable, "-m", "mpskernels", "run", model_path, "--batch", "3", "--repeat", "1"],
                        capture_output=True, text=True, env=env, cwd=tmp_path)
     assert r.returncode == 0 and "shape (3, 5)" in r.stdout, r.stderr
+
+
+# ---- whole graphs built with onnx.helper, against NumPy references written here -----------------
+
+def _conv_nchw(x, w, b, pad):
+    """Plain correlation, NCHW, stride 1, float64."""
+    x = np.pad(np.asarray(x, np.float64), ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    kh, kw = w.shape[2:]
+    patches = np.lib.stride_tricks.sliding_window_view(x, (kh, kw), axis=(2, 3))   # n c h w kh kw
+    return np.einsum("nchwij,ocij->nohw", patches, w) + b[None, :, None, None]
+
+
+def _linear_matrix(d, out):
+    """Resize weights along one axis: linear, half_pixel, taps clamped to the edges."""
+    m = np.zeros((out, d))
+    for o in range(out):
+        x = min(max((o + 0.5) * d / out - 0.5, 0.0), d - 1.0)
+        i = int(np.floor(x))
+        m[o, i] += 1 - (x - i)
+        m[o, min(i + 1, d - 1)] += x - i
+    return m
+
+
+def unet_block(rng):
+    """Conv-Relu, MaxPool, Conv-Relu; up by ConvTranspose and by Resize (linear), Concat, Pad
+    (reflect) back to the skip's size, Concat with the skip, a 1x1 Conv, Softmax over channels."""
+    consts, nodes = {}, []
+
+    def c(name, shape, scale=0.3):
+        consts[name] = (rng.standard_normal(shape) * scale).astype(np.float32)
+        return name
+
+    def n(op, inputs, output, **attrs):
+        nodes.append(helper.make_node(op, inputs, [output], name=output, **attrs))
+
+    n("Conv", ["x", c("w1", (8, 3, 3, 3)), c("b1", 8)], "c1a", pads=[1, 1, 1, 1])
+    n("Relu", ["c1a"], "c1")
+    n("MaxPool", ["c1"], "p", kernel_shape=[2, 2], strides=[2, 2])
+    n("Conv", ["p", c("w2", (16, 8, 3, 3)), c("b2", 16)], "c2a", pads=[1, 1, 1, 1])
+    n("Relu", ["c2a"], "c2")
+    n("ConvTranspose", ["c2", c("wt", (16, 4, 2, 2)), c("bt", 4)], "u1", strides=[2, 2])
+    consts["scales"] = np.array([1, 1, 2, 2], np.float32)
+    n("Resize", ["c2", "", "scales"], "u2", mode="linear")
+    n("Concat", ["u1", "u2"], "u", axis=1)
+    consts["pads"] = np.array([0, 0, 0, 0, 0, 0, 1, 1], np.int64)
+    n("Pad", ["u", "pads"], "up", mode="reflect")
+    n("Concat", ["c1", "up"], "cat", axis=1)
+    n("Conv", ["cat", c("w3", (5, 28, 1, 1)), c("b3", 5)], "y")
+    n("Softmax", ["y"], "prob", axis=1)
+    graph = helper.make_graph(nodes, "unet", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 9, 9])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5, 9, 9]),
+                               helper.make_tensor_value_info("prob", TensorProto.FLOAT, [1, 5, 9, 9])],
+                              [numpy_helper.from_array(v, k) for k, v in consts.items()])
+
+    def reference(x):
+        k = {name: v.astype(np.float64) for name, v in consts.items()}
+        c1 = np.maximum(_conv_nchw(x, k["w1"], k["b1"], 1), 0)
+        p = c1[:, :, :8, :8].reshape(1, 8, 4, 2, 4, 2).max((3, 5))
+        c2 = np.maximum(_conv_nchw(p, k["w2"], k["b2"], 1), 0)
+        u1 = cref.onnx_conv_transpose(c2, k["wt"], k["bt"], (2, 2), (0, 0, 0, 0))
+        r = _linear_matrix(4, 8)
+        u2 = np.einsum("yh,xw,nchw->ncyx", r, r, c2)
+        up = np.pad(np.concatenate([u1, u2], 1), ((0, 0), (0, 0), (0, 1), (0, 1)), mode="reflect")
+        y = _conv_nchw(np.concatenate([c1, up], 1), k["w3"], k["b3"], 0)
+        e = np.exp(y - y.max(1, keepdims=True))
+        return y, e / e.sum(1, keepdims=True)
+
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), reference
+
+
+def test_unet_block(rng):
+    model, reference = unet_block(rng)
+    net = onnx_import.import_onnx(model)
+    kinds = [n.kind for n in net.nodes]
+    assert {"conv_transpose2d", "resize_linear", "gather", "softmax"} <= set(kinds), kinds
+    assert kinds.count("transpose") == 3, kinds   # NHWC inside: in once, out once per output
+    x = rng.standard_normal((1, 3, 9, 9)).astype(np.float32)
+    got = ml.Session(net, num_threads=2).run({"x": x})
+    for name, want in zip(("y", "prob"), reference(x)):
+        np.testing.assert_allclose(got[name], want, rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def attention_block(rng, batch=2, seq=5, dim=16, heads=2):
+    """Pre-LN attention and MLP: LayerNormalization, MatMul (+ bias), Split / Slice into q, k,
+    v, Reshape + Transpose into heads, batched Q.K^T, scale, Softmax, .V, back to tokens,
+    projection, residual Add; LayerNormalization, MatMul, Gelu, MatMul, residual Add. A
+    second output: ReduceMean over the tokens through the Erf form of GELU and HardSwish."""
+    consts, nodes = {}, []
+    hd = dim // heads
+
+    def c(name, value):
+        consts[name] = np.asarray(value, np.float32) if np.asarray(value).dtype.kind == "f" else np.asarray(value)
+        return name
+
+    def w(name, shape, scale=0.25):
+        return c(name, rng.standard_normal(shape) * scale)
+
+    def n(op, inputs, outputs, **attrs):
+        outputs = [outputs] if isinstance(outputs, str) else outputs
+        nodes.append(helper.make_node(op, inputs, outputs, name=outputs[0], **attrs))
+
+    n("LayerNormalization", ["x", w("g1", dim), w("be1", dim)], "h", axis=-1, epsilon=1e-5)
+    n("MatMul", ["h", w("wqkv", (dim, 3 * dim))], "qkv0")
+    n("Add", ["qkv0", w("bqkv", 3 * dim)], "qkv")
+    n("Split", ["qkv", c("split", np.array([dim, 2 * dim], np.int64))], ["q", "kv"], axis=2)
+    n("Slice", ["kv", c("s0", np.array([0], np.int64)), c("s1", np.array([dim], np.int64)),
+                c("sa", np.array([2], np.int64))], "k")
+    n("Slice", ["kv", c("s2", np.array([dim], np.int64)), c("s3", np.array([2 * dim], np.int64)),
+                c("sb", np.array([-1], np.int64))], "v")
+    heads_shape = c("hs", np.array([batch, seq, heads, hd], np.int64))
+    for t in "qkv":
+        n("Reshape", [t, heads_shape], f"{t}4")
+    n("Transpose", ["q4"], "qh", perm=[0, 2, 1, 3])
+    n("Transpose", ["k4"], "kt", perm=[0, 2, 3, 1])
+    n("Transpose", ["v4"], "vh", perm=[0, 2, 1, 3])
+    n("MatMul", ["qh", "kt"], "s")
+    n("Mul", ["s", c("scale", np.float32(hd ** -0.5))], "ss")
+    n("Softmax", ["ss"], "pr", axis=-1)
+    n("MatMul", ["pr", "vh"], "ctx")
+    n("Transpose", ["ctx"], "ctxt", perm=[0, 2, 1, 3])
+    n("Reshape", ["ctxt", c("ts", np.array([batch, seq, dim], np.int64))], "ctxr")
+    n("MatMul", ["ctxr", w("wo", (dim, dim))], "o")
+    n("Add", ["o", "x"], "r1")
+    n("LayerNormalization", ["r1", w("g2", dim), w("be2", dim)], "h2", axis=-1)
+    n("MatMul", ["h2", w("w1", (dim, 4 * dim))], "m1")
+    n("Add", ["m1", w("b1", 4 * dim)], "m1b")
+    n("Gelu", ["m1b"], "m1g")
+    n("MatMul", ["m1g", w("w2", (4 * dim, dim))], "m2")
+    n("Add", ["m2", "r1"], "y")
+    n("ReduceMean", ["y", c("axes", np.array([1], np.int64))], "pool", keepdims=0)
+    n("Div", ["pool", c("sqrt2", np.float32(np.sqrt(2)))], "pz")
+    n("Erf", ["pz"], "pe")
+    n("Add", ["pe", c("one", np.float32(1))], "pe1")
+    n("Mul", ["pool", "pe1"], "pg2")
+    n("Mul", ["pg2", c("half", np.float32(0.5))], "pg")
+    n("HardSwish", ["pg"], "pooled")
+    graph = helper.make_graph(nodes, "attention", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, seq, dim])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, seq, dim]),
+                               helper.make_tensor_value_info("pooled", TensorProto.FLOAT, [batch, dim])],
+                              [numpy_helper.from_array(v, k) for k, v in consts.items()])
+
+    def reference(x):
+        k = {name: v.astype(np.float64) for name, v in consts.items() if v.dtype.kind == "f"}
+
+        def ln(t, g, b):
+            m = t.mean(-1, keepdims=True)
+            return (t - m) / np.sqrt(((t - m) ** 2).mean(-1, keepdims=True) + 1e-5) * g + b
+
+        x = x.astype(np.float64)
+        qkv = ln(x, k["g1"], k["be1"]) @ k["wqkv"] + k["bqkv"]
+        q, kk, v = (qkv[..., i * dim:(i + 1) * dim].reshape(batch, seq, heads, hd).transpose(0, 2, 1, 3)
+                    for i in range(3))
+        s = q @ kk.transpose(0, 1, 3, 2) * hd ** -0.5
+        p = np.exp(s - s.max(-1, keepdims=True))
+        ctx = (p / p.sum(-1, keepdims=True)) @ v
+        r1 = ctx.transpose(0, 2, 1, 3).reshape(batch, seq, dim) @ k["wo"] + x
+        m = ln(r1, k["g2"], k["be2"]) @ k["w1"] + k["b1"]
+        gelu = 0.5 * m * (1 + np.vectorize(math.erf)(m / np.sqrt(2)))
+        y = gelu @ k["w2"] + r1
+        pool = y.mean(1)
+        pg = 0.5 * pool * (1 + np.vectorize(math.erf)(pool / np.sqrt(2)))
+        return y, pg * np.clip(pg / 6 + 0.5, 0, 1)
+
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]), reference
+
+
+def test_attention_block(rng):
+    model, reference = attention_block(rng)
+    net = onnx_import.import_onnx(model)
+    kinds = [n.kind for n in net.nodes]
+    assert kinds.count("matmul") == 2 and {"layer_norm", "softmax", "gather", "unary", "reduce"} <= set(kinds), kinds
+    x = rng.standard_normal((2, 5, 16)).astype(np.float32)
+    got = ml.Session(net, num_threads=2).run({"x": x})
+    for name, want in zip(("y", "pooled"), reference(x)):
+        np.testing.assert_allclose(got[name], want, rtol=1e-4, atol=1e-5, err_msg=name)
+    one = ml.Session(net, num_threads=1).run({"x": x})
+    assert all(one[k].tobytes() == got[k].tobytes() for k in got)   # bitwise, any thread count
+
+
+def _model(op, inputs, outputs, opset, **attrs):
+    """One node named the_node; inputs (name, shape) are graph inputs, (name, array) constants
+    and ("", None) an omitted optional input; outputs (name, shape)."""
+    graph = helper.make_graph(
+        [helper.make_node(op, [i for i, _ in inputs], [o for o, _ in outputs], name="the_node", **attrs)], "g",
+        [helper.make_tensor_value_info(i, TensorProto.FLOAT, v) for i, v in inputs if isinstance(v, list)],
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, v) for o, v in outputs],
+        [numpy_helper.from_array(v, i) for i, v in inputs if isinstance(v, np.ndarray)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+i64 = lambda *v: np.array(v, np.int64)   # noqa: E731
+f32 = lambda *v: np.array(v, np.float32)   # noqa: E731
+X4, Y4 = ("x", [1, 1, 2, 2]), [("y", [1, 1, 4, 4])]
+BAD_NODES = [   # (model, what the message says after "node 'the_node' (Op, opset N): ")
+    (_model("Softmax", [("x", [2, 3])], [("y", [2, 3])], 13, axis=2), "axis 2 is outside"),
+    (_model("LayerNormalization", [("x", [2, 3]), ("s", f32(1, 1, 1))], [("y", [2, 3])], 17, axis=-3), "axis -3"),
+    (_model("LayerNormalization", [("x", [2, 3]), ("s", [3])], [("y", [2, 3])], 17), "Scale and B must be constants"),
+    (_model("Gelu", [("x", [2])], [("y", [2])], 20, approximate="erf"), "approximate='erf'"),
+    (_model("Resize", [X4, ("", None), ("sc", f32(1, 1, 2, 2))], Y4, 18, mode="cubic"), "mode 'cubic'"),
+    (_model("Resize", [X4, ("", None), ("sc", f32(1, 1, 2, 2))], Y4, 18, mode="linear", antialias=1), "antialias"),
+    (_model("Resize", [X4, ("", None), ("sc", f32(1, 1, 2, 2))], Y4, 18,
+            coordinate_transformation_mode="tf_crop_and_resize"), "coordinate_transformation_mode"),
+    (_model("Resize", [("x", [2, 3]), ("", None), ("sc", f32(2, 2))], [("y", [4, 6])], 18, mode="linear"),
+     "linear resize works on the H and W"),
+    (_model("Resize", [X4, ("", None), ("sc", [4])], Y4, 18), "scales or sizes must be a non-empty constant"),
+    (_model("Pad", [("x", [2, 3]), ("pads", i64(0, 0, 0, 0))], [("y", [2, 3])], 18, mode="mirror"), "mode 'mirror'"),
+    (_model("Pad", [("x", [2, 3]), ("pads", i64(1, 1, 1))], [("y", [2, 3])], 18), "3 pads for 2 axes"),
+    (_model("ReduceSum", [("x", [2, 3]), ("axes", i64(2))], [("y", [2])], 18), r"axes \[2\] are outside"),
+    (_model("ReduceMean", [("x", [2, 3])], [("y", [2])], 17, axes=[-3]), "outside a rank-2"),
+    (_model("Split", [("x", [6]), ("split", i64(2, 3))], [("a", [2]), ("b", [4])], 18, axis=0), "do not divide"),
+    (_model("Slice", [("x", [6]), ("s", i64(0)), ("e", i64(6)), ("a", i64(0)), ("t", i64(0))], [("y", [3])], 13),
+     "a step of 0"),
+    (_model("Slice", [("x", [6]), ("s", i64(0)), ("e", i64(6)), ("a", i64(1))], [("y", [3])], 13), "axis 1 is outside"),
+    (_model("Gather", [("x", [6]), ("i", [2])], [("y", [2])], 13), "indices must be a constant"),
+    (_model("Gather", [("x", [6]), ("i", i64(1, 6))], [("y", [2])], 13), "indices must be"),
+    (_model("ConvTranspose", [("x", [1, 2, 5]), ("w", np.zeros((2, 3, 2), np.float32))], [("y", [1, 3, 6])], 17),
+     "2-D only"),
+    (_model("MatMul", [("a", [2, 3]), ("b", [4, 5])], [("y", [2, 5])], 13), "inner dimensions differ"),
+]
+
+
+@pytest.mark.parametrize("model,what", BAD_NODES, ids=[f"{m.graph.node[0].op_type}-{i}" for i, (m, _) in enumerate(BAD_NODES)])
+def test_bad_nodes_name_node_op_and_opset(model, what):
+    op, opset = model.graph.node[0].op_type, model.opset_import[0].version
+    with pytest.raises(mk.ValidationError, match=rf"node 'the_node' \({op}, opset {opset}\): .*{what}"):
+        onnx_import.import_onnx(model)

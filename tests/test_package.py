@@ -26,6 +26,11 @@ def every_op_network(rng):
     net.output(net.gemm(f, rng.standard_normal((4, 16)), rng.standard_normal(4),
                         mk.NNNeuronDescriptor(mk.CNNNeuronType.SIGMOID)), "y")
     net.output(p, "pooled")
+    u = net.conv_transpose2d(p, rng.standard_normal((3, 2, 2, 8)), None, (2, 2), pads=(0, 0, 1, 1))
+    r = net.resize_linear(u, [0, 1], [1, 2], [0.5, 0.25], [0, 2], [1, 2], [0.5, 0.0])
+    v = net.gather(net.softmax(r), [None, [1, -1], None, [2, 1]], value=1.0)
+    w = net.layer_norm(net.unary(v, "erf"), rng.standard_normal(2), axis=-1)
+    net.output(net.matmul(net.reduce(w, "mean", (1,)), w, transpose_b=True), "z")
     return net
 
 
@@ -40,7 +45,7 @@ def test_round_trip_every_op(device, rng, tmp_path):
     ys = []
     for lib in (ml.Library(device, net), loaded):
         ys.append(ml.Session(lib, device=device).run({"x": a}))
-    for k in ("y", "pooled"):
+    for k in ("y", "pooled", "z"):
         assert ys[0][k].tobytes() == ys[1][k].tobytes()
     assert ys[0]["y"].shape == (3, 4)
 

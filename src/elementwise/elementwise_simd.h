@@ -1,7 +1,8 @@
 /* Vector math, neuron and arithmetic microkernels shared by elementwise__avx2.c and
  * elementwise__avx512.c. Not a public header: the including file first defines the vector
- * layer (V / VI / M float vectors, VD / MD double vectors, v_* / m_* / vi_* / vd_* / md_* /
- * vl_* operations, VL lanes, EWN(name) -> name##__isa) and then includes this once.
+ * layer (elementwise_vec__<isa>.h: V / VI / M float vectors, VD / MD double vectors, v_* /
+ * m_* / vi_* / vd_* / md_* / vl_* operations, VL lanes; EWN(name) -> name##__isa) and then
+ * includes this once. With EW_MATH_ONLY defined only the math is compiled (src/nn uses it).
  *
  * Everything is vectorised; a tail (n % VL elements) runs the same code on a masked load /
  * store, so an element's result never depends on where it falls in a block or chunk.
@@ -122,6 +123,43 @@ AI V ew_log1p01(V e) {
     return v_add(ew_log_core(u, v_zero()), c);
 }
 
+/* erf(z) = z P(z^2) for |z| < 0.65 (an erf series fit, relative error 5e-8): returns P. */
+AI V ew_erf_poly(V z2) {
+    V pe = v_fma(v_set1(-0x1.690d1p-9f), z2, v_set1(0x1.e06074p-8f));
+    pe = v_fma(pe, z2, v_set1(-0x1.c539acp-6f));
+    pe = v_fma(pe, z2, v_set1(0x1.ceafb4p-4f));
+    pe = v_fma(pe, z2, v_set1(-0x1.812904p-2f));
+    return v_fma(pe, z2, v_set1(0x1.20dd76p+0f));
+}
+
+/* erfc(y) e^(y^2) / 2 for 0.65 <= y <= 12: t Q(t) / 2, t = 2/(2+y) (fit, rel. error 1.3e-10) */
+AI V ew_erfc_scaled(V y) {
+    V t = v_div(v_set1(2.0f), v_add(v_set1(2.0f), y));
+    V q = v_fma(v_set1(0x1.fe850ep-5f), t, v_set1(-0x1.4eeab4p-2f));
+    q = v_fma(q, t, v_set1(0x1.5fad5ep-1f));
+    q = v_fma(q, t, v_set1(-0x1.5e7b34p-1f));
+    q = v_fma(q, t, v_set1(0x1.362d14p-2f));
+    q = v_fma(q, t, v_set1(-0x1.22689cp-3f));
+    q = v_fma(q, t, v_set1(0x1.ea0d8cp-4f));
+    q = v_fma(q, t, v_set1(0x1.5c1902p-3f));
+    q = v_fma(q, t, v_set1(0x1.fafefcp-3f));
+    q = v_fma(q, t, v_set1(0x1.20d0d6p-2f));
+    q = v_fma(q, t, v_set1(0x1.20ddd4p-2f));
+    return v_mul(v_mul(v_set1(0.5f), t), q);
+}
+
+/* erf(z): z P(z^2) below 0.65, else sign(z) (1 - erfc(|z|)) with e^(-z^2) from z^2 in
+ * double-float; +-inf -> +-1, NaN -> NaN. */
+AI V ew_erf(V z) {
+    V small = v_mul(z, ew_erf_poly(v_mul(z, z)));
+    V y = v_min(v_set1(12.0f), v_abs(z));
+    V sh = v_mul(y, y);
+    V E = ew_exp_lo(v_xor(sh, v_set1(EW_SIGN)), v_xor(v_fms(y, y, sh), v_set1(EW_SIGN)));
+    V h = ew_erfc_scaled(y);
+    V large = v_fnma(v_add(h, h), E, v_set1(1.0f));
+    return v_sel(m_lt(v_abs(z), v_set1(0.65f)), small, v_or(large, v_sign(z)));
+}
+
 /* ---- double math (POWER / EXPONENTIAL / LOGARITHM) ------------------------------------ */
 
 /* log2(t) for positive normal finite double t; relative error ~1e-14. */
@@ -177,6 +215,8 @@ AI VD ewd_exp2(VD y) {
     VD sc = vd_castf(vl_slli(vl_add(k, vl_set1(1023)), 52));
     return vd_mul(p, sc);
 }
+
+#ifndef EW_MATH_ONLY /* the loops, neurons and arithmetic (elementwise only) */
 
 /* ---- the loops ---------------------------------------------------------------------- */
 
@@ -375,35 +415,19 @@ EW_NEURON(logarithm) {
 }
 
 /* GELU(x) = x * Phi(x), Phi = erfc(-z)/2, z = x/sqrt2 carried as zh + zl.
- * |z| < 0.65: Phi = 1/2 + z P(z^2)/2 (erf series fit, rel. error 5e-8).
- * |z| >= 0.65: erfc(|z|) = e^(-z^2) t Q(t), t = 2/(2+|z|) (fit, rel. error 1.3e-10), with
- * z^2 in double-float so that the relative error stays ~1e-7 down to the underflow of the
- * result (x ~ -13); x < 0: x * erfc/2, x > 0: x - x * erfc/2. -inf -> -0, inf -> inf. */
+ * |z| < 0.65: Phi = 1/2 + z P(z^2)/2 (ew_erf_poly). |z| >= 0.65: erfc(|z|) through
+ * ew_erfc_scaled, with z^2 in double-float so that the relative error stays ~1e-7 down to
+ * the underflow of the result (x ~ -13); x < 0: x * erfc/2, x > 0: x - x * erfc/2.
+ * -inf -> -0, inf -> inf. */
 AI V ew_gelu(V x) {
     V zh = v_mul(x, v_set1(0x1.6a09e6p-1f));
     V zl = v_fma(x, v_set1(0x1.9fcef4p-27f), v_fms(x, v_set1(0x1.6a09e6p-1f), zh));
-    V z2 = v_mul(zh, zh);
-    V pe = v_fma(v_set1(-0x1.690d1p-9f), z2, v_set1(0x1.e06074p-8f));
-    pe = v_fma(pe, z2, v_set1(-0x1.c539acp-6f));
-    pe = v_fma(pe, z2, v_set1(0x1.ceafb4p-4f));
-    pe = v_fma(pe, z2, v_set1(-0x1.812904p-2f));
-    pe = v_fma(pe, z2, v_set1(0x1.20dd76p+0f));
+    V pe = ew_erf_poly(v_mul(zh, zh));
     V small = v_mul(x, v_fma(v_mul(v_set1(0.5f), zh), pe, v_set1(0.5f)));
 
     V y = v_min(v_set1(12.0f), v_abs(zh));
     V yl = v_xor(zl, v_sign(zh));
-    V t = v_div(v_set1(2.0f), v_add(v_set1(2.0f), y));
-    V q = v_fma(v_set1(0x1.fe850ep-5f), t, v_set1(-0x1.4eeab4p-2f));
-    q = v_fma(q, t, v_set1(0x1.5fad5ep-1f));
-    q = v_fma(q, t, v_set1(-0x1.5e7b34p-1f));
-    q = v_fma(q, t, v_set1(0x1.362d14p-2f));
-    q = v_fma(q, t, v_set1(-0x1.22689cp-3f));
-    q = v_fma(q, t, v_set1(0x1.ea0d8cp-4f));
-    q = v_fma(q, t, v_set1(0x1.5c1902p-3f));
-    q = v_fma(q, t, v_set1(0x1.fafefcp-3f));
-    q = v_fma(q, t, v_set1(0x1.20d0d6p-2f));
-    q = v_fma(q, t, v_set1(0x1.20ddd4p-2f));
-    V h = v_mul(v_mul(v_set1(0.5f), t), q); /* erfc(y) e^(y^2) / 2 */
+    V h = ew_erfc_scaled(y); /* erfc(y) e^(y^2) / 2 */
     V sh = v_mul(y, y);
     V sl = v_fma(v_add(y, y), yl, v_fms(y, y, sh));
     V E = ew_exp_lo(v_xor(sh, v_set1(EW_SIGN)), v_xor(sl, v_set1(EW_SIGN)));
@@ -477,4 +501,5 @@ EW_ARITH(div, v_div)
      EWN(neuron_gelu)}
 #define EW_TABLE_ARITH {EWN(arith_add), EWN(arith_sub), EWN(arith_mul), EWN(arith_div)}
 
+#endif /* EW_MATH_ONLY */
 #endif

@@ -2,6 +2,7 @@
  * MPSKERNELS_MAX_ISA (generic | avx2 | avx512) caps the choice, read by the binding. */
 #include "mpskernels.h"
 #include "gemm/gemm.h"
+#include "nn/nn.h"
 #include "pool/pool.h"
 #include "reduce/reduce.h"
 
@@ -76,6 +77,7 @@ mk_isa mk_select_isa(mk_isa isa) {
     mk_gemm_select_isa(isa);
     mk_reduce_select_isa(isa);
     mk_pool_select_isa(isa);
+    mk_nn_select_isa(isa);
     active = isa;
     return isa;
 }
