@@ -24,8 +24,10 @@ queue, no images, no arena). There is no NumPy fallback for the arithmetic.
 Convolution weights are packed once per (weights array, bias, geometry, activation) and kept
 in a per-device cache (up to 64 kernels, LRU; clear_cache() empties it). The cache is never
 stale: it keeps a copy of the weights and bias it packed, and each call compares the arrays
-with it bit for bit (about 0.1 ms per MB of weights; packing costs far more, e.g. 42 ms for
-a 3x3 256->256 Winograd kernel), so a changed array is repacked."""
+with it bit for bit, so a changed array is repacked. The compare reads both: 0.1 ms per MB
+of weights when they are in cache, up to ~0.7 ms per MB from memory; packing costs more
+(42 ms for a 3x3 256->256 Winograd kernel; repacking a 3x3 512->512 igemm on every call was
+twice as slow as checking it). docs/ops.md has the figures."""
 import builtins
 import math
 import threading
