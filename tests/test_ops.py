@@ -599,3 +599,30 @@ def test_out_with_strides_no_kernel_takes(device, rng):
     a = random(rng, 3, 3)
     ops.matmul(a, a, out=m[::-1], device=device)
     np.testing.assert_allclose(m[::-1], a.astype(np.float64) @ a, rtol=1e-5, atol=1e-6)
+
+
+def test_concurrent_calls_share_device_and_cache(rng):
+    """Four Python threads calling ops on one device with the same weights: every result
+    right (the pool runs a second caller's work inline; cached kernels and plans are shared)."""
+    import threading
+    device = mk.Device(num_threads=2)
+    x, wt, b = random(rng, 2, 16, 12, 12), random(rng, 24, 16, 3, 3), random(rng, 24)
+    expected = ops.conv2d(x, wt, b, padding=1, device=device)
+    a = random(rng, 40, 30)
+    expected_mm = ops.matmul(a, a.T, device=device)
+    failures = []
+
+    def work():
+        try:
+            for _ in range(20):
+                np.testing.assert_array_equal(ops.conv2d(x, wt, b, padding=1, device=device), expected)
+                np.testing.assert_array_equal(ops.matmul(a, a.T, device=device), expected_mm)
+        except Exception as exc:   # reported below, in the test's thread
+            failures.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures, failures[0]
