@@ -945,15 +945,15 @@ _PACKED_OPERANDS = ("reduce", "layer_norm")
 
 
 def _staged(step, staging):
-    """step running on packed slots in place of the bound operands in staging {slot: Value}:
-    inputs copied in before, outputs copied out after."""
+    """step running on packed slots in place of the bound operands in staging {slot: Value}
+    that are not packed themselves: inputs copied in before, outputs copied out after."""
     if not staging:
         return step
     run, count, n_in = step.run, len(step.slots), len(step.node.inputs)
 
     def staged_run(cb, ops, name):
         own = ops[:count]
-        extra = dict(zip(staging, ops[count:]))
+        extra = {i: op for i, op in zip(staging, ops[count:]) if not _is_packed(own[i])}
         for i, op in extra.items():
             if i < n_in:
                 copy_op(cb, own[i], op, name)
