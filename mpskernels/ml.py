@@ -1120,17 +1120,23 @@ class MachineLearningPipelineState:
         return 0
 
 
-def _conv_kernel(device, attrs):
+def _conv_descriptor(attrs):
     w = attrs["weights"]
     out_c, kh, kw, cin_g = w.shape
-    (sy, sx), (dy, dx), (top, left, _, _) = attrs["strides"], attrs["dilations"], attrs["pads"]
     d = CNNConvolutionDescriptor(kw, kh, cin_g * attrs["groups"], out_c)
-    d.stride_in_pixels_x, d.stride_in_pixels_y = sx, sy
-    d.dilation_rate_x, d.dilation_rate_y = dx, dy
+    d.stride_in_pixels_y, d.stride_in_pixels_x = attrs["strides"]
+    d.dilation_rate_y, d.dilation_rate_x = attrs["dilations"]
     d.groups = attrs["groups"]
     if attrs["neuron"] is not None:
         d.fused_neuron_descriptor = attrs["neuron"]
-    kernel = CNNConvolution.from_arrays(device, d, w, attrs["bias"])
+    return d
+
+
+def _conv_kernel(device, attrs):
+    w = attrs["weights"]
+    _, kh, kw, _ = w.shape
+    (dy, dx), (top, left, _, _) = attrs["dilations"], attrs["pads"]
+    kernel = CNNConvolution.from_arrays(device, _conv_descriptor(attrs), w, attrs["bias"])
     # window of output i starts at i*stride - pad: its centre is offset + i*stride (§4.5)
     kernel.offset = Offset(((kw - 1) * dx + 1) // 2 - left, ((kh - 1) * dy + 1) // 2 - top, 0)
     return kernel
@@ -1140,16 +1146,10 @@ def _conv_transpose_kernel(device, attrs):
     """CNNConvolutionTranspose for ONNX ConvTranspose: the kernel flipped in both spatial axes
     (docs/convolution.md), the window start placed by kernel_offset (offset 0)."""
     w = attrs["weights"]
-    out_c, kh, kw, cin_g = w.shape
-    (sy, sx), (dy, dx), (top, left, _, _) = attrs["strides"], attrs["dilations"], attrs["pads"]
-    d = CNNConvolutionDescriptor(kw, kh, cin_g * attrs["groups"], out_c)
-    d.stride_in_pixels_x, d.stride_in_pixels_y = sx, sy
-    d.dilation_rate_x, d.dilation_rate_y = dx, dy
-    d.groups = attrs["groups"]
-    if attrs["neuron"] is not None:
-        d.fused_neuron_descriptor = attrs["neuron"]
-    kernel = CNNConvolutionTranspose(device, _ArraySource(d, np.ascontiguousarray(w[:, ::-1, ::-1, :]),
-                                                          attrs["bias"]))
+    _, kh, kw, _ = w.shape
+    (dy, dx), (top, left, _, _) = attrs["dilations"], attrs["pads"]
+    kernel = CNNConvolutionTranspose(device, _ArraySource(_conv_descriptor(attrs),
+                                                          np.ascontiguousarray(w[:, ::-1, ::-1, :]), attrs["bias"]))
     kernel.kernel_offset_x = left - (kw - 1) * dx
     kernel.kernel_offset_y = top - (kh - 1) * dy
     return kernel

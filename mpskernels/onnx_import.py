@@ -285,14 +285,19 @@ class _Importer:
             self._fail(node, "the mask output is not supported")
         self._op_Identity(node)
 
-    def _op_Conv(self, node):
-        a = self._attrs(node)
+    def _conv_weights(self, node, layout):
+        """Constant 4-D weights and bias (or None) of Conv / ConvTranspose."""
         w = self._const(node.input[1])
         if w is None or w.ndim != 4:
-            self._fail(node, "the weights must be a constant [out][in/groups][kh][kw] (2-D convolution only)")
+            self._fail(node, f"the weights must be a constant {layout} (2-D only)")
         b = self._const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
         if len(node.input) > 2 and node.input[2] and b is None:
             self._fail(node, "the bias must be a constant")
+        return w, b
+
+    def _op_Conv(self, node):
+        a = self._attrs(node)
+        w, b = self._conv_weights(node, "[out][in/groups][kh][kw]")
         x = self._nhwc(node.input[0], node)
         w = w.astype(np.float64)
         b = np.zeros(w.shape[0]) if b is None else b.astype(np.float64)
@@ -872,12 +877,7 @@ class _Importer:
 
     def _op_ConvTranspose(self, node):
         a = self._attrs(node)
-        w = self._const(node.input[1])
-        if w is None or w.ndim != 4:
-            self._fail(node, "the weights must be a constant [in][out/groups][kh][kw] (2-D only)")
-        b = self._const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-        if len(node.input) > 2 and node.input[2] and b is None:
-            self._fail(node, "the bias must be a constant")
+        w, b = self._conv_weights(node, "[in][out/groups][kh][kw]")
         x = self._nhwc(node.input[0], node)
         groups = a.get("group", 1)
         cin, cout_g, kh, kw = w.shape
