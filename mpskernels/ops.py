@@ -1,8 +1,9 @@
 """mpskernels.ops: one-off calls on NumPy arrays, in the shape NumPy and torch.nn.functional
 users know: conv2d, conv_transpose2d, linear, matmul, max_pool2d / avg_pool2d, the reductions
-(sum, mean, max, min, argmax, argmin) and the neurons (relu, sigmoid, gelu, ...).
+(sum, mean, max, min, argmax, argmin), softmax, layer_norm and the neurons (relu, sigmoid,
+gelu, ...).
 
-Every call runs our kernels (src/conv, src/gemm, src/pool, src/reduce, src/elementwise)
+Every call runs our kernels (src/conv, src/gemm, src/pool, src/reduce, src/elementwise, src/nn)
 straight away: the commands a kernel would record on a command buffer run on the calling
 thread over the device's thread pool, with the GIL released, directly on the arrays (no
 queue, no images, no arena). There is no NumPy fallback for the arithmetic.
@@ -52,7 +53,8 @@ from mpskernels.reduction import (ARGMAX, ARGMIN, COLUMN, FEATURE_CHANNELS, MAX,
 __all__ = ["conv2d", "conv_transpose2d", "linear", "matmul", "max_pool2d", "avg_pool2d",
            "mean", "amax", "amin", "argmax", "argmin", "neuron", "relu", "leaky_relu", "relu6",
            "prelu", "elu", "gelu", "sigmoid", "hardsigmoid", "tanh", "softplus", "softsign",
-           "absolute", "exp", "log", "power", "clear_cache"]
+           "absolute", "exp", "log", "power", "erf", "hardswish", "softmax", "layer_norm",
+           "clear_cache"]
 
 _INT32_MAX = (1 << 31) - 1
 _F32 = 4   # mk_format of float32
@@ -189,6 +191,15 @@ def _finish(now, device, result, target):
     if target is not result:   # out with strides no kernel takes, or indices as int64
         result[...] = target
     return result
+
+
+def _packed(now, x):
+    """x if C-contiguous, else a C-contiguous copy recorded on now."""
+    if _contiguous(x):
+        return x
+    packed = np.empty(x.shape, np.float32)
+    copy_op(now, now.op(_readable(x), "x"), now.op(packed, "x (copy)"), "ops: copy")
+    return packed
 
 
 def _pair(value, name, minimum=1):
@@ -354,8 +365,13 @@ def elu(x, alpha=1.0, *, out=None, device=None):
     return _neuron(x, NNNeuronDescriptor(T.ELU, alpha), -1, out, device)
 
 
-def gelu(x, *, out=None, device=None):
-    """0.5 x (1 + erf(x / sqrt 2)) (PyTorch's approximate='none')."""
+def gelu(x, approximate="none", *, out=None, device=None):
+    """0.5 x (1 + erf(x / sqrt 2)), or with approximate='tanh'
+    0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), as PyTorch."""
+    if approximate == "tanh":
+        return _elementwise_rows(_native.NN_GELU_TANH, x, out, device)
+    if approximate != "none":
+        raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
     return _neuron(x, _GELU, -1, out, device)
 
 
@@ -842,10 +858,7 @@ def _reduce(op, x, axis, keepdims, out, device):
         return _finish(now, device, result, target)
     if result.size == 0:
         return result
-    src = x
-    if not _contiguous(x):
-        src = np.empty(x.shape, np.float32)
-        copy_op(now, now.op(_readable(x), "x"), now.op(src, "x (copy)"), "ops: copy")
+    src = _packed(now, x)
     if arg:
         if axis is None:
             a, r, b = 1, src.size, 1
@@ -919,6 +932,99 @@ def argmax(x, axis=None, keepdims=False, *, out=None, device=None):
 def argmin(x, axis=None, keepdims=False, *, out=None, device=None):
     """np.argmin, as argmax."""
     return _reduce(ARGMIN, x, axis, keepdims, out, device)
+
+
+# ==== row kernels (src/nn): softmax, layer normalisation, erf, hard-swish ===================
+
+_ROW = 4096   # elementwise row ops run on rows this long, so the rows spread over the threads
+
+
+def _rows_command(now, op, src, dst, rows, n, epsilon=0.0, scale=None, bias=None):
+    """One mk_nn_rows call: `rows` rows of n contiguous floats, n apart, in src and dst."""
+    if rows > _INT32_MAX:
+        raise ValueError(f"ops: {rows} rows are too many for one kernel call (at most 2**31 - 1)")
+    command = _native.NNRowsCommand((1, 1, rows, n), op, epsilon, scale, bias)
+    command.set_operand(0, _address(src), _F32, 0, 0, n, 1)
+    command.set_operand(1, _address(dst), _F32, 0, 0, n, 1)
+    command.description = "ops: row kernel"
+    now.keep += [src, dst]
+    now.commands.append(command)
+
+
+def _elementwise_rows(op, x, out, device):
+    device = _device(device)
+    x = _array(x, "x")
+    result, target = _out(out, x.shape, (x,))
+    if x.size == 0:
+        return result
+    now = _Now()
+    src, dst = _packed(now, x).reshape(-1), target.reshape(-1)
+    full, tail = divmod(x.size, _ROW)
+    if full:
+        _rows_command(now, op, src, dst, full, _ROW)
+    if tail:
+        _rows_command(now, op, src[full * _ROW:], dst[full * _ROW:], 1, tail)
+    return _finish(now, device, result, target)
+
+
+def erf(x, *, out=None, device=None):
+    """The error function."""
+    return _elementwise_rows(_native.NN_ERF, x, out, device)
+
+
+def hardswish(x, *, out=None, device=None):
+    """x * clamp((x + 3) / 6, 0, 1), as torch.nn.functional.hardswish."""
+    return _elementwise_rows(_native.NN_HARD_SWISH, x, out, device)
+
+
+def softmax(x, axis=-1, *, out=None, device=None):
+    """exp(x - max) / sum exp(x - max) along one axis (torch's dim). An axis other than the
+    last costs a copy in and out (the kernel runs along contiguous rows)."""
+    device = _device(device)
+    x = _array(x, "x")
+    if isinstance(axis, tuple):
+        raise TypeError(f"softmax takes one axis, got {axis!r}")
+    shape = x.shape or (1,)
+    (ax,) = _axes(axis, len(shape))
+    result, target = _out(out, x.shape, (x,))
+    if x.size == 0:
+        return result
+    a, r, b = math.prod(shape[:ax]), shape[ax], math.prod(shape[ax + 1:])
+    now = _Now()
+    if b == 1:
+        _rows_command(now, _native.NN_SOFTMAX, _packed(now, x), target, a, r)
+    else:   # the axis moved last, and back
+        moved, y = np.empty((a, b, r), np.float32), np.empty((a, b, r), np.float32)
+        now.copy(_readable(x).reshape(a, r, b).transpose(0, 2, 1), moved)
+        _rows_command(now, _native.NN_SOFTMAX, moved, y, a * b, r)
+        now.copy(y, target.reshape(a, r, b).transpose(0, 2, 1))
+    return _finish(now, device, result, target)
+
+
+def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=None,
+               device=None):
+    """(x - mean) / sqrt(var + eps) * weight + bias over the last len(normalized_shape)
+    dimensions, as torch.nn.functional.layer_norm (weight and bias of normalized_shape)."""
+    device = _device(device)
+    x = _array(x, "x")
+    dims = (normalized_shape,) if isinstance(normalized_shape, (int, np.integer)) \
+        else tuple(normalized_shape)
+    if not dims or x.shape[x.ndim - len(dims):] != dims or len(dims) > x.ndim:
+        raise ValueError(f"layer_norm: normalized_shape {normalized_shape!r} must be the last "
+                         f"dimensions of x {x.shape}")
+    n = math.prod(dims)
+    params = []
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None and _array(p, name).shape != dims:
+            raise ValueError(f"layer_norm: {name} has shape {p.shape}; normalized_shape is {dims}")
+        params.append(None if p is None else np.ascontiguousarray(p).reshape(-1))
+    result, target = _out(out, x.shape, (x,))
+    if x.size == 0:
+        return result
+    now = _Now()
+    _rows_command(now, _native.NN_LAYER_NORM, _packed(now, x), target, x.size // n, n,
+                  float(eps), *params)
+    return _finish(now, device, result, target)
 
 
 max, min, abs = amax, amin, absolute   # NumPy's names (this module's, not the builtins)

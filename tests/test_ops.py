@@ -493,6 +493,52 @@ def test_neurons(device, rng, name, args, f):
         assert_within(got, expected, 1e-6 * np.abs(expected) + 1e-7, f"{name}: ")
 
 
+ROW_FUNCTIONS = [
+    ("erf", {}, lambda v: _erf(v)),
+    ("hardswish", {}, lambda v: v * np.clip((v + 3) / 6, 0, 1)),
+    ("gelu", {"approximate": "tanh"},
+     lambda v: 0.5 * v * (1 + np.tanh(math.sqrt(2 / math.pi) * (v + 0.044715 * v ** 3)))),
+]
+
+
+@pytest.mark.parametrize("name, kwargs, f", ROW_FUNCTIONS, ids=[n[0] for n in ROW_FUNCTIONS])
+def test_row_functions(device, rng, name, kwargs, f):
+    """The src/nn elementwise row ops; 10007 elements: rows of 4096 and a tail."""
+    x = rng.uniform(-5, 5, 10007).astype(F32)
+    for view in (x, x.reshape(10007, 1)[::3], x[:9999].reshape(9, 1111).T):
+        expected = f(view.astype(np.float64))
+        got = getattr(ops, name)(view, **kwargs, device=device)
+        assert_within(got, expected, 1e-6 * np.abs(expected) + 1e-7, f"{name}: ")
+
+
+@pytest.mark.parametrize("shape, axis", [((7,), 0), ((4, 9), -1), ((4, 9), 0), ((2, 3, 5, 6), 1),
+                                         ((3, 50), 1), ((1, 1), 0)])
+def test_softmax(device, rng, shape, axis):
+    """Tolerance: exp to a few ulps and a sum of n <= 50 terms: 1e-5 relative (n*u = 3e-6)."""
+    x = rng.uniform(-8, 8, shape).astype(F32)
+    for view in (x, np.asfortranarray(x)):
+        e = np.exp(view.astype(np.float64) - view.max(axis, keepdims=True))
+        expected = e / e.sum(axis, keepdims=True)
+        got = ops.softmax(view, axis, device=device)
+        assert_within(got, expected, 1e-5 * expected + 1e-9)
+
+
+@pytest.mark.parametrize("shape, normalized, affine", [((4, 10), 10, True), ((2, 3, 4, 5), (4, 5), True),
+                                                       ((6, 33), (33,), False), ((5, 1), 1, True)])
+def test_layer_norm(device, rng, shape, normalized, affine):
+    """Tolerance 1e-5 (absolute, results are O(1)): fp32 mean and variance of <= 33 terms."""
+    x = rng.uniform(-3, 3, shape).astype(F32) + 2
+    dims = (normalized,) if isinstance(normalized, int) else normalized
+    w = rng.uniform(0.5, 2, dims).astype(F32) if affine else None
+    b = rng.uniform(-1, 1, dims).astype(F32) if affine else None
+    v = x.astype(np.float64).reshape(-1, math.prod(dims))
+    y = ((v - v.mean(1, keepdims=True)) / np.sqrt(v.var(1, keepdims=True) + 1e-5)).reshape(shape)
+    if affine:
+        y = y * w + b
+    got = ops.layer_norm(x, normalized, w, b, device=device)
+    assert_within(got, y, 1e-5 * (1 + np.abs(y)))
+
+
 def test_neuron_out_and_in_place(device, rng):
     x = random(rng, 4, 9)
     expected = np.maximum(x, 0)
@@ -575,6 +621,11 @@ W = np.zeros((8, 4, 3, 3), F32)
     (lambda: ops.argmax(X, axis=1, out=np.zeros((1, 6, 6), F32)), TypeError, "int64"),
     (lambda: ops.relu(X.astype(np.float16)), TypeError, "float32"),
     (lambda: ops.neuron(X, "swish"), ValueError, "descriptor must be"),
+    (lambda: ops.gelu(X, "erf"), ValueError, "approximate must be"),
+    (lambda: ops.softmax(X, (1, 2)), TypeError, "one axis"),
+    (lambda: ops.softmax(X, 4), ValueError, "out of bounds"),
+    (lambda: ops.layer_norm(X, (6, 5)), ValueError, "last dimensions"),
+    (lambda: ops.layer_norm(X, 6, np.ones(5, F32)), ValueError, "weight has shape"),
 ])
 def test_bad_input(call, error, words):
     with pytest.raises(error, match=words):
