@@ -38,13 +38,11 @@ from collections import OrderedDict
 import numpy as np
 
 from mpskernels import _native
-from mpskernels.convolution import (CNNConvolution, CNNConvolutionDescriptor,
-                                    CNNConvolutionTranspose, _ArraySource)
 from mpskernels.device import Device, create_system_default_device
 from mpskernels.enums import CNNNeuronType as T
-from mpskernels.geometry import Offset
 from mpskernels.matrix import _clamp_of
-from mpskernels.ml import _Operand, convolution_op, copy_op, neuron_op, pool_op
+from mpskernels.ml import (_conv_kernel, _conv_transpose_kernel, _Operand, convolution_op, copy_op,
+                           neuron_op, pool_op)
 from mpskernels.neuron import NNNeuronDescriptor
 from mpskernels.reduction import (ARGMAX, ARGMIN, COLUMN, FEATURE_CHANNELS, MAX, MEAN, MIN,
                                   SUM)
@@ -509,6 +507,13 @@ def _padding(padding, k, dilation, stride):
     return (py, py), (px, px)
 
 
+def _conv_attrs(weights, bias, stride, dilation, top_left, groups, neuron):
+    """The attributes ml.py's convolution kernel makers take."""
+    return dict(weights=weights, bias=None if bias is None else np.ascontiguousarray(bias),
+                strides=stride, dilations=dilation, pads=(*top_left, 0, 0), groups=groups,
+                neuron=neuron)
+
+
 def _conv_shapes(x, weight, layout, groups, channels_per_group, what):
     n, c, h, w = x.shape if layout == "NCHW" else (x.shape[0], x.shape[3], x.shape[1], x.shape[2])
     if isinstance(groups, bool) or not isinstance(groups, (int, np.integer)) or groups < 1:
@@ -545,19 +550,9 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
                          f"than the {kh}x{kw} window dilated by {dilation}")
     act = _descriptor(activation)
 
-    def make():
-        d = CNNConvolutionDescriptor(kw, kh, c, cout)
-        d.stride_in_pixels_y, d.stride_in_pixels_x = stride
-        d.dilation_rate_y, d.dilation_rate_x = dilation
-        d.groups = groups
-        if act is not None:
-            d.fused_neuron_descriptor = act
-        kernel = CNNConvolution.from_arrays(device, d, np.ascontiguousarray(
-            weight.transpose(0, 2, 3, 1)), None if bias is None else np.ascontiguousarray(bias))
-        # output i's window starts at i*stride - pad; the kernel centres it on offset + i*stride
-        kernel.offset = Offset(((kw - 1) * dilation[1] + 1) // 2 - pl,
-                               ((kh - 1) * dilation[0] + 1) // 2 - pt, 0)
-        return kernel
+    def make():   # the pipeline's kernel maker (ml.py): weights [out][kh][kw][in/groups]
+        return _conv_kernel(device, _conv_attrs(np.ascontiguousarray(weight.transpose(0, 2, 3, 1)),
+                                                bias, stride, dilation, (pt, pl), groups, act))
 
     key = ("conv2d", stride, dilation, groups, pt, pl, _neuron_key(act))
     return _convolve(device, key, weight, bias, make, x, layout, (n, ho, wo, cout), out)
@@ -607,22 +602,10 @@ def conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_padding=0
                          f"input")
     act = _descriptor(activation)
 
-    def make():
-        d = CNNConvolutionDescriptor(kw, kh, c, cout)
-        d.stride_in_pixels_y, d.stride_in_pixels_x = stride
-        d.dilation_rate_y, d.dilation_rate_x = dilation
-        d.groups = groups
-        if act is not None:
-            d.fused_neuron_descriptor = act
-        # ours: [out][kh][kw][in/groups], correlating the zero-stuffed input with the kernel
-        # flipped in both axes (docs/convolution.md)
-        wt = weight.reshape(groups, cin // groups, cout_g, kh, kw)[..., ::-1, ::-1]
-        packed = np.ascontiguousarray(wt.transpose(0, 2, 3, 4, 1)).reshape(cout, kh, kw, -1)
-        kernel = CNNConvolutionTranspose(device, _ArraySource(
-            d, packed, None if bias is None else np.ascontiguousarray(bias)))
-        kernel.kernel_offset_y = pad[0] - (kh - 1) * dilation[0]
-        kernel.kernel_offset_x = pad[1] - (kw - 1) * dilation[1]
-        return kernel
+    def make():   # ONNX's ConvTranspose as the pipeline makes it (it flips the kernel)
+        w = weight.reshape(groups, cin // groups, cout_g, kh, kw).transpose(0, 2, 3, 4, 1)
+        return _conv_transpose_kernel(device, _conv_attrs(
+            np.ascontiguousarray(w).reshape(cout, kh, kw, -1), bias, stride, dilation, pad, groups, act))
 
     key = ("conv_transpose2d", stride, dilation, groups, pad, _neuron_key(act))
     return _convolve(device, key, weight, bias, make, x, layout, (n, ho, wo, cout), out)
