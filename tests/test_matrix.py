@@ -150,9 +150,25 @@ def test_mixed_storage(device, run, rng):
     _check_product(C.to_numpy(), a @ b, np.abs(a) @ np.abs(b), 50)
 
 
+# How the SGEMM driver packs B depends on the shape (src/gemm/gemm.c): in place (k*n <= 16384
+# or m <= 12), shared (an item's packed B <= 1 MiB: rounds of several batch items) or private
+# to each task (larger B; columns split, or rows when m > n). Each with fp32 and fp16 results.
+@pytest.mark.parametrize("batch,m,n,k", [(1, 40, 700, 420), (1, 700, 500, 600),
+                                         (5, 40, 300, 300), (3, 30, 100, 100)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_multiplication_packing_paths(device, run, rng, isa, batch, m, n, k, dtype):
+    a, b, c = _stored(rng, (batch, m, k)), _stored(rng, (batch, k, n)), _stored(rng, (batch, m, n), dtype)
+    C = _matrix(device, c, dtype, pad_columns=2)
+    kernel = mk.MatrixMultiplication(device, m, n, k, beta=0.5)
+    run(device, lambda cb: kernel.encode(cb, _matrix(device, a), _matrix(device, b), C))
+    _check_product(C.to_numpy().astype(np.float64), a @ b + 0.5 * c,
+                   np.abs(a) @ np.abs(b) + np.abs(0.5 * c), k, fp16=dtype == np.float16)
+
+
 @pytest.mark.parametrize("m,n,k,tl,tr", [(300, 200, 600, False, False), (1, 2000, 300, False, False),
                                          (700, 1, 333, False, False), (130, 90, 1000, True, True),
-                                         (900, 64, 576, False, False)])
+                                         (900, 64, 576, False, False), (40, 700, 420, False, True),
+                                         (700, 500, 600, False, False)])
 def test_threads_bitwise_identical(device, device1, run, rng, m, n, k, tl, tr):
     a = _stored(rng, (k, m) if tl else (m, k))
     b = _stored(rng, (n, k) if tr else (k, n))
@@ -238,6 +254,17 @@ def test_fully_connected(device, run, rng, isa, neuron, with_bias):
          mk.CNNNeuronType.RELUN: np.minimum(np.maximum(y, 0), b),
          mk.CNNNeuronType.SIGMOID: 1 / (1 + np.exp(-y))}[t]
     np.testing.assert_allclose(out.to_numpy(), y, rtol=1e-5 * np.sqrt(50), atol=1e-4)
+
+
+def test_fully_connected_batch_shares_packed_weights(device, run, rng):
+    x, w, bias = _stored(rng, (3, 30, 200)), _stored(rng, (200, 300)), _stored(rng, 300)
+    out = mk.Matrix.with_device(device, mk.MatrixDescriptor(30, 300, 3))
+    fc = mk.MatrixFullyConnected(device)
+    fc.set_neuron_type(mk.CNNNeuronType.RELU)
+    bv = mk.Vector.from_numpy(device, bias.astype(np.float32))
+    run(device, lambda cb: fc.encode(cb, _matrix(device, x), _matrix(device, w), bv, out))
+    y = x @ w + bias
+    _check_product(out.to_numpy(), np.maximum(y, 0), np.abs(x) @ np.abs(w) + np.abs(bias), 200)
 
 
 def test_fully_connected_feature_vector_counts(device, run, rng):

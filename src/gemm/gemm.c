@@ -78,25 +78,86 @@ void mk_gemm_pack_b(int64_t k, int64_t n, const void *b, int format, int64_t rs,
 }
 
 /* ---- SGEMM driver ---------------------------------------------------------------------------
- * The output is cut into tasks (a batch item's block of mb rows x nb columns), by shape only.
- * A task walks K in blocks of kc: it packs its kc x nb block of B (<= 512 KiB, stays in L2),
- * then for each tile of MR rows, packed on the stack (kc contiguous floats per row: 12 KiB,
- * stays in L1), runs the micro-kernel over every 32-column panel of the block. Small or thin
- * products read B in place. */
+ * The output is cut into tasks (a batch item's block of rows x columns), by shape only. A task
+ * sums its whole K in blocks of kc: per block and per tile of MR rows it packs the A tile
+ * (MR x kc on the stack, so it stays in L1 with no 4 KiB aliasing between rows) and runs the
+ * micro-kernel over its columns' 32-column panels of packed B (kc x 32 each, from L2). Every
+ * output element is summed in the same order (K blocks of kc, k within a block) whoever
+ * computes it: results are bitwise identical for any thread count.
+ *
+ * B is packed one of two ways:
+ * - shared, when an item's packed B fits half the L2 (SHARED_FLOATS): a first parallel pass
+ *   packs it for a round of items, then tasks cut rows and columns freely (A tiles run
+ *   against all of a task's <= NB_MAX columns);
+ * - private, otherwise: tasks cut the columns (the rows only if there are more rows than
+ *   columns) and pack their kc x nb slice per K block, used while it is in L2.
+ * Small products (k x n <= 16384) and one-tile products (m <= MR) read B in place. */
 
-#define KC_MAX 256          /* K block: the A tile (MR x kc) in L1 */
-#define NB_MAX 512          /* columns per task: the packed B block (kc x nb) in L2 */
+#define KC_MAX 256                /* K block: the A tile (MR x kc) stays in L1 beside a panel */
+#define NB_MAX 512                /* columns per task: a kc x nb slice of B (512 KiB) in L2 */
+#define SHARED_FLOATS (256 << 10) /* packed B (1 MiB) that stays in L2 with the C tiles */
+#define PACK_PANELS 8             /* panels per packing task */
 #define MR_MAX 16
-#define TASKS 4             /* cut the output into at least this many tasks when possible */
-#define SERIAL_FMAS (1 << 19) /* below this much work, threads cost more than they save */
+#define TASKS 4                   /* cut the output into at least this many tasks if possible */
+#define SERIAL_FMAS (1 << 19)     /* below this much work, threads cost more than they save */
 
 static const float zeros[KC_MAX];
+
+static int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+static int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+
+/* Scratch memory (packed B, fp32 C blocks) kept between calls: fresh pages cost a page fault
+ * each (5% of a 1024^3 product). A few blocks, taken and given back atomically. */
+#define SCRATCH_SLOTS 4
+#define SCRATCH_KEEP_MAX (4 << 20)   /* bytes: larger blocks are freed */
+
+static _Atomic(size_t *) scratch_slots[SCRATCH_SLOTS];   /* size_t bytes, then the floats */
+
+static float *scratch_get(size_t bytes) {
+    for (int i = 0; i < SCRATCH_SLOTS; i++) {
+        size_t *b = atomic_exchange(&scratch_slots[i], NULL);
+        if (b && *b >= bytes) return (float *)((char *)b + MK_ALIGNMENT);
+        free(b);
+    }
+    if (bytes > SIZE_MAX - 2 * MK_ALIGNMENT) return NULL;
+    size_t *b = aligned_alloc(MK_ALIGNMENT, (bytes + 2 * MK_ALIGNMENT - 1) / MK_ALIGNMENT
+                                            * MK_ALIGNMENT);
+    if (b) *b = bytes;
+    return b ? (float *)((char *)b + MK_ALIGNMENT) : NULL;
+}
+
+static void scratch_put(float *data) {
+    if (!data) return;
+    size_t *b = (size_t *)((char *)data - MK_ALIGNMENT);
+    if (*b <= SCRATCH_KEEP_MAX)
+        for (int i = 0; i < SCRATCH_SLOTS; i++) {
+            size_t *empty = NULL;
+            if (atomic_compare_exchange_strong(&scratch_slots[i], &empty, b)) return;
+        }
+    free(b);
+}
+
+/* Block b of `blocks` near-equal blocks of `units`, the larger ones first (a greedy pick of
+ * tasks in order then evens out between threads): [*first, *first + *count). */
+static void even_block(int64_t units, int64_t blocks, int64_t b, int64_t *first, int64_t *count) {
+    int64_t q = units / blocks, r = units % blocks;
+    *first = b * q + min64(b, r);
+    *count = q + (b < r);
+}
+
+typedef enum { B_IN_PLACE, B_PRIVATE, B_SHARED } b_mode;
 
 typedef struct sgemm_plan {
     const mk_sgemm_args *p;
     const mk_gemm_ukernel *u;
-    int64_t kc, mb, nb, row_blocks, col_blocks;
-    int pack_b, c_buffer;
+    b_mode b_mode;
+    int c_buffer;                /* fp16 or strided C: a task accumulates in fp32 scratch */
+    int64_t kc;
+    int64_t item0, items;        /* the round: batch items [item0, item0 + items) */
+    int64_t row_blocks, col_blocks;   /* tasks per item: blocks of row tiles x of panels */
+    float *pb;                   /* B_SHARED: packed B of the round, pb_item floats per item */
+    int64_t pb_item;             /* 0: every item has the same B (batch stride 0) */
     _Atomic int failed;
 } sgemm_plan;
 
@@ -105,23 +166,56 @@ static inline float load_elem(const void *base, int format, int64_t at) {
                                 : ((const float *)base)[at];
 }
 
+/* Pack rows [r0, r0 + kr) x columns [j0, j0 + nc) of batch item `item`'s B. */
+static void pack_b_block(const mk_sgemm_args *p, int64_t item, int64_t r0, int64_t kr,
+                         int64_t j0, int64_t nc, float *dst) {
+    const char *src = (const char *)p->b.data + (size_t)(item * p->b.bs + r0 * p->b.rs
+                                                         + j0 * p->b.cs)
+                                                * mk_format_size(p->b.format);
+    mk_gemm_pack_b(kr, nc, src, p->b.format, p->b.rs, p->b.cs, dst);
+}
+
+/* Shared packed B of one item: K block after K block, each all the panels (kc x 32 each), so
+ * that a task's part of a K block is contiguous (panels k x 32 floats apart would sit a
+ * multiple of the L2's way size apart for k = 1024, 2048, ... and fight over its sets). */
+static float *shared_panel(const sgemm_plan *g, float *pb, int64_t pc, int64_t kc, int64_t j) {
+    return pb + pc * cdiv(g->p->n, MK_GEMM_NR) * MK_GEMM_NR + j * kc;
+}
+
+static void pack_tasks(void *ctx, int64_t begin, int64_t end) {
+    const sgemm_plan *g = ctx;
+    const mk_sgemm_args *p = g->p;
+    const int64_t groups = cdiv(cdiv(p->n, MK_GEMM_NR), PACK_PANELS);
+    for (int64_t t = begin; t < end; t++) {
+        int64_t it = t / groups, j0 = t % groups * PACK_PANELS * MK_GEMM_NR;
+        int64_t nc = min64(PACK_PANELS * MK_GEMM_NR, p->n - j0);
+        for (int64_t pc = 0; pc < p->k; pc += g->kc) {
+            int64_t kc = min64(p->k - pc, g->kc);
+            pack_b_block(p, g->item0 + it, pc, kc, j0, nc,
+                         shared_panel(g, g->pb + it * g->pb_item, pc, kc, j0));
+        }
+    }
+}
+
 static void sgemm_task(const sgemm_plan *g, int64_t t, float *pb, float *cbuf) {
     const mk_sgemm_args *p = g->p;
     const mk_gemm_ukernel *u = g->u;
     const int MR = u->mr;
-    int64_t bi = t / (g->row_blocks * g->col_blocks);
-    int64_t rest = t % (g->row_blocks * g->col_blocks);
-    int64_t i0 = rest / g->col_blocks * g->mb, j0 = rest % g->col_blocks * g->nb;
-    int64_t i1 = i0 + g->mb < p->m ? i0 + g->mb : p->m;
-    int64_t j1 = j0 + g->nb < p->n ? j0 + g->nb : p->n;
-    size_t asz = mk_format_size(p->a.format), bsz = mk_format_size(p->b.format);
-    size_t csz = mk_format_size(p->c.format);
+    const int64_t per_item = g->row_blocks * g->col_blocks, it = t / per_item;
+    const int64_t bi = g->item0 + it, rest = t % per_item;
+    int64_t i0, i1, j0, j1;
+    even_block(cdiv(p->m, MR), g->row_blocks, rest / g->col_blocks, &i0, &i1);
+    even_block(cdiv(p->n, MK_GEMM_NR), g->col_blocks, rest % g->col_blocks, &j0, &j1);
+    i0 *= MR, i1 = min64(i0 + i1 * MR, p->m);
+    j0 *= MK_GEMM_NR, j1 = min64(j0 + j1 * MK_GEMM_NR, p->n);
+    const size_t asz = mk_format_size(p->a.format), csz = mk_format_size(p->c.format);
     const char *A = (const char *)p->a.data + (size_t)(bi * p->a.bs) * asz;
-    const char *B = (const char *)p->b.data + (size_t)(bi * p->b.bs) * bsz;
+    const float *B = (const float *)p->b.data + bi * p->b.bs;   /* B_IN_PLACE */
+    if (g->b_mode == B_SHARED) pb = g->pb + it * g->pb_item;
     char *Cm = (char *)p->c.data + (size_t)(bi * p->c.bs + i0 * p->c.rs + j0 * p->c.cs) * csz;
     float *C = (float *)Cm;
     int64_t ldc = p->c.rs;
-    if (g->c_buffer) {   /* fp16 or strided C: accumulate the block in fp32, store at the end */
+    if (g->c_buffer) {   /* accumulate the block in fp32, store it at the end */
         C = cbuf;
         ldc = j1 - j0;
         if (p->beta != 0.0f)
@@ -132,16 +226,14 @@ static void sgemm_task(const sgemm_plan *g, int64_t t, float *pb, float *cbuf) {
     float pa[MR_MAX * KC_MAX];
     const float *rows[MR_MAX];
     for (int64_t pc = 0; pc < p->k; pc += g->kc) {
-        int64_t kc = p->k - pc < g->kc ? p->k - pc : g->kc;
+        int64_t kc = min64(p->k - pc, g->kc);
         int first = pc == 0, last = pc + kc == p->k;
         mk_gemm_epilogue ep = {p->alpha, first ? p->beta : 1.0f, NULL,
                                last ? p->lo : -INFINITY, last ? p->hi : INFINITY};
-        if (g->pack_b)
-            mk_gemm_pack_b(kc, j1 - j0, B + (size_t)(pc * p->b.rs + j0 * p->b.cs) * bsz,
-                           p->b.format, p->b.rs, p->b.cs, pb);
+        if (g->b_mode == B_PRIVATE) pack_b_block(p, bi, pc, kc, j0, j1 - j0, pb);
         for (int64_t i = i0; i < i1; i += MR) {
-            int mr = i1 - i < MR ? (int)(i1 - i) : MR;
-            for (int r = 0; r < mr; r++) {   /* pack the tile: no 4 KiB aliasing in L1 */
+            int mr = (int)min64(i1 - i, MR);
+            for (int r = 0; r < mr; r++) {
                 int64_t at = (i + r) * p->a.rs + pc * p->a.cs;
                 rows[r] = pa + r * kc;
                 if (p->a.format == MK_FMT_F32 && p->a.cs == 1)
@@ -157,14 +249,17 @@ static void sgemm_task(const sgemm_plan *g, int64_t t, float *pb, float *cbuf) {
                         __builtin_prefetch(next + q, 0, 2);
                 }
             for (int64_t j = j0; j < j1; j += MK_GEMM_NR) {
-                int nc = j1 - j < MK_GEMM_NR ? (int)(j1 - j) : MK_GEMM_NR;
+                int nc = (int)min64(j1 - j, MK_GEMM_NR);
                 float *c = C + (i - i0) * ldc + (j - j0);
                 ep.bias = first && p->bias ? p->bias + j : NULL;
-                if (g->pack_b)
-                    u->run(mr, nc, kc, 1, rows, 0, zeros, pb + (j - j0) * kc, c, ldc, &ep);
+                if (g->b_mode == B_IN_PLACE)
+                    u->run_strided(mr, nc, kc, rows, zeros, B + pc * p->b.rs + j, p->b.rs, c,
+                                   ldc, &ep);
                 else
-                    u->run_strided(mr, nc, kc, rows, zeros, (const float *)B + pc * p->b.rs + j,
-                                   p->b.rs, c, ldc, &ep);
+                    u->run(mr, nc, kc, 1, rows, 0, zeros,
+                           g->b_mode == B_PRIVATE ? pb + (j - j0) * kc
+                                                  : shared_panel(g, pb, pc, kc, j),
+                           c, ldc, &ep);
             }
         }
     }
@@ -182,19 +277,57 @@ static void sgemm_task(const sgemm_plan *g, int64_t t, float *pb, float *cbuf) {
 
 static void sgemm_tasks(void *ctx, int64_t begin, int64_t end) {
     sgemm_plan *g = ctx;
-    int64_t nbw = (g->nb + MK_GEMM_NR - 1) / MK_GEMM_NR * MK_GEMM_NR;
-    size_t pb_floats = g->pack_b ? (size_t)(g->kc * nbw) : 0;
-    size_t c_floats = g->c_buffer ? (size_t)(g->mb * g->nb) : 0;
+    /* the largest task: one more unit than an even share */
+    const int64_t mb = (cdiv(g->p->m, g->u->mr) / g->row_blocks + 1) * g->u->mr;
+    const int64_t nb = (cdiv(g->p->n, MK_GEMM_NR) / g->col_blocks + 1) * MK_GEMM_NR;
+    size_t pb_floats = g->b_mode == B_PRIVATE ? (size_t)(g->kc * nb) : 0;
+    size_t c_floats = g->c_buffer ? (size_t)(mb * nb) : 0;
     float *scratch = NULL;
     if (pb_floats + c_floats) {
-        scratch = aligned_alloc(MK_ALIGNMENT, ((pb_floats + c_floats) * 4 + 63) / 64 * 64);
+        scratch = scratch_get((pb_floats + c_floats) * sizeof(float));
         if (!scratch) { atomic_store(&g->failed, 1); return; }
     }
     for (int64_t t = begin; t < end; t++) sgemm_task(g, t, scratch, scratch + pb_floats);
-    free(scratch);
+    scratch_put(scratch);
 }
 
-static int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+static mk_status sgemm(const mk_sgemm_args *p, mk_pool *pool, int serial) {
+    sgemm_plan g = {.p = p, .u = mk_gemm_ukernel_active()};
+    const int64_t MR = g.u->mr, m = p->m, n = p->n, k = p->k;
+    const int64_t row_tiles = cdiv(m, MR), panels = cdiv(n, MK_GEMM_NR);
+    g.kc = cdiv(k, cdiv(k, KC_MAX));
+    g.c_buffer = p->c.format != MK_FMT_F32 || p->c.cs != 1;
+    int64_t items = p->batch;   /* per round */
+    if (p->b.format == MK_FMT_F32 && p->b.cs == 1 && (m <= MR || k * n <= 16384)) {
+        g.b_mode = B_IN_PLACE;
+    } else if (panels <= SHARED_FLOATS / MK_GEMM_NR / k) {
+        g.b_mode = B_SHARED;
+        g.pb_item = p->b.bs == 0 ? 0 : panels * MK_GEMM_NR * k;
+        if (p->b.bs != 0) items = min64(p->batch, SHARED_FLOATS / g.pb_item);
+        g.pb = scratch_get((size_t)(p->b.bs == 0 ? 1 : items) * panels * MK_GEMM_NR * k * 4);
+        if (!g.pb) return MK_ENOMEM;
+    } else {
+        g.b_mode = B_PRIVATE;
+    }
+    g.col_blocks = cdiv(panels, NB_MAX / MK_GEMM_NR);
+    g.row_blocks = 1;
+    int64_t want = cdiv(TASKS, items * g.col_blocks);   /* more blocks for enough tasks */
+    if (g.b_mode == B_SHARED || m > n)
+        g.row_blocks = min64(want, row_tiles);
+    else
+        g.col_blocks = max64(g.col_blocks, min64(cdiv(TASKS, items), panels));
+    for (g.item0 = 0; g.item0 < p->batch; g.item0 += g.items) {
+        g.items = min64(items, p->batch - g.item0);
+        if (g.b_mode == B_SHARED && (p->b.bs != 0 || g.item0 == 0)) {
+            int64_t tasks = (p->b.bs == 0 ? 1 : g.items) * cdiv(panels, PACK_PANELS);
+            mk_parallel_for(pool, tasks, serial ? tasks : 1, pack_tasks, &g);
+        }
+        int64_t tasks = g.items * g.row_blocks * g.col_blocks;
+        mk_parallel_for(pool, tasks, serial ? tasks : 1, sgemm_tasks, &g);
+    }
+    scratch_put(g.pb);
+    return atomic_load(&g.failed) ? MK_ENOMEM : MK_OK;
+}
 
 /* ---- thin products (one row or one column of output): bound by memory, not FMAs, so plain C
  * that reads each operand once, in address order, at the speed of memory. */
@@ -297,26 +430,5 @@ mk_status mk_sgemm(const mk_sgemm_args *p, mk_pool *pool) {
         mk_parallel_for(pool, p->batch * cdiv(p->m, THIN_CHUNK), grain_all, dot_tasks, &d);
         return atomic_load(&d.failed) ? MK_ENOMEM : MK_OK;
     }
-    sgemm_plan g = {.p = p, .u = mk_gemm_ukernel_active()};
-    int64_t MR = g.u->mr, m = p->m, n = p->n, k = p->k;
-    g.kc = cdiv(k, cdiv(k, KC_MAX));
-    g.c_buffer = p->c.format != MK_FMT_F32 || p->c.cs != 1;
-    g.pack_b = !(p->b.format == MK_FMT_F32 && p->b.cs == 1 && (m <= MR || k * n <= 16384));
-    /* Split the longer side of the output: a row split packs B once per row block, a
-     * column split reads A once per column block. */
-    int64_t row_tiles = cdiv(m, MR), col_blocks = cdiv(n, NB_MAX), row_blocks = 1;
-    if (m <= n) {
-        int64_t want = cdiv(TASKS, p->batch);
-        if (col_blocks < want) col_blocks = want < cdiv(n, MK_GEMM_NR) ? want : cdiv(n, MK_GEMM_NR);
-    } else if (p->batch * col_blocks < TASKS) {
-        row_blocks = cdiv(TASKS, p->batch * col_blocks);
-        if (row_blocks > row_tiles) row_blocks = row_tiles;
-    }
-    g.nb = cdiv(cdiv(n, col_blocks), MK_GEMM_NR) * MK_GEMM_NR;
-    g.col_blocks = cdiv(n, g.nb);
-    g.mb = cdiv(row_tiles, row_blocks) * MR;
-    g.row_blocks = cdiv(m, g.mb);
-    int64_t tasks = p->batch * g.row_blocks * g.col_blocks;
-    mk_parallel_for(pool, tasks, fmas < SERIAL_FMAS ? tasks : 1, sgemm_tasks, &g);
-    return atomic_load(&g.failed) ? MK_ENOMEM : MK_OK;
+    return sgemm(p, pool, fmas < SERIAL_FMAS);
 }
