@@ -3,34 +3,59 @@
  * Accumulators for a block stay in registers across all taps of one output pixel. */
 #define DW_CAT2(a, b) a##b
 #define DW_CAT(a, b) DW_CAT2(a, b)
+#define DW_PX 4   /* interior output pixels per block */
 
-#define DW_ROW_FN(NAME, CB)                                                                    \
+/* Output pixels [ox, ox + px) of a 3x3 row, taps read through xs (interior: no tap is
+ * outside, so no per-tap test). px * NV independent sums hide the FMA latency that one
+ * pixel's nine dependent FMAs would expose. */
+#define DW_3X3_FN(NAME, CB)                                                                    \
+    static inline __attribute__((always_inline)) void NAME(const mk_dw_row *r,                 \
+                                                           const VT wr[9][(CB) / VL], int32_t ox,\
+                                                           int px, int interior, int clamp) {  \
+        enum { NV = (CB) / VL };                                                               \
+        VT acc[DW_PX][NV];                                                                     \
+        for (int i = 0; i < px; i++)                                                           \
+            for (int v = 0; v < NV; v++) acc[i][v] = LOAD(r->bias + v * VL);                   \
+        const int32_t *xs = r->xs + (int64_t)ox * 3;                                           \
+        for (int q = 0; q < 3; q++) {                                                          \
+            if (r->ys[q] < 0) continue;                                                        \
+            const float *row = r->a + r->ys[q] * r->ay;                                        \
+            for (int p = 0; p < 3; p++)                                                        \
+                for (int i = 0; i < px; i++) {                                                 \
+                    if (!interior && xs[i * 3 + p] < 0) continue;                              \
+                    const float *in = row + xs[i * 3 + p] * r->ax;                             \
+                    for (int v = 0; v < NV; v++)                                               \
+                        acc[i][v] = FMA(wr[q * 3 + p][v], LOAD(in + v * VL), acc[i][v]);       \
+                }                                                                              \
+        }                                                                                      \
+        const VT lo = SET1(r->lo), hi = SET1(r->hi);                                           \
+        for (int i = 0; i < px; i++) {                                                         \
+            float *out = r->out + (ox + i) * r->ld;                                            \
+            for (int v = 0; v < NV; v++) {                                                     \
+                if (clamp) acc[i][v] = MIN(MAX(acc[i][v], lo), hi);                            \
+                STORE(out + v * VL, acc[i][v]);                                                \
+            }                                                                                  \
+        }                                                                                      \
+    }
+
+#define DW_ROW_FN(NAME, PIXELS, CB)                                                            \
     static void NAME(const mk_dw_row *r) {                                                     \
         enum { NV = (CB) / VL };                                                               \
         const VT lo = SET1(r->lo), hi = SET1(r->hi);                                           \
         const int clamp = r->lo > -INFINITY || r->hi < INFINITY;                               \
-        if (r->kh == 3 && r->kw == 3) { /* 3x3: the block's 9 weight vectors in registers */ \
+        if (r->kh == 3 && r->kw == 3) { /* 3x3: the block's 9 weight vectors in registers */   \
             VT wr[9][NV];                                                                      \
             for (int t = 0; t < 9; t++)                                                        \
                 for (int v = 0; v < NV; v++) wr[t][v] = LOAD(r->w + t * r->cpad + v * VL);     \
-            for (int32_t ox = 0; ox < r->out_w; ox++) {                                        \
-                VT acc[NV];                                                                    \
-                for (int v = 0; v < NV; v++) acc[v] = LOAD(r->bias + v * VL);                  \
-                const int32_t *xs = r->xs + (int64_t)ox * 3;                                   \
-                for (int q = 0; q < 3; q++) {                                                  \
-                    if (r->ys[q] < 0) continue;                                                \
-                    const float *row = r->a + r->ys[q] * r->ay;                                \
-                    for (int p = 0; p < 3; p++) {                                              \
-                        if (xs[p] < 0) continue;                                               \
-                        const float *in = row + xs[p] * r->ax;                                 \
-                        for (int v = 0; v < NV; v++)                                           \
-                            acc[v] = FMA(wr[q * 3 + p][v], LOAD(in + v * VL), acc[v]);         \
-                    }                                                                          \
-                }                                                                              \
-                float *out = r->out + ox * r->ld;                                              \
-                for (int v = 0; v < NV; v++) {                                                 \
-                    if (clamp) acc[v] = MIN(MAX(acc[v], lo), hi);                              \
-                    STORE(out + v * VL, acc[v]);                                               \
+            for (int32_t ox = 0; ox < r->out_w;) {                                             \
+                int inside = ox + DW_PX <= r->out_w;                                           \
+                for (int t = 0; inside && t < 3 * DW_PX; t++) inside = r->xs[ox * 3 + t] >= 0; \
+                if (inside) {                                                                  \
+                    PIXELS(r, wr, ox, DW_PX, 1, clamp);                                        \
+                    ox += DW_PX;                                                               \
+                } else {                                                                       \
+                    PIXELS(r, wr, ox, 1, 0, clamp);                                            \
+                    ox++;                                                                      \
                 }                                                                              \
             }                                                                                  \
             return;                                                                            \
@@ -58,8 +83,10 @@
         }                                                                                      \
     }
 
-DW_ROW_FN(DW_CAT(dw_block32_, DW_ISA), 32)
-DW_ROW_FN(DW_CAT(dw_block16_, DW_ISA), 16)
+DW_3X3_FN(DW_CAT(dw_pixels32_, DW_ISA), 32)
+DW_3X3_FN(DW_CAT(dw_pixels16_, DW_ISA), 16)
+DW_ROW_FN(DW_CAT(dw_block32_, DW_ISA), DW_CAT(dw_pixels32_, DW_ISA), 32)
+DW_ROW_FN(DW_CAT(dw_block16_, DW_ISA), DW_CAT(dw_pixels16_, DW_ISA), 16)
 
 const mk_dw_rows DW_CAT(mk_dw_rows_, DW_ISA) = {
     DW_CAT(dw_block32_, DW_ISA), DW_CAT(dw_block16_, DW_ISA), "dwconv_" DW_NAME,
