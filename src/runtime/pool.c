@@ -37,10 +37,13 @@ typedef struct job {
     uint64_t generation;
 } job;
 
-/* Idle workers poll for the next job this long before sleeping, and the caller polls this
- * long for the last chunks before it sleeps: kernels of a command buffer follow each other
- * within microseconds, and a futex wake-up costs about as much as a small kernel. */
-#define SPIN_NS 50000
+/* Idle workers poll for the next job WORKER_SPIN_NS before sleeping, and the caller polls
+ * CALLER_SPIN_NS for the last chunks before it sleeps. The kernels of a command buffer, and
+ * of a loop of command buffers, follow each other within tens of microseconds (the caller's
+ * last chunk and Python's encode lie between them), while waking a sleeping thread costs
+ * tens of microseconds on a quiet machine and up to a scheduler slice on a busy one. */
+#define WORKER_SPIN_NS 200000
+#define CALLER_SPIN_NS 50000
 
 struct mk_pool {
     pthread_mutex_t run_lock;   /* held by the caller of the current parallel_for */
@@ -65,9 +68,9 @@ static uint64_t now_ns(void) {
     return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
 }
 
-/* Poll until *word differs from `value` or SPIN_NS have passed; returns the last value read. */
-static uint64_t spin_while_equal(const _Atomic uint64_t *word, uint64_t value) {
-    const uint64_t deadline = now_ns() + SPIN_NS;
+/* Poll until *word differs from `value` or `ns` have passed; returns the last value read. */
+static uint64_t spin_while_equal(const _Atomic uint64_t *word, uint64_t value, uint64_t ns) {
+    const uint64_t deadline = now_ns() + ns;
     for (unsigned i = 1;; i++) {
         uint64_t v = atomic_load_explicit(word, memory_order_acquire);
         if (v != value || (i % 64 == 0 && now_ns() > deadline)) return v;
@@ -105,7 +108,7 @@ static void *worker_main(void *arg) {
     for (;;) {
         if (!p->shutdown && p->current.generation == seen) {
             pthread_mutex_unlock(&p->mu);
-            spin_while_equal(&p->generation, seen);
+            spin_while_equal(&p->generation, seen, WORKER_SPIN_NS);
             pthread_mutex_lock(&p->mu);
             p->sleepers++;
             while (!p->shutdown && p->current.generation == seen) pthread_cond_wait(&p->wake, &p->mu);
@@ -228,7 +231,7 @@ void mk_parallel_for(mk_pool *p, int64_t n, int64_t grain, mk_task_fn fn, void *
     uint64_t done = atomic_load_explicit(&p->finished, memory_order_acquire);
     while (done < all) {
         const uint64_t before = done;
-        if ((done = spin_while_equal(&p->finished, before)) != before) continue;
+        if ((done = spin_while_equal(&p->finished, before, CALLER_SPIN_NS)) != before) continue;
         break;
     }
     if (atomic_load_explicit(&p->finished, memory_order_acquire) < all) {
