@@ -182,20 +182,19 @@ class CommandBuffer:
         if self._encoder is not None:
             raise CommandBufferStateError(f"commit on {self._name()} while {self._encoder._name} is "
                                           f"still encoding: call its end_encoding() first")
-        block = self._plan_arena()
-        self._leftover = tuple(t for t in self._temporaries if t._read_count > 0)
+        block = self._plan_arena() if self._roots else None
+        if self._temporaries:
+            self._leftover = tuple(t for t in self._temporaries if t._read_count > 0)
         needs_python = self._scheduled_handlers or self._completed_handlers or self._leftover
         with _in_flight_lock:
-            finished = [cb for cb in _in_flight if cb._native.finished]
-            _in_flight.difference_update(finished)
+            if len(_in_flight) >= 16:   # prune what finished unwaited-for, now and then
+                _in_flight.difference_update([cb for cb in _in_flight if cb._native.finished])
             _in_flight.add(self)
         self._native.commit(self._commands, self.device._pool, self.device._blocks, block,
                             self if needs_python else None)
 
     def _plan_arena(self):
         roots = self._roots
-        if not roots:
-            return None
         end = len(self._commands) - 1
         sizes = [r._nbytes for r in roots]
         firsts = [r._first for r in roots]

@@ -17,10 +17,15 @@
  * Both are short: on a machine with few cores a looking thread takes a core from kernels.
  * The worker leaves a fresh commit alone for MK_HANDOFF_GRACE_NS: the common "commit, then
  * wait" then runs on the waiting thread, which returns the moment the work is done instead of
- * being woken by the worker (a wake-up costs 10-30 us, more than a small kernel). */
+ * being woken by the worker (a wake-up costs 10-30 us, more than a small kernel).
+ * While commits keep coming (one in the last MK_NAP_WINDOW_NS), an idle worker naps in steps
+ * of MK_NAP_NS instead of sleeping until woken, so a commit costs no wake-up system call; a
+ * buffer nobody waits for then starts at most MK_NAP_NS late. */
 #define MK_WAIT_SPIN_NS 10000
 #define MK_IDLE_SPIN_NS 30000
 #define MK_HANDOFF_GRACE_NS 20000
+#define MK_NAP_NS 200000
+#define MK_NAP_WINDOW_NS 50000000
 
 #if MK_X86
 #include <immintrin.h>
@@ -75,6 +80,7 @@ struct mk_queue {
     int running;                    /* a buffer of this queue is executing */
     int worker_asleep;              /* the worker waits on `work` with no time limit: only
                                      * then does a commit (or a finished buffer) wake it */
+    int64_t last_commit_ns;         /* when the latest commit came */
     atomic_llong commits;           /* bumped by every commit */
 
     int shutdown, worker_started;
@@ -244,6 +250,13 @@ static void *worker_main(void *arg) {
             continue;
         }
         if (q->shutdown && !q->head && !q->running) break;
+        const int64_t now = now_ns();
+        if (!q->shutdown && now - q->last_commit_ns < MK_NAP_WINDOW_NS) {
+            const int64_t until = now + MK_NAP_NS;
+            struct timespec t = {until / 1000000000, until % 1000000000};
+            pthread_cond_timedwait(&q->work, &q->mu, &t);
+            continue;
+        }
         q->worker_asleep = 1;
         pthread_cond_wait(&q->work, &q->mu);
         q->worker_asleep = 0;
@@ -270,7 +283,8 @@ mk_status mk_buffer_commit(mk_buffer *b, const mk_command *commands, int32_t cou
     if (atomic_load(&b->status) == ST_NOT_ENQUEUED) append(q, b);
     atomic_store(&b->status, ST_COMMITTED);
     atomic_fetch_add(&q->commits, 1);
-    int wake = q->worker_asleep;   /* looking, in its grace wait or busy: it will see this */
+    q->last_commit_ns = b->committed_ns;
+    int wake = q->worker_asleep;   /* looking, napping, in its grace wait or busy: it will see this */
     pthread_mutex_unlock(&q->mu);
     if (wake) pthread_cond_signal(&q->work);   /* after unlocking: the lock is free for it */
     return MK_OK;
