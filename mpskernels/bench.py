@@ -10,16 +10,30 @@ import mpskernels as mk
 F32 = mk.ImageFeatureChannelFormat.FLOAT32
 
 
-def median_seconds(fn, min_time=0.25, min_runs=20, max_runs=20000):
-    """Median wall time of fn() over repeated runs (after one warm-up run)."""
-    fn()
-    times = []
-    deadline = time.perf_counter() + min_time
-    while len(times) < min_runs or (time.perf_counter() < deadline and len(times) < max_runs):
-        t0 = time.perf_counter()
+def _samples(fn, seconds, clock):
+    fn()   # a discarded first call: caches warm, the other side's spinning threads gone
+    out = []
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline or len(out) < 3:
+        t0 = clock()
         fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+        out.append(clock() - t0)
+    return out
+
+
+def paired_samples(seconds, *fns, rounds, clock=time.perf_counter):
+    """Times of each fn(), sampled in alternating blocks over `rounds` rounds, so that load
+    from elsewhere on a shared machine falls on all alike (clock: e.g. time.thread_time)."""
+    times = [[] for _ in fns]
+    for _ in range(rounds):
+        for t, fn in zip(times, fns):
+            t += _samples(fn, seconds / rounds / len(fns), clock)
+    return [np.array(t) for t in times]
+
+
+def paired_medians(ours, theirs, seconds=0.5, rounds=10):
+    """Median seconds of ours() and of theirs(), sampled alternately."""
+    return [float(np.median(t)) for t in paired_samples(seconds, ours, theirs, rounds=rounds)]
 
 
 def _run(queue, encode):
@@ -108,8 +122,7 @@ def run(threads=(1, 2), progress=None, min_time=0.25):
     done = 0
     for n, device_cases in zip(threads, per_device):
         for name, ours, theirs, nbytes in device_cases:
-            t_ours = median_seconds(ours, min_time)
-            t_np = median_seconds(theirs, min_time)
+            t_ours, t_np = paired_medians(ours, theirs, 2 * min_time)
             rows.append((name, n, t_ours * 1e6, t_np * 1e6, t_ours / t_np, nbytes / t_ours / 1e9))
             done += 1
             if progress:
