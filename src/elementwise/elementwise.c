@@ -83,12 +83,25 @@ static void ew_geom_build(ew_geom *g, mk_extent e, const mk_operand *const *ops,
         S[k][0] = ops[k]->stride_n; S[k][1] = ops[k]->stride_y;
         S[k][2] = ops[k]->stride_x; S[k][3] = ops[k]->stride_c;
     }
-    /* stable insertion sort by destination |stride|, descending */
+    /* The innermost run follows the destination's unit-stride axis, unless a source's is
+     * far longer (a layout change such as NCHW -> NHWC with 3 channels: runs of 224 source
+     * pixels written 3 apart instead of runs of 3 gathered from 3 planes). */
+    int key = 0;
+    if (!prelu) {
+        int64_t best = 0;
+        for (int k = 0; k < nops; k++)
+            for (int i = 0; i < na; i++)
+                if ((S[k][ax[i]] == 1 || S[k][ax[i]] == -1) && E[ax[i]] > best * (k ? 4 : 1)) {
+                    best = E[ax[i]];
+                    key = k;
+                }
+    }
+    /* stable insertion sort by the key operand's |stride|, descending */
     for (int i = 1; i < na; i++) {
         int a = ax[i], j = i;
-        int64_t sa = S[0][a] < 0 ? -S[0][a] : S[0][a];
+        int64_t sa = S[key][a] < 0 ? -S[key][a] : S[key][a];
         while (j > 0) {
-            int64_t sb = S[0][ax[j - 1]] < 0 ? -S[0][ax[j - 1]] : S[0][ax[j - 1]];
+            int64_t sb = S[key][ax[j - 1]] < 0 ? -S[key][ax[j - 1]] : S[key][ax[j - 1]];
             if (sb >= sa) break;
             ax[j] = ax[j - 1];
             j--;
