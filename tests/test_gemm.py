@@ -106,3 +106,19 @@ def test_ukernel_epilogue(isa, rng, beta, with_bias, lo, hi):
     MR, _ = _native.gemm_ukernel_info()
     for mr, nc in ((MR, 32), (max(MR - 1, 1), 13)):
         _run_case(rng, mr, nc, 19, 2, 0, beta, with_bias, lo, hi)
+
+
+def test_ukernel_keeps_nan(isa, rng):
+    """NaN in A stays NaN through the epilogue, clamped or not (as the elementwise ReLU)."""
+    MR, _ = _native.gemm_ukernel_info()
+    kc = 8
+    a = rng.standard_normal(MR * kc).astype(np.float32)
+    a[kc + 3] = np.nan   # row 1
+    w = rng.standard_normal(kc * NR).astype(np.float32)
+    for lo, hi in ((-np.inf, np.inf), (0.0, np.inf), (0.0, 6.0)):
+        c = np.zeros(MR * NR, np.float32)
+        _native.gemm_ukernel_run(MR, NR, kc, 1, a, np.arange(MR) * kc, 0, w, c, NR, 1.0, 0.0,
+                                 None, lo, hi)
+        nan_rows = np.isnan(c.reshape(MR, NR)).all(axis=1)
+        assert nan_rows.tolist() == [i == 1 for i in range(MR)], (lo, hi)
+

@@ -96,6 +96,17 @@ def test_multiplication_origins_and_batches(device, run, rng, isa):
     np.testing.assert_array_equal(out[[0, 4, 5]], c[[0, 4, 5]].astype(np.float32))
 
 
+@pytest.mark.parametrize("m,n,k", [(20, 40, 30), (1, 40, 30), (20, 1, 30), (100, 200, 300)])
+def test_multiplication_propagates_nan(device, run, rng, isa, m, n, k):
+    """A NaN in A makes its row of the result NaN (and nothing else), as in NumPy."""
+    a, b = _stored(rng, (m, k)), _stored(rng, (k, n))
+    a[m // 2, k // 3] = np.nan
+    C = mk.Matrix.with_device(device, mk.MatrixDescriptor(m, n))
+    kernel = mk.MatrixMultiplication(device, m, n, k)
+    run(device, lambda cb: kernel.encode(cb, _matrix(device, a), _matrix(device, b), C))
+    np.testing.assert_array_equal(np.isnan(C.to_numpy()), np.isnan(a @ b))
+
+
 def test_multiplication_reencoded(device, run, rng):
     """One kernel encoded repeatedly (encode reuses the previous command when nothing it
     depends on changed): new matrices, origins and batch ranges all take effect."""

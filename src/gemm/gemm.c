@@ -152,6 +152,7 @@ typedef struct sgemm_plan {
     const mk_sgemm_args *p;
     const mk_gemm_ukernel *u;
     b_mode b_mode;
+    int a_in_place;              /* the micro-kernel reads A's rows where they are */
     int c_buffer;                /* fp16 or strided C: a task accumulates in fp32 scratch */
     int64_t kc;
     int64_t item0, items;        /* the round: batch items [item0, item0 + items) */
@@ -164,6 +165,21 @@ typedef struct sgemm_plan {
 static inline float load_elem(const void *base, int format, int64_t at) {
     return format == MK_FMT_F16 ? mk_ew_f16_to_f32(((const uint16_t *)base)[at])
                                 : ((const float *)base)[at];
+}
+
+/* Whether a tile's A rows can be read in place (no copy): fp32 rows with unit column stride
+ * that spread over the 64 sets of the L1 (4 KiB apart repeat the same sets) nearly as evenly
+ * as a packed tile; rows a multiple of 2 KiB apart, say, would evict each other. */
+static int a_in_place(const mk_sgemm_args *p, int mr, int64_t kc) {
+    if (p->a.format != MK_FMT_F32 || p->a.cs != 1) return 0;
+    const int64_t lines = (kc * 4 + 63) / 64 + 1;   /* + 1: rows need not start a line */
+    int count[64] = {0}, worst = 0;
+    for (int r = 0; r < mr; r++)
+        for (int64_t l = 0, start = (int64_t)((uint64_t)(r * p->a.rs) * 4 / 64); l < lines; l++) {
+            int *at = &count[(start + l) & 63];
+            worst = ++*at > worst ? *at : worst;
+        }
+    return worst <= 4;
 }
 
 /* Pack rows [r0, r0 + kr) x columns [j0, j0 + nc) of batch item `item`'s B. */
@@ -235,7 +251,9 @@ static void sgemm_task(const sgemm_plan *g, int64_t t, float *pb, float *cbuf) {
             int mr = (int)min64(i1 - i, MR);
             for (int r = 0; r < mr; r++) {
                 int64_t at = (i + r) * p->a.rs + pc * p->a.cs;
-                rows[r] = pa + r * kc;
+                rows[r] = g->a_in_place ? (const float *)A + at : pa + r * kc;
+                if (g->a_in_place)
+                    continue;
                 if (p->a.format == MK_FMT_F32 && p->a.cs == 1)
                     memcpy(pa + r * kc, (const float *)A + at, (size_t)kc * sizeof(float));
                 else
@@ -296,6 +314,7 @@ static mk_status sgemm(const mk_sgemm_args *p, mk_pool *pool, int serial) {
     const int64_t MR = g.u->mr, m = p->m, n = p->n, k = p->k;
     const int64_t row_tiles = cdiv(m, MR), panels = cdiv(n, MK_GEMM_NR);
     g.kc = cdiv(k, cdiv(k, KC_MAX));
+    g.a_in_place = a_in_place(p, (int)min64(m, MR), g.kc);
     g.c_buffer = p->c.format != MK_FMT_F32 || p->c.cs != 1;
     int64_t items = p->batch;   /* per round */
     if (p->b.format == MK_FMT_F32 && p->b.cs == 1 && (m <= MR || k * n <= 16384)) {
@@ -311,11 +330,11 @@ static mk_status sgemm(const mk_sgemm_args *p, mk_pool *pool, int serial) {
     }
     g.col_blocks = cdiv(panels, NB_MAX / MK_GEMM_NR);
     g.row_blocks = 1;
-    int64_t want = cdiv(TASKS, items * g.col_blocks);   /* more blocks for enough tasks */
+    int64_t want = serial ? 1 : cdiv(TASKS, items * g.col_blocks);   /* enough tasks */
     if (g.b_mode == B_SHARED || m > n)
         g.row_blocks = min64(want, row_tiles);
     else
-        g.col_blocks = max64(g.col_blocks, min64(cdiv(TASKS, items), panels));
+        g.col_blocks = max64(g.col_blocks, min64(serial ? 1 : cdiv(TASKS, items), panels));
     for (g.item0 = 0; g.item0 < p->batch; g.item0 += g.items) {
         g.items = min64(items, p->batch - g.item0);
         if (g.b_mode == B_SHARED && (p->b.bs != 0 || g.item0 == 0)) {
@@ -344,8 +363,8 @@ static void store_out(const mk_sgemm_args *p, char *c, int64_t at, float acc, fl
     float v = p->alpha * acc;
     if (p->beta != 0.0f) v += p->beta * load_elem(c, p->c.format, at);
     v += bias;
-    v = v > p->lo ? v : p->lo;
-    v = v < p->hi ? v : p->hi;
+    v = v < p->lo ? p->lo : v;   /* as the micro-kernels: a NaN is kept */
+    v = v > p->hi ? p->hi : v;
     if (p->c.format == MK_FMT_F16) ((uint16_t *)c)[at] = mk_ew_f32_to_f16(v);
     else ((float *)c)[at] = v;
 }

@@ -2,6 +2,7 @@
  * accumulators, 2 for B, 1 for the broadcast: 15 of 16 registers). A whole 6 x 32 tile would
  * need 24 accumulators; the second half re-reads the A rows, which are in L1 by then. */
 #include <immintrin.h>
+#include <math.h>
 
 #include "gemm.h"
 
@@ -23,6 +24,12 @@ half_6x16(int mr, int nc, int64_t kc, int64_t ks, const float *const *a, intptr_
           const float *zero, const float *w, int64_t ldw, int masked, float *c, int64_t ldc,
           const mk_gemm_epilogue *ep) {
     const __m256i m0 = lanes(nc), m1 = lanes(nc - 8);
+    const int use_beta = ep->beta != 0.0f;
+    if (use_beta)   /* C is read at the end: fetch it while the FMAs run */
+        for (int i = 0; i < mr; i++) {
+            _mm_prefetch((const char *)(c + i * ldc), _MM_HINT_T0);
+            _mm_prefetch((const char *)(c + i * ldc + nc - 1), _MM_HINT_T0);
+        }
 #define DECL(i) __m256 c##i##0 = _mm256_setzero_ps(), c##i##1 = _mm256_setzero_ps();
     REP6(DECL)
 #undef DECL
@@ -58,17 +65,28 @@ half_6x16(int mr, int nc, int64_t kc, int64_t ks, const float *const *a, intptr_
         bias0 = _mm256_maskload_ps(ep->bias, m0);
         bias1 = _mm256_maskload_ps(ep->bias + 8, m1);
     }
-    const int use_beta = ep->beta != 0.0f;
+    const int scale = ep->alpha != 1.0f, clamp = ep->lo != -INFINITY || ep->hi != INFINITY;
+    /* max(lo, v), min(hi, v): a NaN in v is kept (the second operand is returned) */
 #define OUT(i)                                                                               \
     if (i < mr) {                                                                            \
         float *ci = c + i * ldc;                                                             \
-        __m256 v0 = _mm256_mul_ps(alpha, c##i##0), v1 = _mm256_mul_ps(alpha, c##i##1);       \
+        __m256 v0 = c##i##0, v1 = c##i##1;                                                   \
+        if (scale) {                                                                         \
+            v0 = _mm256_mul_ps(alpha, v0);                                                   \
+            v1 = _mm256_mul_ps(alpha, v1);                                                   \
+        }                                                                                    \
         if (use_beta) {                                                                      \
             v0 = _mm256_fmadd_ps(beta, _mm256_maskload_ps(ci, m0), v0);                      \
             v1 = _mm256_fmadd_ps(beta, _mm256_maskload_ps(ci + 8, m1), v1);                  \
         }                                                                                    \
-        v0 = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(v0, bias0), lo), hi);                 \
-        v1 = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(v1, bias1), lo), hi);                 \
+        if (ep->bias) {                                                                      \
+            v0 = _mm256_add_ps(v0, bias0);                                                   \
+            v1 = _mm256_add_ps(v1, bias1);                                                   \
+        }                                                                                    \
+        if (clamp) {                                                                         \
+            v0 = _mm256_min_ps(hi, _mm256_max_ps(lo, v0));                                   \
+            v1 = _mm256_min_ps(hi, _mm256_max_ps(lo, v1));                                   \
+        }                                                                                    \
         _mm256_maskstore_ps(ci, m0, v0);                                                     \
         _mm256_maskstore_ps(ci + 8, m1, v1);                                                 \
     }
@@ -105,8 +123,11 @@ static void gemm_6x32__avx2(int mr, int nc, int64_t kc, int64_t ks, const float 
 static void gemm_6x32_strided__avx2(int mr, int nc, int64_t kc, const float *const *a,
                                     const float *zero, const float *w, int64_t ldw, float *c,
                                     int64_t ldc, const mk_gemm_epilogue *ep) {
-    if (mr == 1) tile_6x32(1, nc, kc, 1, a, 0, zero, w, ldw, 1, c, ldc, ep);
-    else tile_6x32(mr, nc, kc, 1, a, 0, zero, w, ldw, 1, c, ldc, ep);
+    switch (mr) {
+#define CASE(i) case i + 1: tile_6x32(i + 1, nc, kc, 1, a, 0, zero, w, ldw, 1, c, ldc, ep); break;
+        REP6(CASE)
+#undef CASE
+    }
 }
 
 /* 12 independent FMA chains (latency 4 x 2 ymm FMAs per cycle needs >= 8). */

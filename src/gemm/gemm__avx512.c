@@ -2,6 +2,7 @@
  * broadcast A value: 27 of 32 registers). Each k step issues 24 FMAs for 2 B loads and 12
  * broadcasts, so the two 256-bit FMA pipes of Zen 4 are the only bound. */
 #include <immintrin.h>
+#include <math.h>
 
 #include "gemm.h"
 
@@ -17,6 +18,12 @@ tile_12x32(int mr, int nc, int64_t kc, int64_t ks, const float *const *a, intptr
            const mk_gemm_epilogue *ep) {
     __mmask16 m0 = (__mmask16)(nc >= 16 ? 0xffff : (1u << nc) - 1);
     __mmask16 m1 = (__mmask16)(nc >= 32 ? 0xffff : nc <= 16 ? 0 : (1u << (nc - 16)) - 1);
+    const int use_beta = ep->beta != 0.0f;
+    if (use_beta)   /* C is read at the end: fetch it while the FMAs run */
+        for (int i = 0; i < mr; i++) {
+            _mm_prefetch((const char *)(c + i * ldc), _MM_HINT_T0);
+            _mm_prefetch((const char *)(c + i * ldc + nc - 1), _MM_HINT_T0);
+        }
 #define DECL(i) __m512 c##i##0 = _mm512_setzero_ps(), c##i##1 = _mm512_setzero_ps();
     REP12(DECL)
 #undef DECL
@@ -54,17 +61,28 @@ tile_12x32(int mr, int nc, int64_t kc, int64_t ks, const float *const *a, intptr
         bias0 = _mm512_maskz_loadu_ps(m0, ep->bias);
         bias1 = _mm512_maskz_loadu_ps(m1, ep->bias + 16);
     }
-    const int use_beta = ep->beta != 0.0f;
+    const int scale = ep->alpha != 1.0f, clamp = ep->lo != -INFINITY || ep->hi != INFINITY;
+    /* max(lo, v), min(hi, v): a NaN in v is kept (the second operand is returned) */
 #define OUT(i)                                                                               \
     if (i < mr) {                                                                            \
         float *ci = c + i * ldc;                                                             \
-        __m512 v0 = _mm512_mul_ps(alpha, c##i##0), v1 = _mm512_mul_ps(alpha, c##i##1);       \
+        __m512 v0 = c##i##0, v1 = c##i##1;                                                   \
+        if (scale) {                                                                         \
+            v0 = _mm512_mul_ps(alpha, v0);                                                   \
+            v1 = _mm512_mul_ps(alpha, v1);                                                   \
+        }                                                                                    \
         if (use_beta) {                                                                      \
             v0 = _mm512_fmadd_ps(beta, _mm512_maskz_loadu_ps(m0, ci), v0);                   \
             v1 = _mm512_fmadd_ps(beta, _mm512_maskz_loadu_ps(m1, ci + 16), v1);              \
         }                                                                                    \
-        v0 = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(v0, bias0), lo), hi);                 \
-        v1 = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(v1, bias1), lo), hi);                 \
+        if (ep->bias) {                                                                      \
+            v0 = _mm512_add_ps(v0, bias0);                                                   \
+            v1 = _mm512_add_ps(v1, bias1);                                                   \
+        }                                                                                    \
+        if (clamp) {                                                                         \
+            v0 = _mm512_min_ps(hi, _mm512_max_ps(lo, v0));                                   \
+            v1 = _mm512_min_ps(hi, _mm512_max_ps(lo, v1));                                   \
+        }                                                                                    \
         _mm512_mask_storeu_ps(ci, m0, v0);                                                   \
         _mm512_mask_storeu_ps(ci + 16, m1, v1);                                              \
     }
@@ -78,7 +96,8 @@ static void gemm_12x32__avx512(int mr, int nc, int64_t kc, int64_t ks, const flo
                                intptr_t a_offset, const float *zero, const float *w, float *c,
                                int64_t ldc, const mk_gemm_epilogue *ep) {
     switch (mr) {
-#define CASE(i)                                                                                  case i + 1: tile_12x32(i + 1, nc, kc, ks, a, a_offset, zero, w, NR, 0, c, ldc, ep); break;
+#define CASE(i)                                                                              \
+    case i + 1: tile_12x32(i + 1, nc, kc, ks, a, a_offset, zero, w, NR, 0, c, ldc, ep); break;
         REP12(CASE)
 #undef CASE
     }
@@ -88,8 +107,11 @@ static void gemm_12x32__avx512(int mr, int nc, int64_t kc, int64_t ks, const flo
 static void gemm_12x32_strided__avx512(int mr, int nc, int64_t kc, const float *const *a,
                                        const float *zero, const float *w, int64_t ldw, float *c,
                                        int64_t ldc, const mk_gemm_epilogue *ep) {
-    if (mr == 1) tile_12x32(1, nc, kc, 1, a, 0, zero, w, ldw, 1, c, ldc, ep);
-    else tile_12x32(mr, nc, kc, 1, a, 0, zero, w, ldw, 1, c, ldc, ep);
+    switch (mr) {
+#define CASE(i) case i + 1: tile_12x32(i + 1, nc, kc, 1, a, 0, zero, w, ldw, 1, c, ldc, ep); break;
+        REP12(CASE)
+#undef CASE
+    }
 }
 
 /* 12 independent FMA chains (latency 4 x 1 zmm FMA per cycle needs >= 4). */

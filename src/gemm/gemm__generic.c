@@ -1,4 +1,6 @@
 /* Portable GEMM micro-kernel (no ISA flags; any architecture): 4 rows x 32 columns. */
+#include <math.h>
+
 #include "gemm.h"
 
 #define MR 4
@@ -22,14 +24,18 @@ static void tile_4x32(int mr, int nc, int64_t kc, int64_t ks, const float *const
                 for (int j = 0; j < ncols; j++) acc[i][j] += v * w[j];
             }
     }
+    const int clamp = ep->lo != -INFINITY || ep->hi != INFINITY;
     for (int i = 0; i < mr; i++) {
         float *ci = c + i * ldc;
         for (int j = 0; j < nc; j++) {
             float v = ep->alpha * acc[i][j];
             if (ep->beta != 0.0f) v += ep->beta * ci[j];
             if (ep->bias) v += ep->bias[j];
-            v = v > ep->lo ? v : ep->lo;   /* max then min, as the SIMD paths do */
-            ci[j] = v < ep->hi ? v : ep->hi;
+            if (clamp) {   /* max then min, as the SIMD paths do: a NaN is kept */
+                v = v < ep->lo ? ep->lo : v;
+                v = v > ep->hi ? ep->hi : v;
+            }
+            ci[j] = v;
         }
     }
 }
