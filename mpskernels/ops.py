@@ -30,6 +30,7 @@ of weights when they are in cache, up to ~0.7 ms per MB from memory; packing cos
 (42 ms for a 3x3 256->256 Winograd kernel; repacking a 3x3 512->512 igemm on every call was
 twice as slow as checking it). docs/ops.md has the figures."""
 import builtins
+import ctypes
 import math
 import threading
 import weakref
@@ -153,6 +154,11 @@ def _strides(a):
 
 
 def _address(a):
+    """The address of a's first element. ctypes reads a writable C-contiguous array's in a
+    third of the time __array_interface__ takes (which builds a dict)."""
+    flags = a.flags
+    if flags.writeable and flags.c_contiguous and a.size:
+        return ctypes.addressof(ctypes.c_char.from_buffer(a))
     return a.__array_interface__["data"][0]
 
 
