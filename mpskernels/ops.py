@@ -134,7 +134,9 @@ def _array(x, name, ndim=None, what=""):
 
 def _walkable(x):
     """Whether kernels can walk x's strides: positive multiples of 4 bytes, aligned."""
-    return x.flags.aligned and all(s > 0 and s % 4 == 0 for d, s in zip(x.shape, x.strides) if d > 1)
+    flags = x.flags
+    return flags.aligned and (flags.c_contiguous or all(
+        s > 0 and s % 4 == 0 for d, s in zip(x.shape, x.strides) if d > 1))
 
 
 def _readable(x):
