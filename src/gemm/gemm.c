@@ -348,8 +348,9 @@ static mk_status sgemm(const mk_sgemm_args *p, mk_pool *pool, int serial) {
     return atomic_load(&g.failed) ? MK_ENOMEM : MK_OK;
 }
 
-/* ---- thin products (one row or one column of output): bound by memory, not FMAs, so plain C
- * that reads each operand once, in address order, at the speed of memory. */
+/* ---- thin products (one row or one column of output): bound by memory, not FMAs, so loops
+ * that read each operand once, in address order, at the speed of memory (one row: the
+ * micro-kernel's gemv, 8 rows of B per pass over the sums; one column: plain C). */
 
 #define THIN_CHUNK 256   /* rows per dot_tasks task */
 #define GEMV_MAX 4096    /* columns per gemv_tasks task: B rows read in long runs (few pages) */
@@ -372,6 +373,7 @@ static void store_out(const mk_sgemm_args *p, char *c, int64_t at, float acc, fl
 /* m == 1, B fp32 with unit column stride: C[0, j] for a chunk of columns, B row by row. */
 static void gemv_tasks(void *ctx, int64_t begin, int64_t end) {
     const mk_sgemm_args *p = ctx;
+    const mk_gemm_ukernel *u = mk_gemm_ukernel_active();
     for (int64_t t = begin; t < end; t++) {
         int64_t chunk = gemv_chunk(p->n);
         int64_t bi = t / cdiv(p->n, chunk), j0 = t % cdiv(p->n, chunk) * chunk;
@@ -379,22 +381,11 @@ static void gemv_tasks(void *ctx, int64_t begin, int64_t end) {
         const char *A = (const char *)p->a.data + (size_t)(bi * p->a.bs) * mk_format_size(p->a.format);
         const float *B = (const float *)p->b.data + bi * p->b.bs + j0;
         char *C = (char *)p->c.data + (size_t)(bi * p->c.bs) * mk_format_size(p->c.format);
-        float acc[GEMV_MAX] = {0};
-        int64_t q = 0;
-        for (; q + 4 <= p->k; q += 4) {   /* 4 rows per pass over acc: less L1 traffic */
-            float a0 = load_elem(A, p->a.format, q * p->a.cs);
-            float a1 = load_elem(A, p->a.format, (q + 1) * p->a.cs);
-            float a2 = load_elem(A, p->a.format, (q + 2) * p->a.cs);
-            float a3 = load_elem(A, p->a.format, (q + 3) * p->a.cs);
-            const float *b0 = B + q * p->b.rs, *b1 = b0 + p->b.rs, *b2 = b1 + p->b.rs;
-            const float *b3 = b2 + p->b.rs;
-            for (int64_t j = 0; j < nc; j++)
-                acc[j] += (a0 * b0[j] + a1 * b1[j]) + (a2 * b2[j] + a3 * b3[j]);
-        }
-        for (; q < p->k; q++) {
-            float a = load_elem(A, p->a.format, q * p->a.cs);
-            const float *b = B + q * p->b.rs;
-            for (int64_t j = 0; j < nc; j++) acc[j] += a * b[j];
+        float acc[GEMV_MAX] = {0}, x[MK_GEMM_GEMV_ROWS];
+        for (int64_t q = 0; q < p->k; q += MK_GEMM_GEMV_ROWS) {   /* rows per pass over acc */
+            int rows = (int)min64(p->k - q, MK_GEMM_GEMV_ROWS);
+            for (int r = 0; r < rows; r++) x[r] = load_elem(A, p->a.format, (q + r) * p->a.cs);
+            u->gemv(rows, nc, x, B + q * p->b.rs, p->b.rs, acc);
         }
         for (int64_t j = 0; j < nc; j++)
             store_out(p, C, (j0 + j) * p->c.cs, acc[j], p->bias ? p->bias[j0 + j] : 0.0f);

@@ -43,6 +43,13 @@ typedef void (*mk_gemm_ukernel_strided_fn)(int mr, int nc, int64_t kc, const flo
                                            const float *zero, const float *w, int64_t ldw,
                                            float *c, int64_t ldc, const mk_gemm_epilogue *ep);
 
+/* Addition: the inner loop of one-row products (m = 1, bound by reading B):
+ *   y[j] += x[0] * b[j] + x[1] * b[ldb + j] + ... + x[rows - 1] * b[(rows - 1) * ldb + j]
+ * for j < n, 1 <= rows <= MK_GEMM_GEMV_ROWS, each term added to y[j] in row order. */
+#define MK_GEMM_GEMV_ROWS 8
+typedef void (*mk_gemm_gemv_fn)(int rows, int64_t n, const float *x, const float *b,
+                                int64_t ldb, float *y);
+
 typedef struct mk_gemm_ukernel {
     int mr;                 /* rows per tile of this ISA's kernel */
     mk_gemm_ukernel_fn run;
@@ -51,6 +58,7 @@ typedef struct mk_gemm_ukernel {
     /* Addition, a measuring aid: `iters` rounds of independent FMAs in this ISA's widest
      * registers (the FMA peak, for bench/); returns the flops done. */
     double (*fma_burn)(int64_t iters);
+    mk_gemm_gemv_fn gemv;   /* addition */
 } mk_gemm_ukernel;
 
 /* The micro-kernel of the ISA mk_select_isa chose (filled by mk_gemm_select_isa). */

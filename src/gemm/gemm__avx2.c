@@ -154,5 +154,32 @@ static double fma_burn__avx2(int64_t iters) {
     return (double)iters * 12 * 16;
 }
 
+static inline __attribute__((always_inline)) void
+gemv_pass(int rows, int64_t n, const float *x, const float *b, int64_t ldb, float *y) {
+    __m256 xv[MK_GEMM_GEMV_ROWS];
+    for (int r = 0; r < rows; r++) xv[r] = _mm256_set1_ps(x[r]);
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+        __m256 acc = _mm256_loadu_ps(y + j);
+        for (int r = 0; r < rows; r++)
+            acc = _mm256_fmadd_ps(xv[r], _mm256_loadu_ps(b + r * ldb + j), acc);
+        _mm256_storeu_ps(y + j, acc);
+    }
+    if (j < n) {
+        const __m256i m = lanes((int)(n - j));
+        __m256 acc = _mm256_maskload_ps(y + j, m);
+        for (int r = 0; r < rows; r++)
+            acc = _mm256_fmadd_ps(xv[r], _mm256_maskload_ps(b + r * ldb + j, m), acc);
+        _mm256_maskstore_ps(y + j, m, acc);
+    }
+}
+
+static void gemv__avx2(int rows, int64_t n, const float *x, const float *b, int64_t ldb,
+                       float *y) {
+    if (rows == MK_GEMM_GEMV_ROWS) gemv_pass(MK_GEMM_GEMV_ROWS, n, x, b, ldb, y);
+    else gemv_pass(rows, n, x, b, ldb, y);
+}
+
 const mk_gemm_ukernel mk_gemm_ukernel__avx2 = {MR, gemm_6x32__avx2, "gemm_6x32__avx2",
-                                              gemm_6x32_strided__avx2, fma_burn__avx2};
+                                              gemm_6x32_strided__avx2, fma_burn__avx2,
+                                              gemv__avx2};

@@ -134,5 +134,32 @@ static double fma_burn__avx512(int64_t iters) {
     return (double)iters * 12 * 32;
 }
 
+static inline __attribute__((always_inline)) void
+gemv_pass(int rows, int64_t n, const float *x, const float *b, int64_t ldb, float *y) {
+    __m512 xv[MK_GEMM_GEMV_ROWS];
+    for (int r = 0; r < rows; r++) xv[r] = _mm512_set1_ps(x[r]);
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16) {
+        __m512 acc = _mm512_loadu_ps(y + j);
+        for (int r = 0; r < rows; r++)
+            acc = _mm512_fmadd_ps(xv[r], _mm512_loadu_ps(b + r * ldb + j), acc);
+        _mm512_storeu_ps(y + j, acc);
+    }
+    if (j < n) {
+        const __mmask16 m = (__mmask16)((1u << (n - j)) - 1);
+        __m512 acc = _mm512_maskz_loadu_ps(m, y + j);
+        for (int r = 0; r < rows; r++)
+            acc = _mm512_fmadd_ps(xv[r], _mm512_maskz_loadu_ps(m, b + r * ldb + j), acc);
+        _mm512_mask_storeu_ps(y + j, m, acc);
+    }
+}
+
+static void gemv__avx512(int rows, int64_t n, const float *x, const float *b, int64_t ldb,
+                         float *y) {
+    if (rows == MK_GEMM_GEMV_ROWS) gemv_pass(MK_GEMM_GEMV_ROWS, n, x, b, ldb, y);
+    else gemv_pass(rows, n, x, b, ldb, y);
+}
+
 const mk_gemm_ukernel mk_gemm_ukernel__avx512 = {MR, gemm_12x32__avx512, "gemm_12x32__avx512",
-                                                 gemm_12x32_strided__avx512, fma_burn__avx512};
+                                                 gemm_12x32_strided__avx512, fma_burn__avx512,
+                                                 gemv__avx512};

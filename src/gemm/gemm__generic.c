@@ -63,5 +63,15 @@ static double fma_burn__generic(int64_t iters) {
     return (double)iters * 16 * 2;
 }
 
+static void gemv__generic(int rows, int64_t n, const float *x, const float *b, int64_t ldb,
+                          float *y) {
+    for (int64_t j = 0; j < n; j++) {
+        float s = y[j];
+        for (int r = 0; r < rows; r++) s += x[r] * b[r * ldb + j];
+        y[j] = s;
+    }
+}
+
 const mk_gemm_ukernel mk_gemm_ukernel__generic = {MR, gemm_4x32__generic, "gemm_4x32__generic",
-                                                  gemm_4x32_strided__generic, fma_burn__generic};
+                                                  gemm_4x32_strided__generic, fma_burn__generic,
+                                                  gemv__generic};
