@@ -455,7 +455,7 @@ def _same_bits(a, b):
 
 
 def _identity(a):
-    return None if a is None else (a.__array_interface__["data"][0], a.shape, a.strides)
+    return None if a is None else (_address(a), a.shape, a.strides)
 
 
 def _cached_kernel(device, key, weight, bias, make):
