@@ -192,6 +192,8 @@ class _Importer:
             return NNNeuronDescriptor(T.HARD_SIGMOID, a.get("alpha", 0.2), a.get("beta", 0.5))
         if op == "Softplus":
             return NNNeuronDescriptor(T.SOFT_PLUS, 1.0, 1.0)
+        if op == "Gelu" and a.get("approximate", b"none") in (b"none", "none"):
+            return NNNeuronDescriptor(T.GELU)
         if op == "Softsign":
             return NNNeuronDescriptor(T.SOFT_SIGN)
         if op == "Abs":
@@ -226,7 +228,7 @@ class _Importer:
     def _fuse_activation(self, node, output):
         """(descriptor, the node whose output is the result) for output's sole activation reader."""
         reader = self._sole_reader(output, ("Relu", "LeakyRelu", "Clip", "Sigmoid", "Tanh", "Elu",
-                                            "HardSigmoid", "Softplus"))
+                                            "HardSigmoid", "Softplus", "Gelu"))
         if reader is not None:
             d = self._activation(reader)
             if d is not None and all(i in self.consts or not i or i == output for i in reader.input):
@@ -601,8 +603,7 @@ class _Importer:
         if approximate == "tanh":
             self._unary_function(node, "gelu_tanh")
         elif approximate == "none":
-            value, layout = self._value(node.input[0])
-            self._set(node, self.net.neuron(value, T.GELU, name=self._fresh(node.output[0])), layout)
+            self._unary(node)
         else:
             self._fail(node, f"approximate={approximate!r}: 'none' or 'tanh'")
 
@@ -860,7 +861,14 @@ class _Importer:
         b = self._const(node.input[1])
         a_shape = self._logical_shape(node.input[0], node)
         if b is not None and b.ndim == 2 and len(a_shape) >= 2:   # weights: the GEMM of a layer
-            self._gemm(node, self._plain(node.input[0]), b.astype(np.float64).T, None, None)
+            bias, last = None, node
+            add = self._sole_reader(node.output[0], ("Add",))   # + a constant row: the bias
+            if add is not None:
+                c = self._const(add.input[1] if add.input[0] == node.output[0] else add.input[0])
+                if c is not None and c.size == b.shape[1] and c.shape[-1:] == (c.size,) and c.ndim <= len(a_shape):
+                    bias, last = c.reshape(-1).astype(np.float64), add
+                    self.skip.add(id(add))
+            self._gemm(last, self._plain(node.input[0]), b.astype(np.float64).T, bias, None)
             return
         x, w = self._plain(node.input[0]), self._operand(node.input[1])
         out = node.output[0]
@@ -869,11 +877,21 @@ class _Importer:
             x = self.net.reshape(x, (1,) + x.shape, name=self._fresh(f"{out}_a"))
         if vec_b:
             w = self.net.reshape(w, w.shape + (1,), name=self._fresh(f"{out}_b"))
-        y = self.net.matmul(x, w, name=self._fresh(out if not (vec_a or vec_b) else f"{out}_mm"))
+        alpha, last = 1.0, node
+        scale = self._sole_reader(out, ("Mul", "Div"))   # times / over a scalar: alpha
+        if scale is not None and not (vec_a or vec_b):
+            c = self._const(scale.input[1] if scale.input[0] == out else scale.input[0])
+            rank = max(len(x.shape), len(w.shape))
+            if c is not None and c.size == 1 and c.ndim <= rank and \
+                    (scale.op_type == "Mul" or (scale.input[0] == out and float(c) != 0)):
+                alpha = float(c) if scale.op_type == "Mul" else 1.0 / float(c)
+                last = scale
+                self.skip.add(id(scale))
+        y = self.net.matmul(x, w, alpha=alpha, name=self._fresh(last.output[0] if not (vec_a or vec_b) else f"{out}_mm"))
         if vec_a or vec_b:
             shape = y.shape[:-2] + (() if vec_a else y.shape[-2:-1]) + (() if vec_b else y.shape[-1:])
             y = self.net.reshape(y, shape or (1,), name=self._fresh(out))
-        self._set(node, y)
+        self._set(last, y)
 
     def _op_ConvTranspose(self, node):
         a = self._attrs(node)

@@ -362,6 +362,10 @@ def test_attention_block(rng):
     net = onnx_import.import_onnx(model)
     kinds = [n.kind for n in net.nodes]
     assert kinds.count("matmul") == 2 and {"layer_norm", "softmax", "gather", "unary", "reduce"} <= set(kinds), kinds
+    # fused: the biases into the weight GEMMs, Gelu into the MLP's first, the scale into Q.K^T
+    assert kinds.count("add") == 3 and "mul" not in kinds[:kinds.index("softmax")], kinds
+    assert [n.attrs["neuron"] is not None for n in net.nodes if n.kind == "gemm"] == [False, False, True, False]
+    assert net.nodes[kinds.index("matmul")].attrs["alpha"] == np.float32(8 ** -0.5)
     x = rng.standard_normal((2, 5, 16)).astype(np.float32)
     got = ml.Session(net, num_threads=2).run({"x": x})
     for name, want in zip(("y", "pooled"), reference(x)):
@@ -417,3 +421,28 @@ def test_bad_nodes_name_node_op_and_opset(model, what):
     op, opset = model.graph.node[0].op_type, model.opset_import[0].version
     with pytest.raises(mk.ValidationError, match=rf"node 'the_node' \({op}, opset {opset}\): .*{what}"):
         onnx_import.import_onnx(model)
+
+
+def test_matmul_fusions(rng):
+    """MatMul / scalar -> alpha of the batched product; MatMul(W) + bias row -> Gelu: one gemm
+    with its bias and the GELU epilogue. A Div with the product as divisor is not fused."""
+    w, b = rng.standard_normal((4, 6)).astype(np.float32), rng.standard_normal(6).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["a", "bt"], ["p"]), helper.make_node("Div", ["p", "two"], ["y1"]),
+         helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["bias", "m"], ["mb"]),
+         helper.make_node("Gelu", ["mb"], ["y2"]), helper.make_node("Div", ["two", "y1"], ["y3"])], "g",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in (("a", [2, 3, 4]), ("bt", [2, 4, 5]), ("x", [3, 4]))],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in (("y1", [2, 3, 5]), ("y2", [3, 6]), ("y3", [2, 3, 5]))],
+        [numpy_helper.from_array(np.float32(2.0), "two"), numpy_helper.from_array(w, "w"),
+         numpy_helper.from_array(b, "bias")])
+    net = onnx_import.import_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]))
+    assert [n.kind for n in net.nodes] == ["matmul", "gemm", "div"], [n.kind for n in net.nodes]
+    assert net.nodes[0].attrs["alpha"] == 0.5 and net.nodes[1].attrs["neuron"].neuron_type == mk.CNNNeuronType.GELU
+    feeds = {"a": rng.standard_normal((2, 3, 4)).astype(np.float32), "bt": rng.standard_normal((2, 4, 5)).astype(np.float32),
+             "x": rng.standard_normal((3, 4)).astype(np.float32)}
+    got = ml.Session(net).run(feeds)
+    p = feeds["a"].astype(np.float64) @ feeds["bt"] / 2
+    m = feeds["x"].astype(np.float64) @ w + b
+    np.testing.assert_allclose(got["y1"], p, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got["y2"], 0.5 * m * (1 + np.vectorize(math.erf)(m / np.sqrt(2))), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got["y3"], 2 / p, rtol=1e-5)
