@@ -246,11 +246,11 @@ class _Importer:
         if all(c is not None for c, i in zip(inputs_const, node.input) if i) and op in _FOLD:
             self.consts[node.output[0]] = np.asarray(_FOLD[op](self, node, inputs_const))
             return
-        if op == "Shape":
-            value, _ = self._value(node.input[0])
-            if value.shape is None or -1 in value.shape:
+        if op == "Shape":   # of the logical (NCHW-order) shape; start / end (opset 15) slice it
+            shape = _shape_part(self, node, self._logical_shape(node.input[0], node))
+            if -1 in shape:
                 self._fail(node, "Shape of a value with free dimensions is not supported (fix the input shapes)")
-            self.consts[node.output[0]] = np.array(value.shape, np.int64)
+            self.consts[node.output[0]] = np.array(shape, np.int64)
             return
         handler = getattr(self, f"_op_{op}", None)
         if handler is None:
@@ -1045,6 +1045,11 @@ def _reshape_shape(shape, target, allowzero):
     return tuple(out)
 
 
+def _shape_part(imp, node, shape):
+    a = imp._attrs(node)
+    return tuple(shape)[a.get("start", 0):a.get("end", len(shape))]
+
+
 def _axes(imp, node, rank):
     a = imp._attrs(node)
     if "axes" in a:
@@ -1092,7 +1097,7 @@ _FOLD = {
     "Slice": lambda imp, n, c: c[0][np.ix_(*[np.arange(d) if t is None else t
                                              for t, d in zip(_slice_tables(imp, n, c[0].shape), c[0].shape)])],
     "Cast": lambda imp, n, c: c[0].astype(_onnx()[0].helper.tensor_dtype_to_np_dtype(imp._attrs(n)["to"])),
-    "Shape": lambda imp, n, c: np.array(c[0].shape, np.int64),
+    "Shape": lambda imp, n, c: np.array(_shape_part(imp, n, c[0].shape), np.int64),
 }
 
 # ops with a kernel (any input); ops folded at build time when all their inputs are constant

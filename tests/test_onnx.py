@@ -446,3 +446,25 @@ def test_matmul_fusions(rng):
     np.testing.assert_allclose(got["y1"], p, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(got["y2"], 0.5 * m * (1 + np.vectorize(math.erf)(m / np.sqrt(2))), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(got["y3"], 2 / p, rtol=1e-5)
+
+
+def test_shape_of_nhwc_value_is_logical(rng):
+    """Shape after a Conv (kept NHWC inside) gives the NCHW dimensions, start / end slicing
+    them; the Shape -> Slice -> Concat -> Reshape chain folds into a constant target."""
+    w = rng.standard_normal((4, 3, 1, 1)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("Shape", ["c"], ["s"], start=1, end=-1),
+         helper.make_node("Shape", ["c"], ["full"]), helper.make_node("Slice", ["full", "z", "one"], ["n"]),
+         helper.make_node("Concat", ["n", "s", "rest"], ["target"], axis=0),
+         helper.make_node("Reshape", ["c", "target"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 5, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4, 5, 6])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array([0], np.int64), "z"),
+         numpy_helper.from_array(np.array([1], np.int64), "one"),
+         numpy_helper.from_array(np.array([-1], np.int64), "rest")])
+    net = onnx_import.import_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)]))
+    assert net.outputs[0].shape == (2, 4, 5, 6)
+    x = rng.standard_normal((2, 3, 5, 6)).astype(np.float32)
+    got = ml.Session(net).run({"x": x})["y"]
+    np.testing.assert_allclose(got, np.einsum("nchw,oc->nohw", x.astype(np.float64), w[:, :, 0, 0]),
+                               rtol=1e-5, atol=1e-6)
