@@ -15,8 +15,8 @@ from mpskernels.enums import ImageFeatureChannelFormat as F
 from mpskernels.errors import ValidationError
 from mpskernels.geometry import RECT_NO_CLIP, as_region
 from mpskernels.image import ImageDescriptor
-from mpskernels.kernel import (CNNBinaryKernel, CNNKernel, _channels, _check_destination_channels,
-                               _integer, clipped_region)
+from mpskernels.kernel import (ULONG_MAX, CNNBinaryKernel, CNNKernel, _channels,
+                               _check_destination_channels, _integer, clipped_region)
 
 SUM, MEAN, MIN, MAX, ARGMIN, ARGMAX = range(6)          # mk_reduce_op
 FEATURE_CHANNELS, ROW, COLUMN = range(3)                 # mk_reduce_axis
@@ -24,12 +24,25 @@ FEATURE_CHANNELS, ROW, COLUMN = range(3)                 # mk_reduce_axis
 _INDEX_LIMIT = {F.FLOAT32: 1 << 24, F.FLOAT16: 2049, F.BFLOAT16: 257}
 
 
+def _channel_range(image, offset, max_count, role):
+    """(first channel, count) that a source's channel offset and max count select."""
+    if type(offset) is int and offset == 0 and max_count is ULONG_MAX:   # the defaults
+        return 0, image.feature_channels
+    count = _channels(image, offset, max_count, role)   # raises if they are bad
+    return _integer(f"{role} feature channel offset", offset), count
+
+
 def _source_region(clip, image, name):
-    """clip ∩ image: (x, y, z, width, height, depth); raises if they do not meet."""
-    (x, y, z), (w, h, d) = clip
-    w, h, d = (min(x + w, image.width) - x, min(y + h, image.height) - y,
-               min(z + d, image.number_of_images) - z)
-    if min(w, h, d) <= 0:
+    """clip ∩ image: (x, y, z, width, height, depth); raises if they do not meet.
+    (Encoding cost matters for small reductions: no min() calls, no NamedTuple unpacking.)"""
+    if clip is RECT_NO_CLIP:
+        return 0, 0, 0, image.width, image.height, image.number_of_images
+    x, y, z = clip[0]
+    w, h, d = clip[1]
+    w = (x + w if x + w < image.width else image.width) - x
+    h = (y + h if y + h < image.height else image.height) - y
+    d = (z + d if z + d < image.number_of_images else image.number_of_images) - z
+    if w <= 0 or h <= 0 or d <= 0:
         raise ValidationError(
             f"{name} (origin {x, y, z}, size {tuple(clip.size)}) does not meet {image!r}: it "
             f"must overlap the source's {image.width}x{image.height} pixels and "
@@ -101,16 +114,16 @@ class NNReduceUnary(CNNKernel):
         if self._op is None:
             raise ValidationError(f"{type(self).__name__} is abstract: encode one of its subclasses")
         weight = self._weight()
-        channels = self._source_channels(source)
-        c0 = _integer("source_feature_channel_offset", self.source_feature_channel_offset)
+        c0, channels = _channel_range(source, self.source_feature_channel_offset,
+                                      self.source_feature_channel_max_count, "source")
         x, y, z, w, h, d = _source_region(self.clip_rect_source, source, "clip_rect_source")
         rw, rh, rc = _result_size(self._axis, w, h, channels)
         _check_destination_channels(self, destination, rc)
         if self._op in (ARGMIN, ARGMAX):
             _check_index_format(self, destination, channels)
         dx, dy, dz, dw, dh, dd = clipped_region(self.clip_rect, destination)
-        n, rw, rh = min(d, dd), min(rw, dw), min(rh, dh)
-        if min(n, rw, rh) <= 0:
+        n, rw, rh = d if d < dd else dd, rw if rw < dw else dw, rh if rh < dh else dh
+        if n <= 0 or rw <= 0 or rh <= 0:
             return
         # the part of the region whose results fit
         extent = (n, rh if self._axis != COLUMN else h, rw if self._axis != ROW else w, channels)
@@ -203,23 +216,23 @@ class NNReduceBinary(CNNBinaryKernel):
     def _encode(self, command_buffer, primary, secondary, destination):
         if self._op is None:
             raise ValidationError(f"{type(self).__name__} is abstract: encode one of its subclasses")
-        channels = self._primary_channels(primary)
-        weight_channels = _channels(secondary, self.secondary_source_feature_channel_offset,
-                                    self.secondary_source_feature_channel_max_count, "secondary")
+        pc0, channels = _channel_range(primary, self.primary_source_feature_channel_offset,
+                                       self.primary_source_feature_channel_max_count, "primary")
+        sc0, weight_channels = _channel_range(secondary, self.secondary_source_feature_channel_offset,
+                                              self.secondary_source_feature_channel_max_count,
+                                              "secondary")
         if weight_channels < channels:
             raise ValidationError(
                 f"the weights {secondary!r} offer {weight_channels} channels from "
                 f"secondary_source_feature_channel_offset, but {channels} primary channels "
                 f"are reduced: give one weight per channel")
-        pc0 = _integer("primary_source_feature_channel_offset", self.primary_source_feature_channel_offset)
-        sc0 = _integer("secondary_source_feature_channel_offset", self.secondary_source_feature_channel_offset)
         x, y, z, w, h, d = _source_region(self.primary_source_clip_rect, primary, "primary_source_clip_rect")
         sx, sy, sz, sw, sh, sd = _source_region(self.secondary_source_clip_rect, secondary,
                                                 "secondary_source_clip_rect")
         _check_destination_channels(self, destination, 1)
         dx, dy, dz, dw, dh, dd = clipped_region(self.clip_rect, destination)
-        n, rw, rh = min(d, dd), min(w, dw), min(h, dh)
-        if min(n, rw, rh) <= 0:
+        n, rw, rh = d if d < dd else dd, w if w < dw else dw, h if h < dh else dh
+        if n <= 0 or rw <= 0 or rh <= 0:
             return
         spread = (sw, sh) == (1, 1)
         if not spread and (sw < rw or sh < rh):
