@@ -1018,11 +1018,17 @@ class MachineLearningPipelineState:
     def _plan(self, net, shapes):
         """Offsets of the intermediates: live from their node to their last reader."""
         bound = set(net.inputs) | set(net.outputs)
+        # a reshape of an intermediate into an intermediate is a view: it shares the slot
+        self._views = {}
+        for n in net.nodes:
+            src, out = n.inputs[0], n.outputs[0]
+            if n.kind == "reshape" and src.producer is not None and src not in bound and out not in bound:
+                self._views[out] = self._views.get(src, src)
         last = {}
         for t, node in enumerate(net.nodes):
             for v in node.inputs:
-                last[v] = t
-        order = [n.outputs[0] for n in net.nodes if n.outputs[0] not in bound]
+                last[self._views.get(v, v)] = t
+        order = [n.outputs[0] for n in net.nodes if n.outputs[0] not in bound and n.outputs[0] not in self._views]
         first = {n.outputs[0]: t for t, n in enumerate(net.nodes)}
         # ops that see an operand in another shape need it packed; a bound tensor's rows may be
         # padded, so they go through a packed slot (copied in before, out after the node)
@@ -1061,6 +1067,8 @@ class MachineLearningPipelineState:
             perm = attrs["perm"]
             return _Step(node, lambda cb, ops, name: copy_op(cb, ops[0], ops[1], name, perm), slots)
         if node.kind == "reshape":
+            if node.outputs[0] in self._views:
+                return _Step(node, lambda cb, ops, name: None, [])
             return _Step(node, reshape_op, slots)
         if node.kind == "conv2d":
             kernel = _conv_kernel(self.device, attrs)
@@ -1507,6 +1515,9 @@ class MachineLearningCommandEncoder(_Encoder):
         for v, offset in state._offsets.items():
             operands[v] = _Operand(heap_base + offset, state._shapes[v], _packed(state._shapes[v]),
                                    v.data_type, f"intermediate {v.name!r}")
+        for v, root in state._views.items():
+            operands[v] = _with(operands[root], state._shapes[v])
+            operands[v].name = f"intermediate {v.name!r} (a view of {root.name!r})"
         for step in state._steps:
             step.run(self.command_buffer, [operands[v] for v in step.slots],
                      f"node {step.node.name!r} ({step.node.kind}) of {what} in {self._name}")

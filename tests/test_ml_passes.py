@@ -378,3 +378,21 @@ def test_metal4_queue_commits_in_order(device):
     np.testing.assert_array_equal(b.to_numpy(), 3.0)
     with pytest.raises(mk.ValidationError, match="not made by this queue"):
         queue.commit([device.make_command_queue().make_command_buffer()])
+
+
+def test_reshape_of_an_intermediate_is_a_view(device):
+    """A reshape between two intermediates shares its input's heap slot (no copy, no bytes);
+    the slot lives until the view's last reader."""
+    net = ml.Network("views")
+    x = net.input("x", (2, 3, 4))
+    h = net.neuron(x, mk.CNNNeuronType.RELU)
+    r = net.reshape(h, (6, 4))
+    t = net.neuron(x, mk.CNNNeuronType.ABSOLUTE)   # live while r is: must not share h's slot
+    net.output(net.add(net.neuron(r, mk.CNNNeuronType.SIGMOID), net.reshape(t, (6, 4))), "y")
+    state = pipeline(device, net)
+    # h, t and the sigmoid (96 bytes each, placed at 64-byte multiples); no reshape copies
+    assert state.memory_stats["requested_bytes"] == 3 * 128
+    xv = np.random.default_rng(0).standard_normal((2, 3, 4)).astype(np.float32)
+    y = ml.Session(net, device=device).run({"x": xv})["y"]
+    want = 1 / (1 + np.exp(-np.maximum(xv, 0).reshape(6, 4))) + np.abs(xv).reshape(6, 4)
+    np.testing.assert_allclose(y, want, rtol=RTOL, atol=1e-6)
