@@ -13,7 +13,12 @@ At one thread the kernel alone (the recorded command run on this thread) and Num
 timed in this thread's CPU time, which time taken by other processes does not inflate.
 
 FMA peak: mk_gemm_fma_burn (12 independent FMA chains per thread in the active ISA's widest
-registers, the best of repeated bursts) on the same number of threads."""
+registers, the best of repeated bursts) on the same number of threads.
+
+The one-row product 1x4096x4096 reads 64 MiB of B per run: it is bound by the read bandwidth,
+so at one thread the read probe of bench/test_bench_reduction.py (AVX-512 loads of every word)
+is sampled over B's own storage alternately with ours and NumPy's, and each is reported as a
+fraction of it (probe median / kernel median, in thread CPU time)."""
 import ctypes
 import glob
 import os
@@ -95,8 +100,10 @@ def test_sgemm_vs_numpy(benchmark, report, shape, threads):
             cb = queue.make_command_buffer()
             kernel.encode(cb, A, B, C)
             command = cb._commands[-1]
-            cpu = paired_samples(seconds / 2, lambda: command.run(device._pool),
-                                 lambda: np.matmul(a, b, out=c), clock=time.thread_time)
+            fns = [lambda: command.run(device._pool), lambda: np.matmul(a, b, out=c)]
+            if m == 1:   # bound by reading B: against the read probe over B's storage
+                fns.append(lambda: _native.read_probe(B._bytes, device._pool))
+            cpu = paired_samples(seconds / 2, *fns, clock=time.thread_time)
     finally:
         _set_blas_threads(1)
     ours_s, numpy_s = np.median(times[0]), np.median(times[1])
@@ -112,6 +119,11 @@ def test_sgemm_vs_numpy(benchmark, report, shape, threads):
         extra += (f"; CPU time: ratio {np.median(cpu[0]) / np.median(cpu[1]):.2f} (medians), "
                   f"{cpu[0].min() / cpu[1].min():.2f} (best), ours {cpu_gflops:.1f} GFLOP/s = "
                   f"{100 * cpu_gflops / _peaks[threads]:.0f}% of peak")
+        if m == 1:
+            probe = np.median(cpu[2])
+            extra += (f"; of the read bandwidth ({B._bytes.nbytes / probe / 1e9:.1f} GB/s): "
+                      f"ours {100 * probe / np.median(cpu[0]):.0f}%, NumPy "
+                      f"{100 * probe / np.median(cpu[1]):.0f}%")
     benchmark.extra_info.update(numpy_us=numpy_s * 1e6, ours_us=ours_s * 1e6,
                                 ratio=ours_s / numpy_s, gflops=gflops)
     report((f"sgemm {m}x{k}x{n}", threads, ours_s * 1e6, numpy_s * 1e6, ours_s / numpy_s, extra))
