@@ -91,6 +91,7 @@ class NNReduceUnary(CNNKernel):
     """MPSNNReduceUnary: reduces the source region clip_rect_source (offset is ignored)."""
 
     _axis = _op = None
+    _replayable = True   # a reduction command only reads its arguments (kernel.py _replay)
 
     def __init__(self, device):
         super().__init__(device)
@@ -191,6 +192,7 @@ class NNReduceBinary(CNNBinaryKernel):
     1 (the same weights for every image) or at least the number of images reduced."""
 
     _op = None
+    _replayable = True
 
     def __init__(self, device):
         super().__init__(device)

@@ -458,6 +458,37 @@ def test_destination_aliasing_source_raises(device):
 DET_SHAPE = (2, 37, 41, 67)   # many chunks for every axis
 
 
+@pytest.mark.parametrize("change", [None, "clip_rect_source", "clip_rect", "weight",
+                                    "source_feature_channel_offset"])
+def test_encoding_again_on_the_same_images(change, device, run, make_image, read_image, rng):
+    """A second encode on the same persistent images replays the recorded command
+    (kernel.py _replay) unless an attribute changed: either way the result is right."""
+    x = random_values(rng, (1, 5, 6, 20))
+    kernel = mk.NNReduceFeatureChannelsSum(device)
+    src, dst = make_image(device, x, FMT.FLOAT32), make_image(device, np.zeros((1, 5, 6, 1)), FMT.FLOAT32)
+    encode_run(run, device, kernel, src, dst)
+    recorded = kernel._recorded[2]
+    src.write_bytes(np.ascontiguousarray(-x, dtype=np.float32))   # same storage, new values
+    clip, c0, weight = ((0, 0, 0), (BIG, BIG, BIG)), 0, 1.0
+    if change == "clip_rect_source":
+        kernel.clip_rect_source = clip = ((1, 2, 0), (3, 2, 1))
+    elif change == "clip_rect":
+        kernel.clip_rect = ((2, 1, 0), (2, 3, 1))
+    elif change == "weight":
+        kernel.weight = weight = 0.5
+    elif change == "source_feature_channel_offset":
+        kernel.source_feature_channel_offset = c0 = 3
+    encode_run(run, device, kernel, src, dst)
+    assert (kernel._recorded[2] is recorded) == (change is None)
+    result = reduce_reference("sum", FC, region(-x, clip, c0), weight)
+    want = reduce_reference("sum", FC, x)   # the first result stays where nothing is written
+    if change == "clip_rect":
+        want[:, 1:4, 2:4] = result[:, :3, :2]
+    else:
+        want[:, :result.shape[1], :result.shape[2]] = result
+    check(read_image(dst), want, tolerance("sum", FC, x).max(), f"after changing {change}")
+
+
 def bits(image):
     out = image.to_numpy()
     return out.view(np.uint32 if out.dtype == np.float32 else np.uint16)
