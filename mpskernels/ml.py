@@ -984,7 +984,10 @@ class MachineLearningPipelineState:
         shapes = self._input_shapes(net, descriptor)
         shapes.update((v, v.shape) for v in net.constants)
         for node in net.nodes:   # shapes with the inputs fixed
-            shapes[node.outputs[0]] = node.infer([shapes[v] for v in node.inputs])
+            try:
+                shapes[node.outputs[0]] = node.infer([shapes[v] for v in node.inputs])
+            except ValidationError as e:
+                raise ValidationError(f"node {node.name!r} ({node.kind}) of network {net.name!r}: {e}") from None
         self._shapes = shapes
         self._plan(net, shapes)
         self._steps = [_staged(self._compile(node), self._staging.get(node)) for node in net.nodes]

@@ -788,7 +788,7 @@ class _Importer:
             self._fail(node, f"axes {axes} are outside a rank-{rank} input")
         axes = sorted({x % rank for x in axes})
         value, layout = self._value(node.input[0])
-        physical = sorted(NHWC_TO_NCHW.index(x) for x in axes) if layout == "nhwc" else axes
+        physical = sorted(NCHW_TO_NHWC.index(x) for x in axes) if layout == "nhwc" else axes
         groups = [[physical[0]]]   # contiguous runs, one reduce node each
         for x in physical[1:]:
             if x == groups[-1][-1] + 1:

@@ -396,3 +396,12 @@ def test_reshape_of_an_intermediate_is_a_view(device):
     y = ml.Session(net, device=device).run({"x": xv})["y"]
     want = 1 / (1 + np.exp(-np.maximum(xv, 0).reshape(6, 4))) + np.abs(xv).reshape(6, 4)
     np.testing.assert_allclose(y, want, rtol=RTOL, atol=1e-6)
+
+
+def test_shape_errors_at_compile_name_the_node(device):
+    """A free dimension fixed to a size the network cannot take: the error names the node."""
+    net = ml.Network("free")
+    x = net.input("x", (-1, 6))
+    net.output(net.reshape(x, (4, -1), name="to_rows"), "y")
+    with pytest.raises(mk.ValidationError, match=r"node 'to_rows' \(reshape\) of network 'free': reshape: \(3, 6\)"):
+        pipeline(device, net, i0=(3, 6))

@@ -468,3 +468,63 @@ def test_shape_of_nhwc_value_is_logical(rng):
     got = ml.Session(net).run({"x": x})["y"]
     np.testing.assert_allclose(got, np.einsum("nchw,oc->nohw", x.astype(np.float64), w[:, :, 0, 0]),
                                rtol=1e-5, atol=1e-6)
+
+
+AFTER_CONV = [   # (op, constant inputs ("_name": omitted), attributes): on a Conv's output, kept NHWC inside
+    ("Slice", {"s": i64(1, 0, -1), "e": i64(3, 100, -100), "a": i64(1, 2, 3), "t": i64(1, 2, -2)}, {}),
+    ("Split", {"split": i64(1, 3)}, {"axis": 1}),
+    ("Split", {"split": i64(2, 4)}, {"axis": 3}),
+    ("Gather", {"i": i64(4, 0, 0)}, {"axis": 2}),
+    ("Gather", {"i": i64(1, 3)}, {"axis": 1}),
+    ("Pad", {"p": i64(0, 1, 2, 0, 0, 0, 1, 3)}, {"mode": "edge"}),
+    ("Pad", {"p": i64(0, 0, 0, 1, 0, 0, 2, 1), "v": f32(1.5)}, {"mode": "constant"}),
+    ("Pad", {"p": i64(0, 0, 1, 2, 0, 0, 3, 1)}, {"mode": "reflect"}),
+    ("Pad", {"p": i64(0, 1, 2, 2, 0, 0, 3, 1)}, {"mode": "wrap"}),
+    ("Resize", {"_roi": None, "sc": f32(1, 1, 1.5, 0.6)}, {"mode": "nearest", "nearest_mode": "round_prefer_ceil"}),
+    ("Resize", {"_roi": None, "_scales": None, "sz": i64(2, 4, 7, 3)}, {"mode": "linear", "coordinate_transformation_mode": "align_corners"}),
+    ("Resize", {"_roi": None, "sc": f32(1, 1, 2, 2)}, {"mode": "linear", "coordinate_transformation_mode": "pytorch_half_pixel"}),
+    ("ReduceMean", {"ax": i64(2, 3)}, {"keepdims": 1}),
+    ("ReduceMax", {"ax": i64(1)}, {"keepdims": 0}),
+    ("ReduceSum", {"ax": i64(0, 2)}, {"keepdims": 1}),
+    ("ReduceMin", {"ax": i64(1, 3)}, {"keepdims": 0}),
+    ("Softmax", {}, {"axis": 2}),
+    ("LayerNormalization", {"g": np.linspace(0.5, 1.5, 6).astype(np.float32)}, {"axis": -1}),
+    ("LayerNormalization", {"g": np.linspace(0.5, 1.5, 30).astype(np.float32).reshape(5, 6)}, {"axis": 2}),
+    ("Erf", {}, {}),
+    ("HardSwish", {}, {}),
+]
+
+
+@pytest.mark.parametrize("op,extra,attrs", AFTER_CONV, ids=[f"{op}-{i}" for i, (op, _, _) in enumerate(AFTER_CONV)])
+def test_ops_on_nhwc_values(rng, op, extra, attrs):
+    """Each op on a Conv's output (NHWC inside: tables, axes and layout mapped), against onnx's
+    reference evaluator."""
+    w = rng.standard_normal((4, 3, 1, 1)).astype(np.float32)
+    outputs = ["y0", "y1"] if op == "Split" else ["y0"]
+    inputs = ["c"] + ["" if k.startswith("_") else k for k in extra]
+    inits = [numpy_helper.from_array(w, "w")] + [numpy_helper.from_array(v, k) for k, v in extra.items() if v is not None]
+    x = rng.standard_normal((2, 3, 5, 6)).astype(np.float32)
+
+    def model(shapes):
+        graph = helper.make_graph(
+            [helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node(op, inputs, outputs, **attrs)], "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 5, 6])],
+            [helper.make_tensor_value_info(o, TensorProto.FLOAT, s) for o, s in zip(outputs, shapes)], inits)
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+    wants = ReferenceEvaluator(model([None] * len(outputs))).run(None, {"x": x})
+    net = onnx_import.import_onnx(model([w.shape for w in wants]))
+    assert net.nodes[0].kind == "transpose" and net.nodes[1].kind == "conv2d"
+    got = ml.Session(net).run({"x": x})
+    for name, want in zip(outputs, wants):
+        np.testing.assert_allclose(got[name], want, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_pad_crops_with_negative_pads(rng):
+    """Negative pads remove elements (ONNX allows them; onnx's reference evaluator does not);
+    the axes input (opset 18) orders the pads."""
+    model = _model("Pad", [("x", [3, 7]), ("p", i64(-1, 2, -3, 0)), ("v", f32(4.0)), ("ax", i64(1, 0))],
+                   [("y", [5, 3])], 18)
+    x = rng.standard_normal((3, 7)).astype(np.float32)
+    got = ml.Session(onnx_import.import_onnx(model)).run({"x": x})["y"]
+    np.testing.assert_array_equal(got, np.concatenate([np.full((2, 3), 4.0, np.float32), x[:, 1:4]]))
