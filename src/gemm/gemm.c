@@ -98,6 +98,7 @@ void mk_gemm_pack_b(int64_t k, int64_t n, const void *b, int format, int64_t rs,
 #define NB_MAX 512                /* columns per task: a kc x nb slice of B (512 KiB) in L2 */
 #define SHARED_FLOATS (256 << 10) /* packed B (1 MiB) that stays in L2 with the C tiles */
 #define PACK_PANELS 8             /* panels per packing task */
+#define C_BUFFER_FLOATS (256 << 10) /* fp32 block of an fp16 result per task (1 MiB) */
 #define MR_MAX 16
 #define GROUP_TILES 8             /* a task of at most this many tiles goes panel by panel */
 #define TASKS 4                   /* cut the output into at least this many tasks if possible */
@@ -362,7 +363,7 @@ static mk_status sgemm(const mk_sgemm_args *p, mk_pool *pool, int serial) {
     }
     g.c_buffer = p->c.format != MK_FMT_F32 || p->c.cs != 1;
     int64_t items = p->batch;   /* per round */
-    if (p->b.format == MK_FMT_F32 && p->b.cs == 1 && (m <= MR || k * n <= 16384)) {
+    if (p->b.format == MK_FMT_F32 && p->b.cs == 1 && (m <= MR || k <= 16384 / n)) {
         g.b_mode = B_IN_PLACE;
     } else if (panels <= SHARED_FLOATS / MK_GEMM_NR / k) {
         g.b_mode = B_SHARED;
@@ -380,6 +381,10 @@ static mk_status sgemm(const mk_sgemm_args *p, mk_pool *pool, int serial) {
         g.row_blocks = min64(want, row_tiles);
     else
         g.col_blocks = max64(g.col_blocks, min64(serial ? 1 : cdiv(TASKS, items), panels));
+    if (g.c_buffer) {   /* a task's fp32 block of an fp16 or strided C: <= C_BUFFER_FLOATS */
+        int64_t nb = (panels / g.col_blocks + 1) * MK_GEMM_NR;
+        g.row_blocks = max64(g.row_blocks, cdiv(row_tiles, max64(C_BUFFER_FLOATS / nb / MR, 1)));
+    }
     for (g.item0 = 0; g.item0 < p->batch; g.item0 += g.items) {
         g.items = min64(items, p->batch - g.item0);
         if (g.b_mode == B_SHARED && (p->b.bs != 0 || g.item0 == 0)) {
