@@ -551,7 +551,7 @@ class _Importer:
             self._fail(node, f"axis {axis} is outside a rank-{rank} input")
         axis %= rank
         out = self._fresh(node.output[0])
-        if layout == "nhwc" and axis == 1:   # channels: innermost in NHWC
+        if layout == "nhwc" and axis == 1 and self.opset >= 13:   # channels: innermost in NHWC
             self._set(node, self.net.softmax(value, name=out), "nhwc")
             return
         value = self._plain(node.input[0])

@@ -488,6 +488,7 @@ AFTER_CONV = [   # (op, constant inputs ("_name": omitted), attributes): on a Co
     ("ReduceSum", {"ax": i64(0, 2)}, {"keepdims": 1}),
     ("ReduceMin", {"ax": i64(1, 3)}, {"keepdims": 0}),
     ("Softmax", {}, {"axis": 2}),
+    ("Softmax", {}, {"axis": 1}),
     ("LayerNormalization", {"g": np.linspace(0.5, 1.5, 6).astype(np.float32)}, {"axis": -1}),
     ("LayerNormalization", {"g": np.linspace(0.5, 1.5, 30).astype(np.float32).reshape(5, 6)}, {"axis": 2}),
     ("Erf", {}, {}),
@@ -495,10 +496,12 @@ AFTER_CONV = [   # (op, constant inputs ("_name": omitted), attributes): on a Co
 ]
 
 
-@pytest.mark.parametrize("op,extra,attrs", AFTER_CONV, ids=[f"{op}-{i}" for i, (op, _, _) in enumerate(AFTER_CONV)])
-def test_ops_on_nhwc_values(rng, op, extra, attrs):
+@pytest.mark.parametrize("op,extra,attrs,opset", [case + (18,) for case in AFTER_CONV] + [
+    ("Softmax", {}, {"axis": 1}, 11), ("Softmax", {}, {"axis": 2}, 11)],
+    ids=[f"{case[0]}-{i}" for i, case in enumerate(AFTER_CONV + [("Softmax11",), ("Softmax11",)])])
+def test_ops_on_nhwc_values(rng, op, extra, attrs, opset):
     """Each op on a Conv's output (NHWC inside: tables, axes and layout mapped), against onnx's
-    reference evaluator."""
+    reference evaluator; Softmax also in opset 11, where axis 1 means all of C, H, W."""
     w = rng.standard_normal((4, 3, 1, 1)).astype(np.float32)
     outputs = ["y0", "y1"] if op == "Split" else ["y0"]
     inputs = ["c"] + ["" if k.startswith("_") else k for k in extra]
@@ -510,9 +513,14 @@ def test_ops_on_nhwc_values(rng, op, extra, attrs):
             [helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node(op, inputs, outputs, **attrs)], "g",
             [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 5, 6])],
             [helper.make_tensor_value_info(o, TensorProto.FLOAT, s) for o, s in zip(outputs, shapes)], inits)
-        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
 
     wants = ReferenceEvaluator(model([None] * len(outputs))).run(None, {"x": x})
+    if opset == 11:   # onnx's evaluator ignores Softmax-11's flattening: NumPy here
+        c = np.einsum("nchw,oc->nohw", x.astype(np.float64), w[:, :, 0, 0])
+        rows = c.reshape(int(np.prod(c.shape[:attrs["axis"]])), -1)
+        e = np.exp(rows - rows.max(1, keepdims=True))
+        wants = [(e / e.sum(1, keepdims=True)).reshape(c.shape)]
     net = onnx_import.import_onnx(model([w.shape for w in wants]))
     assert net.nodes[0].kind == "transpose" and net.nodes[1].kind == "conv2d"
     got = ml.Session(net).run({"x": x})
