@@ -97,7 +97,7 @@ void mk_gemm_pack_b(int64_t k, int64_t n, const void *b, int format, int64_t rs,
 #define KC_IN_PLACE 256           /* ... unless a shorter one lets A be read in place */
 #define NB_MAX 512                /* columns per task: a kc x nb slice of B (512 KiB) in L2 */
 #define SHARED_FLOATS (256 << 10) /* packed B (1 MiB) that stays in L2 with the C tiles */
-#define PACK_PANELS 8             /* panels per packing task */
+#define PACK_PANELS 4             /* panels per packing task (256^3: two tasks) */
 #define C_BUFFER_FLOATS (256 << 10) /* fp32 block of an fp16 result per task (1 MiB) */
 #define MR_MAX 16
 #define GROUP_TILES 8             /* a task of at most this many tiles goes panel by panel */
