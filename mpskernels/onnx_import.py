@@ -253,6 +253,10 @@ class _Importer:
             self.consts[node.output[0]] = np.array(shape, np.int64)
             return
         handler = getattr(self, f"_op_{op}", None)
+        if handler is None and op in _FOLD:
+            live = [i for i, c in zip(node.input, inputs_const) if i and c is None]
+            self._fail(node, f"op {op} is supported on constants only (shape arithmetic, folded at build "
+                             f"time); {live[0]!r} is computed at run time")
         if handler is None:
             self._fail(node, f"op {op} is not supported by the importer; supported: "
                              f"{', '.join(sorted(SUPPORTED))}")
@@ -1086,7 +1090,7 @@ _FOLD = {
     "Add": lambda imp, n, c: c[0] + c[1],
     "Sub": lambda imp, n, c: c[0] - c[1],
     "Mul": lambda imp, n, c: c[0] * c[1],
-    "Div": lambda imp, n, c: c[0] // c[1] if c[0].dtype.kind in "iu" else c[0] / c[1],
+    "Div": lambda imp, n, c: _int_div(c[0], c[1]) if c[0].dtype.kind in "iu" else c[0] / c[1],
     "Reshape": lambda imp, n, c: c[0].reshape(_reshape_shape(c[0].shape, c[1], imp._attrs(n).get("allowzero", 0))),
     "Flatten": lambda imp, n, c: c[0].reshape(int(np.prod(c[0].shape[:imp._attrs(n).get("axis", 1)])), -1),
     "Squeeze": lambda imp, n, c: c[0].reshape(_squeeze(imp, n, c[0].shape)),
@@ -1098,7 +1102,36 @@ _FOLD = {
                                              for t, d in zip(_slice_tables(imp, n, c[0].shape), c[0].shape)])],
     "Cast": lambda imp, n, c: c[0].astype(_onnx()[0].helper.tensor_dtype_to_np_dtype(imp._attrs(n)["to"])),
     "Shape": lambda imp, n, c: np.array(_shape_part(imp, n, c[0].shape), np.int64),
+    # shape arithmetic exporters emit (torch's attention: Mod, Sqrt of head sizes, ...)
+    "Mod": lambda imp, n, c: (np.fmod if imp._attrs(n).get("fmod", 0) else np.mod)(c[0], c[1]),
+    "Sqrt": lambda imp, n, c: np.sqrt(c[0]),
+    "Neg": lambda imp, n, c: -c[0],
+    "Reciprocal": lambda imp, n, c: 1 / c[0],
+    "Floor": lambda imp, n, c: np.floor(c[0]),
+    "Ceil": lambda imp, n, c: np.ceil(c[0]),
+    "Pow": lambda imp, n, c: np.power(c[0], c[1]).astype(c[0].dtype),
+    "Min": lambda imp, n, c: np.minimum.reduce([x for x in c if x is not None]),
+    "Max": lambda imp, n, c: np.maximum.reduce([x for x in c if x is not None]),
+    "Equal": lambda imp, n, c: np.equal(c[0], c[1]),
+    "Less": lambda imp, n, c: np.less(c[0], c[1]),
+    "Greater": lambda imp, n, c: np.greater(c[0], c[1]),
+    "Not": lambda imp, n, c: np.logical_not(c[0]),
+    "And": lambda imp, n, c: np.logical_and(c[0], c[1]),
+    "Or": lambda imp, n, c: np.logical_or(c[0], c[1]),
+    "Where": lambda imp, n, c: np.where(c[0], c[1], c[2]),
+    "Range": lambda imp, n, c: np.arange(c[0], c[1], c[2]).astype(c[0].dtype),
+    "Size": lambda imp, n, c: np.array(c[0].size, np.int64),
+    "CastLike": lambda imp, n, c: c[0].astype(c[1].dtype),
+    "Expand": lambda imp, n, c: np.array(np.broadcast_to(c[0], np.broadcast_shapes(c[0].shape, tuple(c[1])))),
+    "ConstantOfShape": lambda imp, n, c: np.full(tuple(c[0]), imp.numpy_helper.to_array(imp._attrs(n)["value"]).reshape(-1)[0]
+                                                  if "value" in imp._attrs(n) else np.float32(0)),
 }
+
+
+def _int_div(a, b):
+    """ONNX integer division: truncation toward zero (NumPy's // floors)."""
+    q = np.abs(a) // np.abs(b)
+    return np.where((a < 0) != (b < 0), -q, q).astype(np.result_type(a, b))
 
 # ops with a kernel (any input); ops folded at build time when all their inputs are constant
 KERNEL_OPS = {op[4:] for op in dir(_Importer) if op.startswith("_op_")} | {"Constant"}

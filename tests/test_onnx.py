@@ -536,3 +536,29 @@ def test_pad_crops_with_negative_pads(rng):
     x = rng.standard_normal((3, 7)).astype(np.float32)
     got = ml.Session(onnx_import.import_onnx(model)).run({"x": x})["y"]
     np.testing.assert_array_equal(got, np.concatenate([np.full((2, 3), 4.0, np.float32), x[:, 1:4]]))
+
+
+def test_shape_arithmetic_folds(rng):
+    """Ops exporters use on shapes fold at build time with ONNX's rules (integer Div truncates,
+    Mod takes the divisor's sign); on a run-time input they are refused by name."""
+    k = lambda name, v: numpy_helper.from_array(np.asarray(v), name)   # noqa: E731
+    nodes = [helper.make_node("Div", ["m7", "i2"], ["d"]), helper.make_node("Mod", ["m7", "i3"], ["md"]),
+             helper.make_node("Less", ["i2", "i3"], ["lt"]), helper.make_node("Sqrt", ["f16"], ["sq"]),
+             helper.make_node("Neg", ["f1"], ["ng"]), helper.make_node("Where", ["lt", "sq", "ng"], ["wh"]),
+             helper.make_node("ConstantOfShape", ["s3"], ["half"], value=numpy_helper.from_array(np.array([0.5], np.float32))),
+             helper.make_node("Expand", ["half", "s23"], ["ex"]),
+             helper.make_node("Add", ["d", "md"], ["dm"]), helper.make_node("Cast", ["dm"], ["dmf"], to=TensorProto.FLOAT),
+             helper.make_node("Add", ["dmf", "wh"], ["c"]), helper.make_node("Add", ["c", "ex"], ["c2"]),
+             helper.make_node("Add", ["x", "c2"], ["y"])]
+    inits = [k("m7", np.int64(-7)), k("i2", np.int64(2)), k("i3", np.int64(3)), k("f16", np.float32(16)),
+             k("f1", np.float32(1)), k("s3", np.array([3], np.int64)), k("s23", np.array([2, 3], np.int64))]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    net = onnx_import.import_onnx(model)
+    assert [n.kind for n in net.nodes] == ["add"]
+    x = rng.standard_normal((2, 3)).astype(np.float32)
+    np.testing.assert_array_equal(ml.Session(net).run({"x": x})["y"], x + np.float32(-3 + 2 + 4 + 0.5))
+    model = _model("Mod", [("x", [2]), ("i", i64(3, 3))], [("y", [2])], 17)
+    with pytest.raises(mk.ValidationError, match=r"\(Mod, opset 17\): op Mod is supported on constants only .* 'x' is computed at run time"):
+        onnx_import.import_onnx(model)
