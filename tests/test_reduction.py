@@ -182,6 +182,27 @@ def test_nan_and_inf(kernel, isa, device, run, make_image, read_image, rng):
           tolerance(op, axis, x), cls.__name__)
 
 
+@pytest.mark.parametrize("cls", ARG, ids=["ArgumentMin", "ArgumentMax"])
+def test_argument_extremes_over_many_channels(cls, isa, device, run, make_image, read_image, rng):
+    """Argmin / argmax keep 64 candidates (4 vectors of 16 channels): ties, NaNs and
+    infinities spread over all of them, and pixels that are all one value."""
+    x = random_values(rng, (1, 4, 5, 150), ties=True)
+    special = x.reshape(-1, 150)
+    special[0] = -np.inf
+    special[1] = np.inf
+    special[2] = np.nan
+    special[3, [100, 130]] = np.nan               # the first NaN is in a later vector group
+    special[4, [20, 70]] = 9.0                    # the first of two maxima in the second vector
+    special[5, [20, 70]] = -9.0
+    special[6, 149] = np.inf                      # in the last, partial vector
+    special[7, 149] = -np.inf
+    special[8, :] = 0.0
+    special[8, 1::3] = -0.0
+    got, _ = run_kernel(run, device, make_image, read_image, cls, x)
+    op = "argmin" if cls is mk.NNReduceFeatureChannelsArgumentMin else "argmax"
+    check(got, reduce_reference(op, FC, x), 0.0, cls.__name__)
+
+
 def test_sum_weight(isa, device, run, make_image, read_image, rng):
     x = random_values(rng, (2, 3, 4, 21))
     for weight in (1.0, -0.375, 3.0):

@@ -61,6 +61,50 @@ static inline unsigned l_nanmask(L v) {
            (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(v.hi, v.hi, _CMP_UNORD_Q)) << 8;
 }
 
+/* argmin / argmax: plain vminps / vmaxps (NaNs are looked for apart) */
+static inline L l_pick(int op, L a, L b) {
+    if (op == MK_REDUCE_MAX) return (L){_mm256_max_ps(a.lo, b.lo), _mm256_max_ps(a.hi, b.hi)};
+    return (L){_mm256_min_ps(a.lo, b.lo), _mm256_min_ps(a.hi, b.hi)};
+}
+static inline unsigned bits(__m256 lo, __m256 hi) {
+    return (unsigned)_mm256_movemask_ps(lo) | (unsigned)_mm256_movemask_ps(hi) << 8;
+}
+static inline unsigned l_better(int op, L a, L b) {
+    if (op == MK_REDUCE_MAX)
+        return bits(_mm256_cmp_ps(a.lo, b.lo, _CMP_GT_OQ), _mm256_cmp_ps(a.hi, b.hi, _CMP_GT_OQ));
+    return bits(_mm256_cmp_ps(a.lo, b.lo, _CMP_LT_OQ), _mm256_cmp_ps(a.hi, b.hi, _CMP_LT_OQ));
+}
+static inline unsigned l_unord(L a, L b) {
+    return bits(_mm256_cmp_ps(a.lo, b.lo, _CMP_UNORD_Q), _mm256_cmp_ps(a.hi, b.hi, _CMP_UNORD_Q));
+}
+
+/* every lane = the least / greatest lane of v (no NaNs) */
+static inline L l_all(int op, L v) {
+    __m256 a = op == MK_REDUCE_MAX ? _mm256_max_ps(v.lo, v.hi) : _mm256_min_ps(v.lo, v.hi);
+    L t = l_pick(op, (L){a, a}, (L){_mm256_permute2f128_ps(a, a, 1), a});
+    t = l_pick(op, t, (L){_mm256_permute_ps(t.lo, 0x4E), a});
+    t = l_pick(op, t, (L){_mm256_permute_ps(t.lo, 0xB1), a});
+    return (L){t.lo, t.lo};
+}
+
+typedef struct { __m256i lo, hi; } LI;
+static inline LI li_set1(int n) { return (LI){_mm256_set1_epi32(n), _mm256_set1_epi32(n)}; }
+static inline __m256i lanes_in(unsigned k) {   /* all ones in lane i where bit i of k is set */
+    const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    return _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32((int)k), bit), bit);
+}
+static inline LI li_where(LI a, unsigned k, int n) {
+    const __m256i v = _mm256_set1_epi32(n);
+    return (LI){_mm256_blendv_epi8(a.lo, v, lanes_in(k)), _mm256_blendv_epi8(a.hi, v, lanes_in(k >> 8))};
+}
+static inline int32_t li_min(LI a, unsigned k) {
+    int32_t x[16], best = INT32_MAX;
+    _mm256_storeu_si256((__m256i *)x, a.lo);
+    _mm256_storeu_si256((__m256i *)(x + 8), a.hi);
+    for (; k; k &= k - 1) best = x[__builtin_ctz(k)] < best ? x[__builtin_ctz(k)] : best;
+    return best;
+}
+
 static inline __m128 h_op(int op, __m128 a, __m128 b) {
     if (op == MK_REDUCE_SUM) return _mm_add_ps(a, b);
     __m128 ord = _mm_cmpord_ps(a, a);

@@ -56,6 +56,27 @@ static inline float l_fold(int op, __m512 v) {
     return _mm_cvtss_f32(b);
 }
 
+/* argmin / argmax: plain vminps / vmaxps (NaNs are looked for apart) */
+static inline __m512 l_pick(int op, __m512 a, __m512 b) {
+    return op == MK_REDUCE_MAX ? _mm512_max_ps(a, b) : _mm512_min_ps(a, b);
+}
+static inline unsigned l_better(int op, __m512 a, __m512 b) {
+    return op == MK_REDUCE_MAX ? _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ) : _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ);
+}
+#define l_unord(a, b) ((unsigned)_mm512_cmp_ps_mask((a), (b), _CMP_UNORD_Q))
+/* every lane = the least / greatest lane of v (no NaNs) */
+static inline __m512 l_all(int op, __m512 v) {
+    v = l_pick(op, v, _mm512_shuffle_f32x4(v, v, 0x4E));
+    v = l_pick(op, v, _mm512_shuffle_f32x4(v, v, 0xB1));
+    v = l_pick(op, v, _mm512_permute_ps(v, 0x4E));
+    return l_pick(op, v, _mm512_permute_ps(v, 0xB1));
+}
+
+typedef __m512i LI;
+#define li_set1 _mm512_set1_epi32
+static inline LI li_where(LI a, unsigned k, int n) { return _mm512_mask_set1_epi32(a, (__mmask16)k, n); }
+static inline int32_t li_min(LI a, unsigned k) { return _mm512_mask_reduce_min_epi32((__mmask16)k, a); }
+
 #define v_load(p) _mm512_loadu_ps(p)
 #define v_load_n(p, r) _mm512_maskz_loadu_ps(rd_tail(r), (p))
 #define v_store(p, v) _mm512_storeu_ps((p), (v))

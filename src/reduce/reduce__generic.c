@@ -55,6 +55,48 @@ static inline unsigned l_nanmask(L v) {
     for (int i = 0; i < 16; i++) k |= (unsigned)(v.v[i] != v.v[i]) << i;
     return k;
 }
+/* argmin / argmax (NaNs are looked for apart) */
+static inline L l_pick(int op, L a, L b) {
+    for (int k = 0; k < 16; k++)
+        a.v[k] = op == MK_REDUCE_MAX ? (a.v[k] > b.v[k] ? a.v[k] : b.v[k])
+                                     : (a.v[k] < b.v[k] ? a.v[k] : b.v[k]);
+    return a;
+}
+static inline unsigned l_better(int op, L a, L b) {
+    unsigned k = 0;
+    for (int i = 0; i < 16; i++)
+        k |= (unsigned)(op == MK_REDUCE_MAX ? a.v[i] > b.v[i] : a.v[i] < b.v[i]) << i;
+    return k;
+}
+static inline unsigned l_unord(L a, L b) {
+    unsigned k = 0;
+    for (int i = 0; i < 16; i++) k |= (unsigned)(a.v[i] != a.v[i] || b.v[i] != b.v[i]) << i;
+    return k;
+}
+
+/* every lane = the least / greatest lane of v (no NaNs) */
+static inline L l_all(int op, L v) {
+    float m = v.v[0];
+    for (int k = 1; k < 16; k++) m = op == MK_REDUCE_MAX ? (v.v[k] > m ? v.v[k] : m) : (v.v[k] < m ? v.v[k] : m);
+    return l_set1(m);
+}
+
+typedef struct { int32_t v[16]; } LI;
+static inline LI li_set1(int n) {
+    LI r;
+    for (int k = 0; k < 16; k++) r.v[k] = n;
+    return r;
+}
+static inline LI li_where(LI a, unsigned k, int n) {
+    for (int i = 0; i < 16; i++)
+        if (k >> i & 1) a.v[i] = n;
+    return a;
+}
+static inline int32_t li_min(LI a, unsigned k) {
+    int32_t best = INT32_MAX;
+    for (; k; k &= k - 1) best = a.v[__builtin_ctz(k)] < best ? a.v[__builtin_ctz(k)] : best;
+    return best;
+}
 static inline float rd_op1(int op, float a, float b) {
     return op == MK_REDUCE_SUM ? a + b : op == MK_REDUCE_MIN ? rd_min1(a, b) : rd_max1(a, b);
 }

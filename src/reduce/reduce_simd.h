@@ -9,6 +9,12 @@
  *   l_fold(op, v)  the lane tree: k with k+8, k+4, k+2, k+1; returns lane 0
  *   l_set1(x)      broadcast
  *   l_eqmask(v, m), l_nanmask(v)  bit k set where lane k equals m / is NaN
+ *   l_pick(op, a, b)  lane-wise min / max, NaNs as the instruction has it (argmin / argmax
+ *                  look for NaNs apart); l_better(op, a, b): bit k set where a[k] is strictly
+ *                  less / greater than b[k]; l_unord(a, b): bit k set where a[k] or b[k] is NaN;
+ *                  l_all(op, v): the least / greatest lane of v (no NaNs) in every lane
+ *   LI             16 int32 lanes; li_set1(n); li_where(a, k, n): lanes set in k become n;
+ *                  li_min(a, k): the least lane set in k (k != 0)
  *   V, VL          the native vector for the strided kernel; v_load, v_load_n(p, r),
  *                  v_store, v_store_n(p, v, r), v_add, v_min, v_max
  *
@@ -81,58 +87,71 @@ static void RDN(channels_weighted)(const float *x, int64_t sx, const float *w, i
     }
 }
 
-/* The extremum of one pixel's channels for argmin / argmax: only its value matters (the
- * index comes from rd_find), so four independent accumulators shorten the dependency chain. */
-RD_ALWAYS_INLINE float rd_extremum(const int op, const float *r, int64_t C) {
-    if (C < 64) return rd_pixel(op, r, C);
-    L a0 = l_load(r), a1 = l_load(r + 16), a2 = l_load(r + 32), a3 = l_load(r + 48);
-    int64_t c = 64;
-    for (; c + 64 <= C; c += 64) {
-        a0 = l_op(op, a0, l_load(r + c));
-        a1 = l_op(op, a1, l_load(r + c + 16));
-        a2 = l_op(op, a2, l_load(r + c + 32));
-        a3 = l_op(op, a3, l_load(r + c + 48));
-    }
-    for (; c + 16 <= C; c += 16) a0 = l_op(op, a0, l_load(r + c));
-    if (c < C) a0 = l_op(op, a0, l_load_n(r + c, (int)(C - c), rd_fill(op)));
-    return l_fold(op, l_op(op, l_op(op, a0, a1), l_op(op, a2, a3)));
+/* Argmin / argmax, in blocks of 64 channels (4 vectors of 16). Lane k keeps v[k], the best
+ * (least / greatest) of channels k, k+16, k+32, ... read so far, and blk[k], the first block
+ * in which v[k] was reached (a later block must be strictly better to replace it). The
+ * extremum m is the best of the 16 lanes; the first block that holds m is the least blk[k]
+ * among the lanes with v[k] == m, and the answer is the first channel equal to m in that
+ * block (-0 and +0 are equal). Lanes past C hold the padding (+inf for min, -inf for max),
+ * which no channel beats unless it is better, and which comes after every real channel of
+ * its block. Comparisons ignore NaNs, so NaNs are looked for on the side: any NaN makes the
+ * answer the first NaN. */
+RD_ALWAYS_INLINE L rd_block_vector(const float *r, int64_t C, int64_t c, float fill) {
+    const int64_t left = C - c;
+    return left >= 16 ? l_load(r + c) : l_load_n(r + c, left > 0 ? (int)left : 0, fill);
 }
 
-/* The first c < C with r[c] == m (m NaN: the first NaN). Scans every vector from the last to
- * the first, keeping the lowest hit, without a data-dependent branch. */
-#define RD_FIND(MASK)                                                                    \
-    if (full < C) {                                                                      \
-        L v = l_load_n(r + full, (int)(C - full), 0.0f);                                 \
-        unsigned k = (MASK) & ((1u << (C - full)) - 1u);                                 \
-        if (k) best = full + __builtin_ctz(k);                                           \
-    }                                                                                    \
-    for (int64_t c = full - 16; c >= 0; c -= 16) {                                       \
-        L v = l_load(r + c);                                                             \
-        unsigned k = MASK;                                                               \
-        best = k ? c + __builtin_ctz(k) : best;                                          \
+static int64_t rd_first_nan(const float *r, int64_t C) {
+    for (int64_t c = 0;; c += 16) {
+        const unsigned k = l_nanmask(rd_block_vector(r, C, c, 0.0f));
+        if (k) return c + __builtin_ctz(k);
     }
-RD_ALWAYS_INLINE int64_t rd_find(const float *r, int64_t C, float m) {
-    const int64_t full = C & ~(int64_t)15;
-    const L vm = l_set1(m);
-    int64_t best = 0;
-    if (m != m) {
-        RD_FIND(l_nanmask(v))
-    } else {
-        RD_FIND(l_eqmask(v, vm))
-    }
-    return best;
 }
 
-/* Two passes over the pixel (the second from L1): the extremum m (NaN if any channel is NaN,
- * since min / max keep NaNs), then the first channel equal to m (or the first NaN). The
- * pixel 4 ahead is prefetched: the two passes fill the out-of-order window with work that
- * waits on this pixel, so without it too few loads are in flight (2x slower from DRAM). */
+RD_ALWAYS_INLINE float rd_arg_pixel(const int op, const float *r, int64_t C) {
+    const float fill = rd_fill(op);
+    L v = l_set1(fill);
+    LI blk = li_set1(0);
+    unsigned nan = 0;
+    int t = 0;
+    int64_t c = 0;
+    for (; c + 64 <= C; c += 64, t++) {
+        const L x0 = l_load(r + c), x1 = l_load(r + c + 16);
+        const L x2 = l_load(r + c + 32), x3 = l_load(r + c + 48);
+        nan |= l_unord(x0, x1) | l_unord(x2, x3);
+        const L b = l_pick(op, l_pick(op, x0, x1), l_pick(op, x2, x3));
+        blk = li_where(blk, l_better(op, b, v), t);
+        v = l_pick(op, v, b);
+    }
+    if (c < C) {   /* the last, partial block */
+        L b = l_set1(fill);
+        for (int64_t j = c; j < C; j += 16) {
+            const L x = rd_block_vector(r, C, j, fill);
+            nan |= l_unord(x, x);
+            b = l_pick(op, b, x);
+        }
+        blk = li_where(blk, l_better(op, b, v), t);
+        v = l_pick(op, v, b);
+    }
+    if (nan) return (float)rd_first_nan(r, C);
+    const L vm = l_all(op, v);   /* m in every lane */
+    const int64_t first = 64 * (int64_t)li_min(blk, l_eqmask(v, vm));
+    /* the 64 channels of that block as one 64-bit mask: no branch on where m is */
+    uint64_t hits = 0;
+    for (int j = 0; j < 4; j++)
+        hits |= (uint64_t)l_eqmask(rd_block_vector(r, C, first + 16 * j, fill), vm) << (16 * j);
+    return (float)(first + __builtin_ctzll(hits));
+}
+
+/* The pixel 4 ahead is prefetched: the epilogue of each pixel (horizontal min / max, the scan
+ * of one block) holds up the loads of the next ones; from L3 / DRAM (3.2 MB / 64 MiB, 256
+ * channels) the prefetch brings argmax from 84% / 65% to 92% / 84-92% of the read probe's
+ * rate, at a cost of about 25% on an L2-resident image. */
 RD_ALWAYS_INLINE void rd_channels_arg(const int op, const float *x, int64_t sx, int64_t C,
                                       int64_t P, float *out) {
     for (int64_t p = 0; p < P; p++) {
-        const float *r = x + p * sx;
-        for (int64_t c = 0; c < C; c += 16) __builtin_prefetch(r + 4 * sx + c);
-        out[p] = (float)rd_find(r, C, rd_extremum(op, r, C));
+        for (int64_t c = 0; c < C; c += 16) __builtin_prefetch(x + (p + 4) * sx + c);
+        out[p] = rd_arg_pixel(op, x + p * sx, C);
     }
 }
 
