@@ -80,10 +80,11 @@ void mk_gemm_pack_b(int64_t k, int64_t n, const void *b, int format, int64_t rs,
 /* ---- SGEMM driver ---------------------------------------------------------------------------
  * The output is cut into tasks (a batch item's block of rows x columns), by shape only. A task
  * sums its whole K in blocks of kc: per block and per tile of MR rows it packs the A tile
- * (MR x kc on the stack, so it stays in L1 with no 4 KiB aliasing between rows) and runs the
- * micro-kernel over its columns' 32-column panels of packed B (kc x 32 each, from L2). Every
- * output element is summed in the same order (K blocks of kc, k within a block) whoever
- * computes it: results are bitwise identical for any thread count.
+ * (MR x kc contiguous, so it stays in L1 with no 4 KiB aliasing between rows; or reads the
+ * rows in place when they do not alias) and runs the micro-kernel over its columns' 32-column
+ * panels of packed B (kc x 32 each, from L2). Every output element is summed in the same order
+ * (K blocks of kc, k within a block) whoever computes it: results are bitwise identical for
+ * any thread count.
  *
  * B is packed one of two ways:
  * - shared, when an item's packed B fits half the L2 (SHARED_FLOATS): a first parallel pass
@@ -111,8 +112,9 @@ static int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 static int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 
-/* Scratch memory (packed B, fp32 C blocks) kept between calls: fresh pages cost a page fault
- * each (5% of a 1024^3 product). A few blocks, taken and given back atomically. */
+/* Scratch memory (packed B and A rows, fp32 C blocks) kept between calls: fresh pages cost a
+ * page fault each (5% of a 1024^3 product). At most SCRATCH_SLOTS blocks of <= 4 MiB (about
+ * 1-2 MiB each in practice), taken and given back atomically. */
 #define SCRATCH_SLOTS 4
 #define SCRATCH_KEEP_MAX (4 << 20)   /* bytes: larger blocks are freed */
 
@@ -305,8 +307,7 @@ static void sgemm_task(const sgemm_plan *g, int64_t t, float *pb, float *pa, flo
                 if (j + MK_GEMM_NR < j1 && p->b.cs == 1)   /* the next panel, in shares */
                     prefetch_part((const char *)(B + pc * p->b.rs + j + MK_GEMM_NR),
                                   p->b.rs * (int64_t)sizeof(float), kc, 2, tt, tiles, 1);
-            }
-            if (!by_panel) {
+            } else {
                 if (j == j0) tile_rows(g, A, i, mr, pc, kc, pa, rows[0]);
                 if (i + MR < i1 && p->a.cs == 1)   /* the next tile's rows, into L2, in shares */
                     prefetch_part(A + (size_t)((i + MR) * p->a.rs + pc) * asz,
