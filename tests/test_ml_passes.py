@@ -405,3 +405,21 @@ def test_shape_errors_at_compile_name_the_node(device):
     net.output(net.reshape(x, (4, -1), name="to_rows"), "y")
     with pytest.raises(mk.ValidationError, match=r"node 'to_rows' \(reshape\) of network 'free': reshape: \(3, 6\)"):
         pipeline(device, net, i0=(3, 6))
+
+
+@pytest.mark.parametrize("neuron", [None, (mk.CNNNeuronType.RELUN, 0.0, 0.5), (mk.CNNNeuronType.SIGMOID, 0.0, 0.0)])
+@pytest.mark.parametrize("shape", [(1, 37), (1, 1, 37), (5, 37)])
+def test_gemm_rows(device, shape, neuron):
+    """gemm: one row runs on mk_sgemm (clamps fused), more rows or other neurons on the 1x1
+    convolution; both against NumPy."""
+    rng = np.random.default_rng(len(shape) + shape[0])
+    w, b = rng.standard_normal((19, 37)).astype(np.float32), rng.standard_normal(19).astype(np.float32)
+    d = None if neuron is None else mk.NNNeuronDescriptor(*neuron)
+    net = ml.Network("g")
+    net.output(net.gemm(net.input("x", shape), w, b, d), "y")
+    x = rng.standard_normal(shape).astype(np.float32)
+    y = ml.Session(net, device=device).run({"x": x})["y"]
+    want = x.astype(np.float64) @ w.T + b
+    if neuron is not None:
+        want = np.clip(want, 0, 0.5) if neuron[0] == mk.CNNNeuronType.RELUN else 1 / (1 + np.exp(-want))
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
