@@ -486,6 +486,24 @@ def _shape_arg(shape, what):
     return tuple(int(d) for d in shape)
 
 
+def _ints(values, count, what, minimum):
+    """A tuple of integers >= minimum (`count` of them unless None): strides, pads, a perm."""
+    try:
+        values = tuple(values)
+    except TypeError:
+        values = (values,)
+    if (count is not None and len(values) != count) or any(
+            isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum for v in values):
+        raise ValidationError(f"{what} must be {count or 'some'} integers >= {minimum}, got {values!r}")
+    return tuple(int(v) for v in values)
+
+
+def _neuron_arg(neuron, what):
+    if neuron is not None and not isinstance(neuron, NNNeuronDescriptor):
+        raise ValidationError(f"{what}: neuron must be an NNNeuronDescriptor or None, got {neuron!r}")
+    return neuron
+
+
 class Network:
     """A graph of our kernels over tensors, built in order (each node's inputs exist before it).
     Inputs get binding indices 0.. in declaration order, outputs follow."""
@@ -577,7 +595,7 @@ class Network:
 
     def reshape(self, x, shape, name=None):
         """The elements of x in C order, in a new shape (one -1 is inferred)."""
-        shape = tuple(int(d) for d in shape)
+        shape = _ints(shape, None, "reshape: shape", -1)
 
         def infer(shapes):
             size = int(np.prod(shapes[0]))
@@ -595,8 +613,10 @@ class Network:
         (global pooling). pads (top, left, bottom, right); ceil_mode rounds the output size up."""
         if mode not in ("max", "average"):
             raise ValidationError(f"pool2d: mode must be 'max' or 'average', got {mode!r}")
-        attrs = {"mode": mode, "kernel": None if kernel is None else tuple(int(k) for k in kernel),
-                 "strides": tuple(strides), "dilations": tuple(dilations), "pads": tuple(pads),
+        strides, dilations = _ints(strides, 2, "pool2d: strides", 1), _ints(dilations, 2, "pool2d: dilations", 1)
+        pads = _ints(pads, 4, "pool2d: pads", 0)
+        attrs = {"mode": mode, "kernel": None if kernel is None else _ints(kernel, 2, "pool2d: kernel", 1),
+                 "strides": strides, "dilations": dilations, "pads": pads,
                  "count_include_pad": bool(count_include_pad), "ceil_mode": bool(ceil_mode)}
 
         def infer(shapes):
@@ -618,7 +638,7 @@ class Network:
 
     def concat(self, *xs, axis, name=None):
         """xs joined along axis (their other dimensions equal)."""
-        axis = int(axis)
+        axis, = _ints(axis, 1, "concat: axis", -(1 << 31))
 
         def infer(shapes):
             rank = len(shapes[0])
@@ -637,7 +657,7 @@ class Network:
         if w.ndim != 2:
             raise ValidationError(f"gemm: weights must be [N][K], got shape {w.shape}")
         attrs = {"weights": w, "bias": None if bias is None else np.asarray(bias, np.float32).reshape(-1),
-                 "neuron": neuron}
+                 "neuron": _neuron_arg(neuron, "gemm")}
 
         def infer(shapes):
             if len(shapes[0]) < 2 or shapes[0][-1] != w.shape[1]:
@@ -648,7 +668,7 @@ class Network:
         return self._node("gemm", [x], attrs, name, infer)
 
     def transpose(self, x, perm, name=None):
-        perm = tuple(int(p) for p in perm)
+        perm = _ints(perm, None, "transpose: perm", 0)
 
         def infer(shapes):
             if sorted(perm) != list(range(len(shapes[0]))):
@@ -665,9 +685,12 @@ class Network:
         if w.ndim != 4:
             raise ValidationError(f"conv2d: weights must be [out][kh][kw][in/groups], got shape {w.shape}")
         out_c, kh, kw, cin_g = w.shape
-        sy, sx = strides
-        dy, dx = dilations
-        top, left, bottom, right = pads
+        (sy, sx), (dy, dx) = _ints(strides, 2, "conv2d: strides", 1), _ints(dilations, 2, "conv2d: dilations", 1)
+        top, left, bottom, right = _ints(pads, 4, "conv2d: pads", 0)
+        groups, = _ints(groups, 1, "conv2d: groups", 1)
+        if out_c % groups:
+            raise ValidationError(f"conv2d: groups {groups} must divide the {out_c} output channels")
+        _neuron_arg(neuron, "conv2d")
         attrs = {"weights": w, "bias": None if bias is None else np.asarray(bias, np.float32).reshape(-1),
                  "strides": (sy, sx), "dilations": (dy, dx), "pads": (top, left, bottom, right),
                  "groups": groups, "neuron": neuron}

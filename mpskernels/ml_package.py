@@ -125,7 +125,7 @@ def load_package_bytes(data, where="<bytes>"):
         fail(f"truncated or padded: the preamble says {base + blen} bytes, the file has {len(data)}")
     try:
         header = json.loads(bytes(data[_PREAMBLE.size:_PREAMBLE.size + hlen]).decode())
-    except (UnicodeDecodeError, ValueError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         fail(f"the header (bytes {_PREAMBLE.size}..{_PREAMBLE.size + hlen}) is not JSON: {e}")
     blob = memoryview(data)[base:]
     if not isinstance(header, dict) or not isinstance(header.get("networks"), dict) \
@@ -155,7 +155,8 @@ def load_package_bytes(data, where="<bytes>"):
             networks[name] = _network(name, spec, decode, at)
         except PackageError:
             raise
-        except (ValidationError, KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+        except (ValidationError, KeyError, TypeError, ValueError, IndexError, AttributeError,
+                RecursionError) as e:
             fail(f"network {name!r}, {at[0]}: {type(e).__name__}: {e}")
     return networks
 
@@ -191,7 +192,7 @@ def _array(blob, entry, i, fail):
     try:
         dtype, shape, offset, nbytes = entry
         dtype = np.dtype(dtype) if dtype in _DTYPES else None
-        shape = tuple(int(d) for d in shape if not isinstance(d, bool) and int(d) == d and d >= 0)
+        shape = tuple(d for d in shape if isinstance(d, int) and not isinstance(d, bool) and d >= 0)
         ok = dtype is not None and len(shape) == len(entry[1]) and all(
             isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in (offset, nbytes))
     except (TypeError, ValueError):

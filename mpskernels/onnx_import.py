@@ -65,7 +65,7 @@ class _Importer:
         self.opset = {o.domain or "ai.onnx": o.version for o in model.opset_import}.get("ai.onnx", 1)
         graph = model.graph
         self.net = Network(name)
-        self.consts = {t.name: self.numpy_helper.to_array(t) for t in graph.initializer}
+        self.consts = {t.name: self._array(t, f"initializer {t.name!r}") for t in graph.initializer}
         self.values = {}       # ONNX name -> (Value, layout "plain" | "nhwc")
         self.converted = {}    # (Value, perm or shape) -> its transposed / reshaped copy
         self.graph_outputs = {o.name for o in graph.output}
@@ -93,7 +93,12 @@ class _Importer:
                 self.skip.add(id(node))
         for node in nodes:
             if id(node) not in self.skip:
-                self._node(node)
+                try:
+                    self._node(node)
+                except ValidationError:
+                    raise
+                except (KeyError, TypeError, ValueError, IndexError, AttributeError, ArithmeticError) as e:
+                    self._fail(node, f"malformed node: {type(e).__name__}: {e}")   # e.g. wrong attribute types
         for o in graph.output:
             if o.name not in self.values and o.name in self.consts:
                 raise ValidationError(f"output {o.name!r} is a constant; the importer needs "
@@ -111,6 +116,12 @@ class _Importer:
 
     def _fail(self, node, what):
         raise ValidationError(f"{self._where(node)}: {what}")
+
+    def _array(self, tensor, what):
+        try:
+            return self.numpy_helper.to_array(tensor)
+        except Exception as e:   # onnx's own errors on malformed data: ValueError, TypeError...
+            raise ValidationError(f"{what}: {type(e).__name__}: {e}") from None
 
     def _const(self, name):
         return self.consts.get(name) if name else None
@@ -270,7 +281,7 @@ class _Importer:
     def _constant_attr(self, node):
         a = node.attribute[0]
         if a.name == "value":
-            return self.numpy_helper.to_array(a.t)
+            return self._array(a.t, self._where(node))
         if a.name in ("value_float", "value_int"):
             return np.array(a.f if a.name == "value_float" else a.i, np.float32 if a.name == "value_float" else np.int64)
         if a.name in ("value_floats", "value_ints"):
