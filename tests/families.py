@@ -8,9 +8,9 @@ EXAMPLES: family -> examples(rng) -> [Example]. An Example has float32 input arr
 FUZZ_KERNELS: what the API fuzzer (tests/test_fuzz.py) draws. A PointwiseKernel has random
   valid parameters, a kernel factory and a float64 reference of the per-element function; the
   fuzzer does the geometry (offsets, clip rects, edge modes, channel offsets, broadcasting
-  strides) and checks values. An OpaqueKernel (convolution, reductions) is drawn with random,
-  possibly invalid parameters and checked for behaviour only: it succeeds or raises one of
-  ours, keeps read counts right and writes nothing outside its destination.
+  strides) and checks values. A WholeKernel (convolution, reductions) is drawn with random,
+  possibly invalid parameters and says which calls must raise, what the image-returning
+  encode makes and the float64 reference of the whole call; the fuzzer checks values too.
 """
 from dataclasses import dataclass, field
 from typing import Callable
@@ -245,7 +245,10 @@ class PointwiseKernel:
 
 
 def _f32(st, lo, hi):
-    return st.floats(lo, hi, width=32)
+    """A float32 parameter, 0 or at least 2**-20 in magnitude: the kernels flush denormal
+    intermediates to zero (FTZ/DAZ), so scale * x must not underflow (x / (tiny * y) would be
+    0/0 = NaN instead of the reference's inf)."""
+    return st.floats(lo, hi, width=32).map(lambda v: v if abs(v) >= 2.0 ** -20 else 0.0)
 
 
 def _draw_neuron(data):
@@ -316,25 +319,64 @@ FUZZ_KERNELS = [
 
 
 @dataclass
-class OpaqueKernel:
-    """draw(data, sources) -> params (valid or not); make(device, params) -> kernel."""
+class WholeKernel:
+    """A kernel the fuzzer checks against a float64 reference of the whole call (convolution,
+    reductions). The fuzzer sets offset, channel offsets and edge mode on the kernel; these
+    read them back.
+    draw(data, source image) -> params, valid or not;
+    invalid(params) -> why make must raise, or None; make(device, params) -> the kernel;
+    rules(kernel, params, source, destination or None) -> [why encode must raise];
+    result(kernel, params, source) -> (shape, format, offset or None): the destination of the
+      image-returning encode, and the offset encode must set;
+    reference(kernel, params, (val, err, unk) of the source, destination shape) ->
+      (index into the destination, value, error bound, unknown mask) before storage."""
     name: str
-    arity: int
     draw: Callable
+    invalid: Callable
     make: Callable
+    rules: Callable
+    result: Callable
+    reference: Callable
 
 
-def _draw_convolution(data, sources):
+_U = 2.0 ** -24     # fp32 unit roundoff
+
+
+def _draw_convolution(data, source):
     from hypothesis import strategies as st
-    channels = sources[0].feature_channels
+    channels = source.feature_channels
     kind = data.draw(st.sampled_from(["plain", "plain", "depthwise", "transpose"]))
     cin = channels if data.draw(st.integers(0, 5)) else data.draw(st.integers(1, 40))
     cout = cin if kind == "depthwise" and data.draw(st.booleans()) else data.draw(st.integers(1, 20))
+    if kind == "depthwise" and data.draw(st.booleans()):
+        cout = cin * data.draw(st.integers(1, 3))
+    if data.draw(st.integers(0, 3)) == 0:    # Winograd's shape: 3x3, stride 1, >= 16 channels
+        return {"kind": "plain", "kw": 3, "kh": 3, "cin": cin, "cout": data.draw(st.integers(16, 20)),
+                "groups": 1, "stride": 1, "dilation": 1, "bias": True, "relu": data.draw(st.booleans()),
+                "seed": data.draw(st.integers(0, 99))}
     groups = data.draw(st.sampled_from([1, 1, 1, 2, cin]))
     return {"kind": kind, "kw": data.draw(st.integers(1, 4)), "kh": data.draw(st.integers(1, 4)),
             "cin": cin, "cout": cout, "groups": groups, "stride": data.draw(st.integers(1, 3)),
             "dilation": data.draw(st.integers(1, 2)), "bias": data.draw(st.booleans()),
             "relu": data.draw(st.booleans()), "seed": data.draw(st.integers(0, 99))}
+
+
+def _convolution_invalid(p):
+    if p["kind"] == "depthwise":
+        return "depthwise: cout not a multiple of cin" if p["cout"] % p["cin"] else None
+    if p["cin"] % p["groups"] or p["cout"] % p["groups"]:
+        return "groups do not divide cin and cout"
+    return None
+
+
+def _convolution_arrays(p):
+    """(weights [out][kh][kw][in/groups] (depthwise [out][kh][kw]), bias or None)."""
+    depthwise = p["kind"] == "depthwise"
+    shape = (p["cout"], p["kh"], p["kw"]) if depthwise else \
+        (p["cout"], p["kh"], p["kw"], max(1, p["cin"] // max(1, p["groups"])))
+    rng = np.random.default_rng(p["seed"])
+    w = rng.standard_normal(shape).astype(np.float32)
+    return w, rng.standard_normal(p["cout"]).astype(np.float32) if p["bias"] else None
 
 
 def _make_convolution(device, p):
@@ -347,27 +389,109 @@ def _make_convolution(device, p):
     d.dilation_rate_x = d.dilation_rate_y = p["dilation"]
     if p["relu"]:
         d.fused_neuron_descriptor = mk.NNNeuronDescriptor.cnn_neuron_descriptor(T.RELU)
-    shape = (p["cout"], p["kh"], p["kw"]) if depthwise else \
-        (p["cout"], p["kh"], p["kw"], max(1, p["cin"] // max(1, p["groups"])))
-    rng = np.random.default_rng(p["seed"])
-    w = rng.standard_normal(shape).astype(np.float32)
-    b = rng.standard_normal(p["cout"]).astype(np.float32) if p["bias"] else None
+    w, b = _convolution_arrays(p)
     if p["kind"] == "transpose":
         return mk.CNNConvolutionTranspose(device, _Weights(d, w, b))
     return mk.CNNConvolution.from_arrays(device, d, w, b)
 
 
-def _draw_reduction(data, sources):
+def _convolution_rules(kernel, p, source, destination):
+    c0 = kernel.source_feature_channel_offset
+    if c0 >= source.feature_channels:
+        return ["source_feature_channel_offset outside the source"]
+    reasons = []
+    if source.feature_channels - c0 != p["cin"]:
+        reasons.append("the source's channels are not input_feature_channels")
+    depth = source.number_of_images
+    if destination is not None:
+        depth = destination.number_of_images
+        if kernel.destination_feature_channel_offset + p["cout"] > destination.feature_channels:
+            reasons.append("destination has too few channels")
+    if kernel.offset.z + depth > source.number_of_images:
+        reasons.append("a source has too few images for offset.z + depth")
+    return reasons
+
+
+def _convolution_result(kernel, p, source):
+    """MPS's default padding (same size, centred, the odd pixel top-left, §4.4): a
+    destination of ceil(n / stride) pixels whose window centres start at offset k//2 - left;
+    a transposed convolution (backwards) gives (n - 1) * stride + 1 pixels from offset 0."""
+    size, offset = [], []
+    for n, k in ((source.width, p["kw"]), (source.height, p["kh"])):
+        k = (k - 1) * p["dilation"] + 1
+        s = p["stride"]
+        if p["kind"] == "transpose":
+            size.append((n - 1) * s + 1)
+            offset.append(0)
+        else:
+            dest = -(-n // s)
+            size.append(dest)
+            offset.append(k // 2 - ((dest - 1) * s + k - n + 1) // 2)
+    fmt = FMT.FLOAT16 if source.feature_channel_format == FMT.FLOAT16 else FMT.FLOAT32
+    return (source.number_of_images, size[1], size[0], p["cout"]), fmt, tuple(offset)
+
+
+def _convolution_reference(kernel, p, x, shape):
+    """conv_reference.correlate on the model (unknown and non-finite inputs as 0, their taps
+    marking the output unknown). Bound: twice the inputs' errors through |w|, plus 2e-5 of the
+    sum of |w x| + |bias| (fp32 sums of <= 640 products in any order), plus, for Winograd's
+    shape, 2e-5 of the largest such sum in the output plane (its error follows its tile)."""
+    import conv_reference as cref
+    n, h, wd, _ = shape
+    oz, c0 = kernel.offset.z, kernel.source_feature_channel_offset
+    part = (slice(oz, oz + n), slice(None), slice(None), slice(c0, c0 + p["cin"]))
+    val, err, unk = (a[part] for a in x)
+    unk = unk | ~np.isfinite(val)
+    val = np.where(unk, 0.0, val)
+    w, b = _convolution_arrays(p)
+    depthwise = p["kind"] == "depthwise"
+    w = (w[..., None] if depthwise else w).astype(np.float64)
+    groups = p["cin"] if depthwise else p["groups"]
+    s, d, ox, oy = p["stride"], p["dilation"], kernel.offset.x, kernel.offset.y
+    if p["kind"] == "transpose":
+        geometry = dict(first=(ox * s, oy * s), stride=(1, 1), up=(s, s))
+    else:
+        kwd, khd = (p["kw"] - 1) * d + 1, (p["kh"] - 1) * d + 1
+        geometry = dict(first=(ox - (kwd >> 1), oy - (khd >> 1)), stride=(s, s), up=(1, 1))
+
+    def correlate(src, weights, bias):
+        return cref.correlate(src, weights, bias, groups, count=(wd, h), dilation=(d, d),
+                              edge=int(kernel.edge_mode), **geometry)
+    y = correlate(val, w, b)
+    size = correlate(np.abs(val), np.abs(w), None if b is None else np.abs(b))
+    bound = 2 * correlate(err, np.abs(w), None) + 2e-5 * size
+    if (p["kind"], p["kw"], p["kh"], s, d, groups) == ("plain", 3, 3, 1, 1, 1):
+        bound += 2e-5 * size.max(axis=(1, 2), keepdims=True)
+    unknown = correlate(unk.astype(np.float64), np.ones_like(w), None) > 0
+    if p["relu"]:
+        y = np.maximum(y, 0.0)
+    dc0 = kernel.destination_feature_channel_offset
+    return (slice(0, n), slice(None), slice(None), slice(dc0, dc0 + p["cout"])), y, bound, unknown
+
+
+# reductions: class name -> (op, axis of (N, H, W, C) reduced)
+_REDUCE_OPS = [("ArgumentMin", "argmin"), ("ArgumentMax", "argmax"), ("Min", "min"), ("Max", "max"),
+               ("Mean", "mean"), ("Sum", "sum")]
+_REDUCE_AXES = [("Row", 2), ("Column", 1), ("FeatureChannels", 3)]
+
+
+def _reduction(name):
+    op = next(o for suffix, o in _REDUCE_OPS if name.endswith(suffix))
+    axis = next(a for word, a in _REDUCE_AXES if word in name)
+    return op, axis
+
+
+def _draw_reduction(data, source):
     from hypothesis import strategies as st
     import mpskernels.reduction as reduction
     names = [n for n in reduction.__all__ if issubclass(getattr(reduction, n), reduction.NNReduceUnary)
              and getattr(reduction, n)._op is not None]
-    image = sources[0]
     clip = None
     if data.draw(st.booleans()):
-        x, y = data.draw(st.integers(0, image.width)), data.draw(st.integers(0, image.height))
-        clip = ((x, y, 0), (data.draw(st.integers(1, image.width + 1)),
-                            data.draw(st.integers(1, image.height + 1)), 1))
+        x, y = data.draw(st.integers(0, source.width)), data.draw(st.integers(0, source.height))
+        clip = ((x, y, data.draw(st.integers(0, source.number_of_images))),
+                (data.draw(st.integers(1, source.width + 1)), data.draw(st.integers(1, source.height + 1)),
+                 data.draw(st.integers(1, 2))))
     return {"name": data.draw(st.sampled_from(names)), "clip": clip,
             "weight": data.draw(st.sampled_from([1.0, -0.5, 3.0]))}
 
@@ -382,5 +506,80 @@ def _make_reduction(device, p):
     return kernel
 
 
-FUZZ_KERNELS += [OpaqueKernel("convolution", 1, _draw_convolution, _make_convolution),
-                 OpaqueKernel("reduction", 1, _draw_reduction, _make_reduction)]
+def _reduction_region(p, images, height, width):
+    """clip_rect_source ∩ the source: slices (n, h, w), or None if they do not meet."""
+    (x, y, z), (w, h, d) = p["clip"] or ((0, 0, 0), (width, height, images))
+    w, h, d = min(x + w, width) - x, min(y + h, height) - y, min(z + d, images) - z
+    return None if min(w, h, d) <= 0 else (slice(z, z + d), slice(y, y + h), slice(x, x + w))
+
+
+# largest channel count whose indices a destination format holds exactly (None: none)
+_INDEX_LIMIT = {FMT.FLOAT32: 1 << 24, FMT.FLOAT16: 2049, FMT.BFLOAT16: 257}
+
+
+def _reduction_rules(kernel, p, source, destination):
+    c0 = kernel.source_feature_channel_offset
+    if c0 >= source.feature_channels:
+        return ["source_feature_channel_offset outside the source"]
+    reasons = []
+    if _reduction_region(p, source.number_of_images, source.height, source.width) is None:
+        reasons.append("clip_rect_source does not meet the source")
+    op, axis = _reduction(p["name"])
+    channels = source.feature_channels - c0
+    if destination is not None:
+        if kernel.destination_feature_channel_offset + (1 if axis == 3 else channels) > destination.feature_channels:
+            reasons.append("destination has too few channels")
+        if op in ("argmin", "argmax") and channels > _INDEX_LIMIT.get(destination.feature_channel_format, 0):
+            reasons.append("the destination's format cannot hold the channel indices")
+    return reasons
+
+
+def _reduction_result(kernel, p, source):
+    region = _reduction_region(p, source.number_of_images, source.height, source.width)
+    n, h, w = (s.stop - s.start for s in region)
+    op, axis = _reduction(p["name"])
+    shape = [n, h, w, source.feature_channels - kernel.source_feature_channel_offset]
+    shape[axis] = 1
+    fmt = FMT.FLOAT32 if op in ("argmin", "argmax") else source.feature_channel_format
+    return tuple(shape), fmt, None
+
+
+def _reduction_reference(kernel, p, x, shape):
+    """The reduction of the source region (float64). Bound: for sums and means (L+2) u times
+    the sum of |x| (fp32 accumulation of L terms in any order), plus the inputs' errors
+    (summed, averaged; the largest for min and max); argmin / argmax are exact on exact
+    inputs (first index on ties) and unknown otherwise. Results are placed at the
+    destination's origin (clip_rect is not set), cut to the destination."""
+    op, axis = _reduction(p["name"])
+    c0 = kernel.source_feature_channel_offset
+    region = _reduction_region(p, *x[0].shape[:3]) + (slice(c0, None),)
+    val, err, unk = (a[region] for a in x)
+    with np.errstate(all="ignore"):
+        unk = np.any(unk | ~np.isfinite(val), axis=axis, keepdims=True)
+        val = np.where(np.isfinite(val), val, 0.0)
+        terms = val.shape[axis]
+        if op in ("sum", "mean"):
+            weight = ref.f32(p["weight"]) if hasattr(kernel, "weight") else 1.0
+            scale = abs(weight) if op == "sum" else 1.0 / terms
+            y = val.sum(axis, keepdims=True) * (weight if op == "sum" else scale)
+            bound = (scale * np.abs(val).sum(axis, keepdims=True) * (terms + 2) * _U
+                     + scale * err.sum(axis, keepdims=True) + ref.FTZ_ATOL)
+        elif op in ("min", "max"):
+            y = getattr(val, op)(axis, keepdims=True)
+            bound = err.max(axis, keepdims=True)
+        else:
+            y = getattr(np, op)(val, axis=axis, keepdims=True).astype(np.float64)
+            bound = np.zeros_like(y)
+            unk |= np.any(err > 0, axis=axis, keepdims=True)
+    n, h, w, c = (min(a, b) for a, b in zip(y.shape, shape))
+    dc0 = kernel.destination_feature_channel_offset
+    cut = (slice(0, n), slice(0, h), slice(0, w))
+    return cut + (slice(dc0, dc0 + c),), y[cut], bound[cut], unk[cut]
+
+
+FUZZ_KERNELS += [
+    WholeKernel("convolution", _draw_convolution, _convolution_invalid, _make_convolution,
+                _convolution_rules, _convolution_result, _convolution_reference),
+    WholeKernel("reduction", _draw_reduction, lambda p: None, _make_reduction, _reduction_rules,
+                _reduction_result, _reduction_reference),
+]

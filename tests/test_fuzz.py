@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 import mpskernels as mk
-from families import FUZZ_KERNELS, OpaqueKernel
+from families import FUZZ_KERNELS, WholeKernel
 from mpskernels.kernel import ULONG_MAX
 
 FMT = mk.ImageFeatureChannelFormat
@@ -47,6 +47,13 @@ class Model:
         self.n0 = self.c0 = 0
         if root is not None:
             self.n0, self.c0 = image._n0, image._c0
+        self.writes = []            # (what, mask of the root) since the last check: the report
+
+    def wrote(self, what, index):
+        mask = np.zeros(self.root.val.shape, bool)
+        n, c = self.val.shape[0], self.val.shape[3]
+        mask[self.n0:self.n0 + n, ..., self.c0:self.c0 + c][index] = True
+        self.root.writes.append((what, mask))
 
     @property
     def temporary(self):
@@ -106,8 +113,14 @@ def evaluate(spec, params, reads, channels, fmt):
             corner = [v + (1 - 2 * s) * e for v, e, s in zip(vals, widths, signs)]
             dev = np.maximum(dev, np.abs(spec.f(params, corner, channels) - y))
         bound = 2 * dev + 1e-5 * np.abs(y) + 2.0 ** -18
-        unk = np.logical_or.reduce([r[2] for r in reads])
-        unk |= ~np.isfinite(y) | ~np.isfinite(bound) | (np.abs(y) + bound > LIMIT.get(fmt, 1e30))
+    return store(y, bound, np.logical_or.reduce([r[2] for r in reads]), fmt)
+
+
+def store(y, bound, unk, fmt):
+    """A result (value, bound, unknown) as the destination's format holds it: clamped for
+    unorm, the rounding added to the bound; non-finite or overflowing results unknown."""
+    with np.errstate(all="ignore"):
+        unk = unk | ~np.isfinite(y) | ~np.isfinite(bound) | (np.abs(y) + bound > LIMIT.get(fmt, 1e30))
     if fmt in (FMT.UNORM8, FMT.UNORM16):
         y = np.clip(y, 0.0, 1.0)
     return y, bound + quantum(y, fmt), unk
@@ -291,8 +304,8 @@ class APIMachine(RuleBasedStateMachine):
 
     def encode(self, data):
         spec = data.draw(st.sampled_from(FUZZ_KERNELS))
-        if isinstance(spec, OpaqueKernel):
-            return self.encode_opaque(data, spec)
+        if isinstance(spec, WholeKernel):
+            return self.encode_whole(data, spec)
         params = spec.draw(data)
         self.call("kernel")
         kernel = spec.make(self.device, params)
@@ -335,47 +348,73 @@ class APIMachine(RuleBasedStateMachine):
             if s.temporary:
                 self.release(s)
 
-    def encode_opaque(self, data, spec):
-        """No value model: the call succeeds or raises one of ours; on success the
-        destination becomes unknown, and everything else must stay as it was."""
-        pool = self.sources(data)
-        srcs = [data.draw(st.sampled_from(pool)) for _ in range(spec.arity)]
-        targets = [t for t in self.images + self.temps if not any(t.overlaps(s) for s in srcs)]
+    def encode_whole(self, data, spec):
+        """A convolution or reduction with random parameters: it must raise exactly when the
+        family's rules or MPS's (temporaries, aliasing) are broken, and write the reference's
+        values into its destination and nothing anywhere else."""
+        src = data.draw(st.sampled_from(self.sources(data)))
+        targets = self.images + self.temps
+        if data.draw(st.integers(0, 9)):     # mostly a destination that does not alias
+            targets = [t for t in targets if not t.overlaps(src)]
         dst = data.draw(st.sampled_from([None] + targets))
-        params = spec.draw(data, [s.image for s in srcs])
+        params = spec.draw(data, src.image)
         self.call(spec.name)
-        try:
-            kernel = spec.make(self.device, params)
-            image = srcs[0].image
-            if data.draw(st.booleans()):
-                kernel.offset = (data.draw(st.integers(-2, 2)), data.draw(st.integers(-2, 2)), 0)
-            if dst is not None and data.draw(st.booleans()):
-                kernel.destination_feature_channel_offset = data.draw(
-                    st.integers(0, dst.image.feature_channels))
-            if data.draw(st.booleans()):
-                kernel.source_feature_channel_offset = data.draw(st.integers(0, image.feature_channels))
-            kernel.edge_mode = data.draw(st.sampled_from([0, 1]))
-            result = kernel.encode(self.cb, *[s.image for s in srcs],
-                                   None if dst is None else dst.image)
-        except ALLOWED as exc:
-            STATS["raised " + type(exc).__name__] += 1
+        why = spec.invalid(params)
+        if why:
+            self.expect_error(lambda: spec.make(self.device, params), f"{spec.name} ({why})")
+            return
+        kernel = spec.make(self.device, params)
+        image = src.image
+        if data.draw(st.booleans()):
+            kernel.offset = (data.draw(st.integers(-2, 2)), data.draw(st.integers(-2, 2)), 0)
+        if dst is not None and data.draw(st.booleans()):
+            kernel.destination_feature_channel_offset = data.draw(st.integers(0, dst.image.feature_channels))
+        if data.draw(st.booleans()):
+            kernel.source_feature_channel_offset = data.draw(st.integers(0, image.feature_channels))
+        kernel.edge_mode = data.draw(st.sampled_from([mk.ImageEdgeMode.ZERO, mk.ImageEdgeMode.CLAMP]))
+        reasons = spec.rules(kernel, params, image, None if dst is None else dst.image)
+        reasons += self.misuse([src], dst)
+        args = (self.cb, image, None if dst is None else dst.image)
+        if reasons:
+            self.expect_error(lambda: kernel.encode(*args), f"{spec.name} ({'; '.join(reasons)})")
             STATS[spec.name + " refused"] += 1
             self.read_counts_agree()
             return
-        except Exception as exc:   # noqa: BLE001 - any other type is the finding
-            raise AssertionError(f"{spec.name} {params}: raised {type(exc).__name__}: {exc}") from exc
+        if dst is None:
+            shape, fmt, offset = spec.result(kernel, params, image)
+        self.call("encode")
+        result = kernel.encode(*args)
         STATS[spec.name + " encoded"] += 1
         self.encoded += 1
         if dst is None:
             d = result.descriptor()
-            shape = (d.number_of_images, d.height, d.width, d.feature_channels)
+            got = (d.number_of_images, d.height, d.width, d.feature_channels)
+            assert (got, d.channel_format) == (shape, fmt), (got, d.channel_format, shape, fmt)
+            if offset is not None:
+                assert tuple(kernel.offset)[:2] == offset, (kernel.offset, offset)
             dst = Model(result, np.zeros(shape), np.zeros(shape), np.ones(shape, bool), cb=self.cb)
             self.temps.append(dst)
             self.refs.append(weakref.ref(result))
-        dst.unk[...] = True
-        for s in srcs:
-            if s.temporary:
-                self.release(s)
+        index, y, bound, unk = spec.reference(kernel, params, (src.val, src.err, src.unk), dst.val.shape)
+        dst.val[index], dst.err[index], dst.unk[index] = store(y, bound, unk, dst.image.feature_channel_format)
+        dst.wrote(f"{spec.name} {params} offset {tuple(kernel.offset)} edge {kernel.edge_mode!r} source "
+                  f"{image!r} channels from {kernel.source_feature_channel_offset} destination channels "
+                  f"from {kernel.destination_feature_channel_offset}", index)
+        if src.temporary:
+            self.release(src)
+
+    def misuse(self, srcs, dst):
+        """MPS's rules on the images of a call: temporaries of this buffer, not released; a
+        destination that does not alias a source."""
+        reasons = []
+        for s in srcs + ([dst] if dst is not None else []):
+            if s.temporary and s.cb is not self.cb:
+                reasons.append("temporary of another command buffer")
+            elif s.temporary and not s.live(self.cb):
+                reasons.append("released temporary")
+        if dst is not None and any(dst.overlaps(s) for s in srcs):
+            reasons.append("destination aliases a source")
+        return reasons
 
     # Kernels are what the fuzz is about: eight rules, so a step encodes about half the time.
     can_encode = precondition(lambda self: self.cb is not None and self.images)
@@ -438,8 +477,6 @@ class APIMachine(RuleBasedStateMachine):
             shape = (d.number_of_images, d.height, d.width, d.feature_channels)
             if dst_c0 + channels > shape[3]:
                 reasons.append("destination has too few channels")
-            if any(dst.overlaps(s) for s in srcs):
-                reasons.append("destination aliases a source")
         geo["set"]["destination_feature_channel_offset"] = dst_c0
         if data.draw(st.booleans()):
             region = (0, 0, 0, shape[2], shape[1], shape[0])
@@ -453,11 +490,7 @@ class APIMachine(RuleBasedStateMachine):
             for read in geo["reads"]:
                 if read[1][2] + region[5] > read[0].image.number_of_images:
                     reasons.append("a source has too few images for offset.z + depth")
-        for s in srcs + ([dst] if dst is not None else []):
-            if s.temporary and s.cb is not self.cb:
-                reasons.append("temporary of another command buffer")
-            elif s.temporary and not s.live(self.cb):
-                reasons.append("released temporary")
+        reasons += self.misuse(srcs, dst)
         if len(srcs) == 2 and srcs[0] is srcs[1] and srcs[0].temporary and srcs[0].rc < 2:
             reasons.append("the same temporary read twice with read_count < 2")
         geo.update(region=region, channels=channels, dst_c0=dst_c0, dst_shape=shape)
@@ -473,6 +506,7 @@ class APIMachine(RuleBasedStateMachine):
         sl = (slice(z0, z0 + depth), slice(y0, y0 + h), slice(x0, x0 + w),
               slice(geo["dst_c0"], geo["dst_c0"] + geo["channels"]))
         dst.val[sl], dst.err[sl], dst.unk[sl] = y, err, unk
+        dst.wrote(f"{spec.name} {params} {geo}", sl)
 
     # ---- CPU access ------------------------------------------------------------------------
 
@@ -559,6 +593,7 @@ class APIMachine(RuleBasedStateMachine):
             self.expect_error(lambda: kernel.encode(cb, self.images[0].image), "encode after commit")
         self.call("wait_until_completed")
         cb.wait_until_completed()
+        self.cb = None      # committed: a failure below must not make teardown commit it again
         assert cb.status == mk.CommandBufferStatus.COMPLETED, cb.error
         assert calls == [cb], f"completed handler called {len(calls)} times"
         self.committed.append((cb, calls))
@@ -583,9 +618,12 @@ class APIMachine(RuleBasedStateMachine):
             bad = known & ~ok
             if bad.any():
                 i = tuple(np.argwhere(bad)[0])
+                writers = [what for what, mask in model.writes if mask[i]][-3:]
                 raise AssertionError(f"{model.image!r} at {i}: got {got[i]!r}, model "
-                                     f"{model.val[i]!r} ± {model.err[i]!r} ({bad.sum()} wrong)")
+                                     f"{model.val[i]!r} ± {model.err[i]!r} ({bad.sum()} wrong); "
+                                     f"written by: {writers}")
             model.val[...], model.err[...], model.unk[...] = got, 0, False
+            model.writes = []
 
     def teardown(self):
         try:
