@@ -193,9 +193,9 @@ class _Storage:
 
     def _elements(self):
         """A NumPy view of the elements: (matrices, rows, columns) or (vectors, length)."""
-        return np.lib.stride_tricks.as_strided(
-            self._bytes[self._offset:].view(_DTYPE[self._data_type]), self._shape,
-            self._byte_strides)
+        span = self._bytes[self._offset:self._offset + self._needed]   # a whole number of elements
+        return np.lib.stride_tricks.as_strided(span.view(_DTYPE[self._data_type]), self._shape,
+                                               self._byte_strides)
 
     def to_numpy(self):
         """A copy of the elements: (rows, columns) / (length,), or with a leading matrices /
@@ -605,6 +605,8 @@ class MatrixSum(_NeuronMixin, Kernel):
         extent = (size, rows, columns, 1)
         dst = result_matrix._operand(start, co.x, co.y)
         dst_strides = (dst[4], dst[2], dst[3], 0)
+        # read (and checked) before anything is recorded: a refused encode records nothing
+        bias = None if bias_vector is None else bias_vector._values(0, columns, "bias_vector")
 
         def src(i):
             a, fmt, rs, cs, bs = sources[i]._operand(start, *offsets[i], self._transpose)
@@ -622,15 +624,14 @@ class MatrixSum(_NeuronMixin, Kernel):
             add.set_operand(1, *src(i))
             add.set_operand(2, dst[0], dst[1], *dst_strides)
             _record(command_buffer, add, self, (sources[i], result_matrix))
-        if bias_vector is not None:
-            _add_bias(command_buffer, self, result_matrix, dst, dst_strides, extent, bias_vector)
+        if bias is not None:
+            _add_bias(command_buffer, self, result_matrix, dst, dst_strides, extent, bias)
         if self._neuron[0] != CNNNeuronType.NONE:
             self._neuron_command(command_buffer, result_matrix, (start, size), rows, columns, co)
 
 
-def _add_bias(command_buffer, kernel, matrix, dst, dst_strides, extent, bias_vector):
-    """matrix window += bias (one value per column, the same for every row and batch)."""
-    bias = bias_vector._values(0, extent[2], "bias_vector")
+def _add_bias(command_buffer, kernel, matrix, dst, dst_strides, extent, bias):
+    """matrix window += bias (float32, one value per column, the same for every row and batch)."""
     add = _native.ElementwiseCommand.arithmetic(extent, 0, 1.0, 1.0, 0.0, -np.inf, np.inf)
     add.set_operand(0, dst[0], dst[1], *dst_strides)
     add.set_operand(1, bias.ctypes.data, 4, 0, 0, 1, 0)
@@ -715,12 +716,14 @@ class MatrixNeuron(_MatrixUnary):
         dst_strides = (dst[4], dst[2], dst[3], 0)
         if (a, bs, rs) != (dst[0], dst[4], dst[2]) or fmt != dst[1]:
             _check_no_overlap(result_matrix, (input_matrix,), "MatrixNeuron")
+        # read (and checked) before anything is recorded: a refused encode records nothing
+        bias = None if bias_vector is None else bias_vector._values(0, columns, "bias_vector")
         scale = _native.ElementwiseCommand.neuron(extent, int(CNNNeuronType.LINEAR),
                                                   float(self.alpha), 0.0, 0.0)
         scale.set_operand(0, a, fmt, bs, rs, cs, 0)
         scale.set_operand(1, dst[0], dst[1], *dst_strides)
         _record(command_buffer, scale, self, (input_matrix, result_matrix))
-        if bias_vector is not None:
-            _add_bias(command_buffer, self, result_matrix, dst, dst_strides, extent, bias_vector)
+        if bias is not None:
+            _add_bias(command_buffer, self, result_matrix, dst, dst_strides, extent, bias)
         if self._neuron[0] != CNNNeuronType.NONE:
             self._neuron_command(command_buffer, result_matrix, (start, size), rows, columns, co)
