@@ -8,6 +8,7 @@ tensors). Passes run in encoding order, one after another (a valid schedule of w
 allows); the validation layer checks the program would also be right if passes that no
 barrier orders ran at the same time. The design is in docs/ml.md."""
 import itertools
+import math
 
 import numpy as np
 
@@ -18,7 +19,7 @@ from mpskernels.convolution import (CNNConvolution, CNNConvolutionDescriptor, CN
 from mpskernels.enums import (BindingAccess, CNNNeuronType, Stages, TensorDataType, TensorUsage,
                               VisibilityOptions)
 from mpskernels.errors import CommandBufferStateError, HazardError, ValidationError
-from mpskernels.geometry import Offset
+from mpskernels.geometry import LIMIT, Offset
 from mpskernels.heap import Heap, resource_by_id
 from mpskernels.matrix import _clamp_of
 from mpskernels.neuron import CNNNeuron, NNNeuronDescriptor
@@ -498,6 +499,14 @@ def _ints(values, count, what, minimum):
     return tuple(int(v) for v in values)
 
 
+def _table(values, dtype, what):
+    """A 1-D array of dtype (an index or weight table); ValidationError if values do not fit."""
+    try:
+        return np.asarray(values, dtype).reshape(-1)
+    except (OverflowError, ValueError, TypeError) as e:
+        raise ValidationError(f"{what}: {e}") from None
+
+
 def _neuron_arg(neuron, what):
     if neuron is not None and not isinstance(neuron, NNNeuronDescriptor):
         raise ValidationError(f"{what}: neuron must be an NNNeuronDescriptor or None, got {neuron!r}")
@@ -732,15 +741,17 @@ class Network:
             raise ValidationError(f"layer_norm: output must be one of {self.LAYER_NORM_OUTPUTS}, got {output!r}")
         attrs = {"scale": None if scale is None else np.asarray(scale, np.float32),
                  "bias": None if bias is None else np.asarray(bias, np.float32),
-                 "axis": int(axis), "epsilon": float(epsilon), "output": output}
+                 "axis": _ints(axis, 1, "layer_norm: axis", -(1 << 31))[0], "epsilon": float(epsilon),
+                 "output": output}
 
         def infer(shapes):
             shape = shapes[0]
             a = _axis(axis, len(shape), "layer_norm")
             for what in ("scale", "bias"):
                 if attrs[what] is not None:
-                    try:
-                        np.broadcast_shapes(attrs[what].shape, shape[a:])
+                    try:   # it must broadcast *to* them, not to something larger
+                        if np.broadcast_shapes(attrs[what].shape, shape[a:]) != tuple(shape[a:]):
+                            raise ValueError
                     except ValueError:
                         raise ValidationError(f"layer_norm: {what} of shape {attrs[what].shape} does not "
                                               f"broadcast to the normalised dimensions {shape[a:]}") from None
@@ -752,7 +763,7 @@ class Network:
         """out[i0, i1, ...] = x[index[0][i0], index[1][i1], ...], or `value` where an index
         is -1: one index table (integers) per dimension, None for all of it. Pad, slice
         with any step, gather along a dimension and nearest-neighbour resize are gathers."""
-        index = [None if t is None else np.asarray(t, np.int32).reshape(-1) for t in index]
+        index = [None if t is None else _table(t, np.int32, "gather: index") for t in index]
 
         def infer(shapes):
             shape = shapes[0]
@@ -769,7 +780,7 @@ class Network:
     def resize_linear(self, x, y0, y1, wy, x0, x1, wx, name=None):
         """Bilinear resize of NHWC x: output row i blends rows y0[i] and y1[i] with weight
         wy[i] on y1, columns likewise; out (N, len(y0), len(x0), C)."""
-        tables = [np.asarray(t, np.int32 if k % 3 < 2 else np.float32).reshape(-1)
+        tables = [_table(t, np.int32 if k % 3 < 2 else np.float32, "resize_linear: tables")
                   for k, t in enumerate((y0, y1, wy, x0, x1, wx))]
         attrs = dict(zip(("y0", "y1", "wy", "x0", "x1", "wx"), tables))
 
@@ -791,7 +802,7 @@ class Network:
         dimensions, kept with size 1."""
         if op not in self.REDUCE:
             raise ValidationError(f"reduce: op must be one of {self.REDUCE}, got {op!r}")
-        axes = tuple(int(a) for a in axes)
+        axes = _ints(axes, None, "reduce: axes", -(1 << 31))
 
         def infer(shapes):
             shape = shapes[0]
@@ -830,8 +841,12 @@ class Network:
             raise ValidationError(f"conv_transpose2d: weights must be [out][kh][kw][in/groups], got shape {w.shape}")
         out_c, kh, kw, cin_g = w.shape
         attrs = {"weights": w, "bias": None if bias is None else np.asarray(bias, np.float32).reshape(-1),
-                 "strides": tuple(strides), "dilations": tuple(dilations), "pads": tuple(pads),
-                 "output_padding": tuple(output_padding), "groups": int(groups), "neuron": neuron}
+                 "strides": _ints(strides, 2, "conv_transpose2d: strides", 1),
+                 "dilations": _ints(dilations, 2, "conv_transpose2d: dilations", 1),
+                 "pads": _ints(pads, 4, "conv_transpose2d: pads", 0),
+                 "output_padding": _ints(output_padding, 2, "conv_transpose2d: output_padding", 0),
+                 "groups": _ints(groups, 1, "conv_transpose2d: groups", 1)[0],
+                 "neuron": _neuron_arg(neuron, "conv_transpose2d")}
 
         def infer(shapes):
             n, h, wd, c = _rank(shapes[0], 4, "conv_transpose2d input (NHWC)")
@@ -1083,7 +1098,11 @@ class MachineLearningPipelineState:
         self._offsets = {}
         self.memory_stats = {"peak_bytes": 0, "requested_bytes": 0, "lower_bound_bytes": 0}
         if order:
-            sizes = [int(np.prod(shapes[v])) * element_size(v.data_type) for v in order]
+            sizes = [math.prod(shapes[v]) * element_size(v.data_type) for v in order]
+            for v, size in zip(order, sizes):
+                if size > LIMIT:
+                    raise ValidationError(f"{v.name!r} of shape {shapes[v]} would take {size} bytes "
+                                          f"(more than 2**40): check the input shapes")
             offsets, self.memory_stats = _native.plan_arena(
                 sizes, [first[v] for v in order], [last.get(v, first[v]) for v in order])
             self._offsets = {v: int(o) for v, o in zip(order, offsets)}

@@ -57,9 +57,14 @@ def small_network():
     r = net.reshape(net.transpose(g, (0, 3, 1, 2)), (-1, 8))
     net.output(net.gemm(r, f(2, 8), f(2), mk.NNNeuronDescriptor(mk.CNNNeuronType.SIGMOID)), "y")
     net.output(p, "pooled")
-    two = ml.Network("two")
-    net2_x = two.input("a", (2, 3))
-    two.output(two.neuron(net2_x, mk.CNNNeuronType.TANH, 1.0, 1.0), "b")
+    two = ml.Network("two")    # the ops of transformers and decoders
+    a = two.input("a", (2, 3, 4))
+    t = two.layer_norm(two.softmax(a), f(4), f(4))
+    u = two.unary(two.matmul(t, two.constant(f(4, 5)), alpha=0.5), "gelu_tanh")
+    v = two.gather(two.reduce(u, "mean", (2,)), [None, [0, -1, 2], [0]], value=1.0)
+    img = two.reshape(v, (1, 2, 3, 1))
+    up = two.conv_transpose2d(img, f(2, 2, 2, 1), f(2), strides=(2, 2), pads=(0, 1, 0, 0))
+    two.output(two.resize_linear(up, [0, 1, 3], [1, 2, 3], [0.5, 0.25, 0.0], [0, 2], [1, 3], [0.5, 1.0]), "b")
     return {"small": net, "two": two}
 
 
@@ -73,7 +78,7 @@ def good_package():
 
 
 def good_onnx():
-    """A small ONNX model (NCHW) through most of the importer's ops, serialized."""
+    """A small ONNX model (NCHW) through the importer's CNN ops, serialized."""
     if "onnx" not in _GOOD:
         from onnx import TensorProto, helper, numpy_helper
         rng = np.random.default_rng(1)
@@ -113,6 +118,45 @@ def good_onnx():
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
         _GOOD["onnx"] = model.SerializeToString()
     return _GOOD["onnx"]
+
+
+def good_onnx2():
+    """A small ONNX model through the importer's other ops (normalisation, softmax, slices,
+    pads, gathers, reductions, splits, transposed convolution, resize), serialized."""
+    if "onnx2" not in _GOOD:
+        from onnx import TensorProto, helper, numpy_helper
+        rng = np.random.default_rng(2)
+        init = []
+
+        def const(name, a):
+            init.append(numpy_helper.from_array(np.asarray(a), name))
+            return name
+        f32 = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+        i64 = lambda v: np.array(v, np.int64)  # noqa: E731
+        node = helper.make_node
+        nodes = [
+            node("LayerNormalization", ["x", const("ls", f32(8)), const("lb", f32(8))], ["ln"], axis=-1),
+            node("Softmax", ["ln"], ["sm"], axis=-1),
+            node("Slice", ["sm", const("st", i64([1])), const("en", i64([7])), const("ax", i64([2])),
+                           const("sp", i64([2]))], ["sl"]),
+            node("Pad", ["sl", const("pads", i64([0, 0, 1, 0, 0, 1])), const("pv", np.float32(0.5))], ["pd"],
+                 mode="constant"),
+            node("ReduceMean", ["pd"], ["rm"], axes=[2], keepdims=1),
+            node("Gather", ["pd", const("gi", i64([0, 2]))], ["ga"], axis=1),
+            node("Erf", ["ga"], ["e"]),
+            node("HardSwish", ["e"], ["hs"]),
+            node("Split", ["hs", const("split", i64([2, 3]))], ["s1", "s2"], axis=2),
+            node("Unsqueeze", ["s2", const("ua", i64([1]))], ["un"]),
+            node("ConvTranspose", ["un", const("ctw", f32(1, 2, 2, 2))], ["ct"], strides=[2, 2]),
+            node("Resize", ["ct", "", const("sc", np.array([1, 1, 0.5, 0.5], np.float32))], ["rs"], mode="linear"),
+        ]
+        value = helper.make_tensor_value_info
+        graph = helper.make_graph(nodes, "g2", [value("x", TensorProto.FLOAT, [2, 3, 8])],
+                                  [value("rs", TensorProto.FLOAT, [2, 2, 2, 3]),
+                                   value("rm", TensorProto.FLOAT, [2, 3, 1]),
+                                   value("s1", TensorProto.FLOAT, [2, 2, 2])], init)
+        _GOOD["onnx2"] = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+    return _GOOD["onnx2"]
 
 
 # ---- mutations ---------------------------------------------------------------------------------
@@ -430,7 +474,7 @@ def _edit_onnx(model, draw):
 
 def mutated_onnx(draw):
     from onnx import ModelProto
-    data = good_onnx()
+    data = draw(st.sampled_from([good_onnx, good_onnx2]))()
     for _ in range(draw(st.integers(1, 3))):
         if draw(st.integers(0, 11)) == 0:
             data = edit_bytes(data, draw)
@@ -484,7 +528,7 @@ def test_good_files_load(device):
     """The starting points are valid (else the fuzz would only test the first check)."""
     nets = ml_package.load_package_bytes(good_package())
     assert set(nets) == {"small", "two"}
-    assert {n.kind for n in nets["small"].nodes} == set(ml.Network.OPS)
+    assert {n.kind for net in nets.values() for n in net.nodes} == set(ml.Network.OPS)
     before = STATS["run a loaded network loaded"]
     for net in nets.values():
         run_network(net, device)
@@ -502,7 +546,8 @@ def test_package_fuzz():
 def test_onnx_fuzz():
     pytest.importorskip("onnx", reason="the ONNX fuzz needs the onnx package")
     check_onnx(good_onnx(), _device())
-    assert STATS["import_onnx loaded"] >= 1
+    check_onnx(good_onnx2(), _device())
+    assert STATS["import_onnx loaded"] >= 2
     added = run_fuzz(max_examples=100, steps=3, formats=("onnx",))
     assert added["import_onnx"] >= 300, added
     assert added["raised ValidationError"] > 100 and added["import_onnx loaded"] > 10, added
@@ -533,6 +578,11 @@ def test_infinite_array_dimension_is_a_package_error():
     (lambda n, x: n.transpose(x, (0, 1, 2, float("inf"))), "transpose: perm"),
     (lambda n, x: n.concat(x, x, axis=float("inf")), "concat: axis"),
     (lambda n, x: n.reshape(x, (1, "x")), "reshape: shape"),
+    (lambda n, x: n.gather(x, [None, [2 ** 31], None, None]), "gather: index"),
+    (lambda n, x: n.resize_linear(x, [0], [1], [0.5], [0], [2 ** 40], [0.5]), "resize_linear: tables"),
+    (lambda n, x: n.conv_transpose2d(x, np.ones((2, 1, 1, 3)), strides=(0, 1)), "conv_transpose2d: strides"),
+    (lambda n, x: n.reduce(x, "sum", (float("inf"),)), "reduce: axes"),
+    (lambda n, x: n.layer_norm(x, scale=np.ones((1, 3))), "scale of shape \\(1, 3\\) does not broadcast"),
 ])
 def test_network_checks_op_arguments(op, message):
     """Found through packages: a stride of 0 divided by zero, int(inf) overflowed, and a
@@ -540,6 +590,16 @@ def test_network_checks_op_arguments(op, message):
     net = ml.Network()
     with pytest.raises(mk.ValidationError, match=message):
         op(net, net.input("x", (1, 4, 4, 3)))
+
+
+def test_pipeline_of_huge_shapes_is_a_validation_error(device):
+    """An input of 2**62 rows gave OverflowError when the intermediates were planned."""
+    net = ml.Network()
+    net.output(net.neuron(net.neuron(net.input("x", (2 ** 62, 4)), mk.CNNNeuronType.RELU),
+                          mk.CNNNeuronType.TANH), "y")
+    d = ml.MachineLearningPipelineDescriptor(ml.LibraryFunctionDescriptor(net.name, ml.Library(device, net)))
+    with pytest.raises(mk.ValidationError, match="more than 2\\*\\*40"):
+        device.make_compiler().make_machine_learning_pipeline_state(d)
 
 
 def test_onnx_initializer_not_matching_its_dims_is_a_validation_error():
