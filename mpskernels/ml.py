@@ -834,7 +834,8 @@ class Network:
                          pads=(0, 0, 0, 0), output_padding=(0, 0), groups=1, neuron=None, name=None):
         """ONNX ConvTranspose of NHWC x: weights [out][kh][kw][in/groups] (ONNX's W
         [in][out/groups][kh][kw] regrouped, not flipped); pads (top, left, bottom, right) are
-        cut from the full output; output_padding adds rows / columns at the end. Runs on
+        cut from the full output (a negative pad adds rows / columns of bias: an ONNX output_shape
+        larger than the full output); output_padding adds rows / columns at the end. Runs on
         CNNConvolutionTranspose."""
         w = np.ascontiguousarray(weights, np.float32)
         if w.ndim != 4:
@@ -843,7 +844,7 @@ class Network:
         attrs = {"weights": w, "bias": None if bias is None else np.asarray(bias, np.float32).reshape(-1),
                  "strides": _ints(strides, 2, "conv_transpose2d: strides", 1),
                  "dilations": _ints(dilations, 2, "conv_transpose2d: dilations", 1),
-                 "pads": _ints(pads, 4, "conv_transpose2d: pads", 0),
+                 "pads": _ints(pads, 4, "conv_transpose2d: pads", -(1 << 24)),
                  "output_padding": _ints(output_padding, 2, "conv_transpose2d: output_padding", 0),
                  "groups": _ints(groups, 1, "conv_transpose2d: groups", 1)[0],
                  "neuron": _neuron_arg(neuron, "conv_transpose2d")}

@@ -338,7 +338,10 @@ class _Importer:
     def _bn_affine(self, node):
         a = self._attrs(node)
         gamma, beta, mean, var = (self.consts[i].astype(np.float64) for i in node.input[1:5])
-        scale = gamma / np.sqrt(var + a.get("epsilon", 1e-5))
+        denominator = var + a.get("epsilon", 1e-5)
+        if not np.all(denominator > 0):   # a NaN, or a negative variance: no model has one
+            self._fail(node, "variance + epsilon must be positive in every channel")
+        scale = gamma / np.sqrt(denominator)
         return scale, beta - mean * scale
 
     def _pads(self, node, a, hw, kernel, strides, dilations):

@@ -84,8 +84,9 @@ def good_onnx():
         rng = np.random.default_rng(1)
         init = []
 
-        def const(name, *shape):
-            init.append(numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name))
+        def const(name, *shape, positive=False):
+            a = rng.standard_normal(shape)
+            init.append(numpy_helper.from_array((np.abs(a) + 0.1 if positive else a).astype(np.float32), name))
             return name
         init.append(numpy_helper.from_array(np.array([0, -1], np.int64), "flat"))
         init.append(numpy_helper.from_array(np.array(-1.0, np.float32), "lo"))
@@ -95,7 +96,7 @@ def good_onnx():
             node("Conv", ["x", const("w", 4, 3, 3, 3), const("b", 4)], ["c"], pads=[1, 1, 1, 1],
                  strides=[1, 1], dilations=[1, 1], group=1),
             node("BatchNormalization", ["c", const("g", 4), const("be", 4), const("m", 4),
-                                        const("v", 4)], ["n"], epsilon=1e-5),
+                                        const("v", 4, positive=True)], ["n"], epsilon=1e-5),
             node("Relu", ["n"], ["r"]),
             node("MaxPool", ["r"], ["p"], kernel_shape=[2, 2], strides=[2, 2], pads=[0, 0, 1, 1]),
             node("AveragePool", ["p"], ["ap"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),

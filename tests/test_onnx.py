@@ -562,3 +562,12 @@ def test_shape_arithmetic_folds(rng):
     model = _model("Mod", [("x", [2]), ("i", i64(3, 3))], [("y", [2])], 17)
     with pytest.raises(mk.ValidationError, match=r"\(Mod, opset 17\): op Mod is supported on constants only .* 'x' is computed at run time"):
         onnx_import.import_onnx(model)
+
+
+def test_batch_norm_with_a_negative_variance_is_refused(rng):
+    """A variance below -epsilon would give NaN scales folded silently into the convolution."""
+    model = residual_model(rng)
+    v2 = next(t for t in model.graph.initializer if t.name == "v2")
+    v2.CopyFrom(numpy_helper.from_array(np.full(8, -1.0, np.float32), "v2"))
+    with pytest.raises(mk.ValidationError, match="BatchNormalization.*variance"):
+        onnx_import.import_onnx(model)
