@@ -1,5 +1,6 @@
 """CommandBuffer (MTLCommandBuffer): records kernels; commit() plans the arena and hands the
 commands to the queue's worker; the kernels run in C with the GIL released."""
+import functools
 import threading
 import warnings
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ class CommandBuffer:
         self.retained_references = True
         self._encoder = None       # the Metal 4 pass encoder being encoded, if any (ml.py)
         self._pass_log = None      # its passes' dispatches, for the hazard check (ml.py)
+        self._relocations = None   # while a pipeline records: [(set address, address)] (ml.py)
 
     def __repr__(self):
         return f"<CommandBuffer label={self.label!r} status={self.status.name}>"
@@ -93,6 +95,8 @@ class CommandBuffer:
             else:
                 address = root._address() + byte_offset
                 self._retained.add(root)   # C holds the raw address: keep the storage alive
+                if self._relocations is not None:
+                    self._relocations.append((functools.partial(command.bind, k), address))
             command.set_operand(k, address, image._format, sn, sy, sx, sc)
         command.description = description
         self._commands.append(command)

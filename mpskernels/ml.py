@@ -9,6 +9,8 @@ allows); the validation layer checks the program would also be right if passes t
 barrier orders ran at the same time. The design is in docs/ml.md."""
 import itertools
 import math
+import threading
+import weakref
 
 import numpy as np
 
@@ -273,13 +275,20 @@ def gemm_op(cb, kernel, src, dst, description):
     convolution_op(cb, kernel, _rows(src, description), _rows(dst, description), description)
 
 
+def _gemm_operand(cb, command, slot, address, *layout):
+    """A GemmCommand's operand (it has no bind(): re-pointing it sets the whole operand)."""
+    command.set_operand(slot, address, *layout)
+    if cb._relocations is not None:
+        cb._relocations.append((lambda a: command.set_operand(slot, a, *layout), address))
+
+
 def gemv_op(cb, weights_t, bias, clamp, src, dst, description):
     """dst (1, ..., N) = clamp(src (1, ..., K) x W^T + bias) on mk_sgemm, W^T given [K][N]."""
     k, n = weights_t.shape
     command = _native.GemmCommand(1, 1, n, k, 1.0, 0.0, bias, *clamp)
-    command.set_operand(0, src.address, src._format, k * src.strides[-1], src.strides[-1], 0)
+    _gemm_operand(cb, command, 0, src.address, src._format, k * src.strides[-1], src.strides[-1], 0)
     command.set_operand(1, weights_t.ctypes.data, 4, n, 1, 0)
-    command.set_operand(2, dst.address, dst._format, n * dst.strides[-1], dst.strides[-1], 0)
+    _gemm_operand(cb, command, 2, dst.address, dst._format, n * dst.strides[-1], dst.strides[-1], 0)
     command.keep = weights_t
     cb._add(command, [], description)
 
@@ -446,7 +455,7 @@ def matmul_op(cb, transpose_a, transpose_b, alpha, a, b, dst, description):
         command = _native.GemmCommand(count, m, n, k, alpha, 0.0)
         for slot, (op, rs, cs, _) in enumerate(mats):
             offset = sum(i * st[slot] for i, (_, st) in zip(idx, outer))
-            command.set_operand(slot, op.address + offset * op.esize, op._format, rs, cs, bstrides[slot])
+            _gemm_operand(cb, command, slot, op.address + offset * op.esize, op._format, rs, cs, bstrides[slot])
         cb._add(command, [], description)
 
 
@@ -1032,6 +1041,7 @@ class MachineLearningPipelineState:
         self.device = device
         self.label = descriptor.label
         self.network = net
+        self._recording = None   # the last dispatch's commands (_Recording)
         shapes = self._input_shapes(net, descriptor)
         shapes.update((v, v.shape) for v in net.constants)
         for node in net.nodes:   # shapes with the inputs fixed
@@ -1575,6 +1585,13 @@ class MachineLearningCommandEncoder(_Encoder):
         what = f"dispatch {len(self._dispatches)} (network {state.network.name!r})"
         extra = [heap_op] if heap_op is not None else []
         self._dispatch(what, [operands[v] for v in state.network.inputs] + extra, outputs + extra)
+        cb = self.command_buffer
+        bound = [operands[v] for v in state.network.inputs + state.network.outputs]
+        regions = _Recording.regions(heap_op, bound)
+        suffix = f" of {what} in {self._name}"
+        recording = state._recording
+        if recording is not None and regions is not None and recording.replay(cb, regions, bound, suffix):
+            return
         for v in state.network.constants:
             operands[v] = _Operand(v.data.ctypes.data, v.shape, _packed(v.shape), v.data_type,
                                    f"constant {v.name!r}")
@@ -1584,9 +1601,75 @@ class MachineLearningCommandEncoder(_Encoder):
         for v, root in state._views.items():
             operands[v] = _with(operands[root], state._shapes[v])
             operands[v].name = f"intermediate {v.name!r} (a view of {root.name!r})"
-        for step in state._steps:
-            step.run(self.command_buffer, [operands[v] for v in step.slots],
-                     f"node {step.node.name!r} ({step.node.kind}) of {what} in {self._name}")
+        first = len(cb._commands)
+        cb._relocations = []
+        try:
+            for step in state._steps:
+                step.run(cb, [operands[v] for v in step.slots], f"node {step.node.name!r} ({step.node.kind}){suffix}")
+            relocations = cb._relocations
+        finally:
+            cb._relocations = None
+        if regions is not None:
+            state._recording = _Recording(cb, cb._commands[first:], relocations, regions, bound, suffix)
+
+
+class _Recording:
+    """The commands of a pipeline's last recorded dispatch, replayed by its next dispatches so
+    that no node is encoded again (Python's share of a run). Operands in the intermediates heap
+    or in a bound tensor are re-pointed when those lie elsewhere; that changes the commands, so
+    a replay needs every command buffer holding them to have finished (else the dispatch
+    records afresh). Bound tensors with other strides or formats record afresh too."""
+
+    def __init__(self, cb, commands, relocations, regions, bound, suffix):
+        self.commands, self.suffix = commands, suffix
+        self.layout = _Recording._layout(bound)
+        self.bases = [r0 for r0, _ in regions]
+        self.moves = []   # (set the address, region index, byte offset in the region)
+        for set_address, address in relocations:
+            for i, (r0, r1) in enumerate(regions):
+                if r0 <= address < r1:
+                    self.moves.append((set_address, i, address - r0))
+                    break   # else a constant of the pipeline: it never moves
+        self.users = [weakref.ref(cb)]
+        self.lock = threading.Lock()
+
+    @staticmethod
+    def _layout(bound):
+        return [(op.shape, op.strides, op._format) for op in bound]
+
+    @staticmethod
+    def regions(heap_op, bound):
+        """[(start, end)]: the intermediates heap and each bound tensor, or None if two of them
+        overlap (an address would not tell which one it is in)."""
+        spans = [heap_op.span() if heap_op is not None else (0, 0)] + [op.span() for op in bound]
+        ordered = sorted(s for s in spans if s[0] < s[1])
+        if any(a[1] > b[0] for a, b in zip(ordered, ordered[1:])):
+            return None
+        return spans
+
+    def replay(self, cb, regions, bound, suffix):
+        """Add the recorded commands to cb, re-pointed to these regions; False if it cannot."""
+        if _Recording._layout(bound) != self.layout:
+            return False
+        with self.lock:
+            for ref in self.users:
+                user = ref()
+                if user is not None and not user._native.finished:
+                    return False
+            self.users = [weakref.ref(cb)]
+            bases = [r0 for r0, _ in regions]
+            if bases != self.bases:
+                for set_address, i, offset in self.moves:
+                    if bases[i] != self.bases[i]:
+                        set_address(bases[i] + offset)
+                self.bases = bases
+            if suffix != self.suffix:   # failures name the dispatch and the pass
+                for command in self.commands:
+                    if isinstance(command.description, str) and command.description.endswith(self.suffix):
+                        command.description = command.description[:-len(self.suffix)] + suffix
+                self.suffix = suffix
+        cb._add_recorded(self.commands, ())
+        return True
 
 
 class _HeapRange:

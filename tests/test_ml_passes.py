@@ -423,3 +423,89 @@ def test_gemm_rows(device, shape, neuron):
     if neuron is not None:
         want = np.clip(want, 0, 0.5) if neuron[0] == mk.CNNNeuronType.RELUN else 1 / (1 + np.exp(-want))
     np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+
+
+# ---- replay: a pipeline's commands recorded once, re-pointed at later bindings -----------------
+
+def replay_network(rng):
+    """Nodes reading and writing bound tensors directly: a convolution and a residual add on
+    the input, a one-row gemm (mk_sgemm) into an output, a run-time matmul of a second input,
+    a layer norm (staged through the heap when a bound operand is not packed)."""
+    net = ml.Network("replay")
+    x, m = net.input("x", (2, 6, 5, 4)), net.input("m", (3, 16))
+    y = net.add(net.conv2d(x, rng.standard_normal((4, 3, 3, 4)), pads=(1, 1, 1, 1)), x, name="y")
+    g = net.reshape(net.pool2d(y, "average"), (2, 4))
+    net.output(y)
+    net.output(net.gemm(net.reshape(g, (1, 8)), rng.standard_normal((5, 8))), "z")
+    net.output(net.matmul(m, m, transpose_b=True), "p")
+    net.output(net.layer_norm(m, rng.standard_normal(16), rng.standard_normal(16)), "ln")
+    return net
+
+
+def test_dispatches_replay_the_recorded_commands(device):
+    """A pipeline's later dispatches add the commands its first one recorded (no node encoded
+    again), re-pointed when the bound tensors or the heap move; the results are bitwise those
+    of a fresh pipeline. A buffer still holding the commands, or bound tensors of other
+    strides, make the dispatch record afresh."""
+    rng = np.random.default_rng(7)
+    net = replay_network(rng)
+    state = pipeline(device, net)
+    shapes = [b.dimensions.shape for b in state.reflection.bindings]
+    queue = device.make_command_queue()
+
+    def inputs(seed, padded=False):
+        r = np.random.default_rng(seed)
+        x = r.standard_normal(shapes[0]).astype(np.float32)
+        m = r.standard_normal((3, 32 if padded else 16)).astype(np.float32)
+        return [tensor(device, x), tensor(device, m[:, :16])]
+
+    def encode(ins, heap, st=state):
+        outs = [empty(device, s) for s in shapes[2:]]
+        cb = queue.make_command_buffer()
+        enc = cb.make_machine_learning_command_encoder()
+        enc.set_pipeline_state(st)
+        enc.set_argument_table(table(device, *ins, *outs))
+        enc.dispatch_network(heap)
+        enc.end_encoding()
+        return cb, outs
+
+    def finish(cb, outs):
+        cb.commit()
+        cb.wait_until_completed()
+        assert cb.error is None
+        return [o.to_numpy() for o in outs]
+
+    def fresh(ins):   # a new pipeline: records its commands
+        st = pipeline(device, net)
+        return finish(*encode(ins, heap_for(device, st), st))
+
+    heap, other_heap = heap_for(device, state), heap_for(device, state)
+    first, outs = encode(inputs(0), heap)
+    commands = list(first._commands)
+    finish(first, outs)
+    runs = [(inputs(1), heap, True), (inputs(2), other_heap, True), (inputs(3, padded=True), heap, False),
+            (inputs(4, padded=True), heap, True), (inputs(5), other_heap, False)]
+    for ins, h, replay in runs:
+        cb, outs = encode(ins, h)
+        same = [a is b for a, b in zip(cb._commands, commands)]
+        assert (same == [True] * len(commands) == [True] * len(cb._commands)) if replay else not any(same)
+        commands = list(cb._commands)
+        got, want = finish(cb, outs), fresh(ins)
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(g, w)
+    # two buffers in flight: the second records its own commands; both right
+    ins_a, ins_b = inputs(6), inputs(7)
+    cb_a, outs_a = encode(ins_a, heap)
+    cb_b, outs_b = encode(ins_b, other_heap)
+    assert not set(map(id, cb_a._commands)) & set(map(id, cb_b._commands))
+    for (cb, outs), ins in (((cb_a, outs_a), ins_a), ((cb_b, outs_b), ins_b)):
+        for g, w in zip(finish(cb, outs), fresh(ins)):
+            np.testing.assert_array_equal(g, w)
+    # against NumPy, so that the fresh pipeline is not its own only reference
+    xv, mv = (t.to_numpy().astype(np.float64) for t in ins_b)
+    y, z, p, _ = finish(*encode(ins_b, heap))
+    weights = {n.kind: n.attrs["weights"].astype(np.float64) for n in net.nodes if "weights" in n.attrs}
+    np.testing.assert_allclose(y, conv_reference(xv, weights["conv2d"], None, (1, 1), (1, 1), (1, 1, 1, 1), 1) + xv,
+                               rtol=RTOL, atol=1e-5)
+    np.testing.assert_allclose(z, y.mean(axis=(1, 2)).reshape(1, 8) @ weights["gemm"].T, rtol=RTOL, atol=1e-5)
+    np.testing.assert_allclose(p, mv @ mv.T, rtol=RTOL, atol=1e-5)
