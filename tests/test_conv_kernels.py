@@ -1,5 +1,5 @@
 """The specialised convolution kernels (Winograd F(4,3), conv_winograd*.c; direct for few input
-channels, conv_direct*.c) through the public API against the float64 reference of
+channels, conv_direct*.c; the paths inside igemm, conv_igemm*.c) through the public API against the float64 reference of
 conv_reference.py, on every ISA, asserting `conv.implementation` names the kernel that ran.
 
 Tolerance: |ours - ref| <= TOL[kernel] * S (before the neuron; FLOAT16 destinations add half an
@@ -32,7 +32,7 @@ except ImportError:  # tests/ made a package
 # an fp32 simulation of the algorithm (cin 16..512, normal and unorm data) and 1.7e-6 (~29 u)
 # for this kernel on every ISA (cin 16..512, zero-padded borders); 1e-5 leaves a 6x margin.
 WINOGRAD_TOL = 1e-5
-TOL = {"depthwise": 1e-5, "direct": 1e-5, "winograd": WINOGRAD_TOL}
+TOL = {"depthwise": 1e-5, "direct": 1e-5, "igemm": 1e-5, "winograd": WINOGRAD_TOL}
 
 NEURONS = [(T.NONE, 0, 0, 0), (T.RELU, 0, 0, 0), (T.RELUN, 0, 6.0, 0), (T.RELU, 0.1, 0, 0),
            (T.SIGMOID, 0, 0, 0), (T.PRELU, 0, 0, 0)]
@@ -253,4 +253,38 @@ def test_one_and_two_threads_bitwise(device, device1, seed):
                                     ("winograd", 64, 16, 3, 1), ("direct", 4, 20, 3, 1)][seed]
     outs = [check(dev, np.random.default_rng(seed), kernel, cin=cin, cout=cout, k=k,
                   stride=(stride, stride), size=(37, 45), n=2) for dev in (device1, device)]
+    assert outs[0].tobytes() == outs[1].tobytes()
+
+
+# ---- igemm: narrow panels (a last panel of <= 16 output channels: the 12x16 tile on AVX-512) --
+
+NARROW = [  # cin, cout, k, stride, size, n
+    (32, 16, 1, (1, 1), (13, 11), 1), (17, 5, 1, (1, 1), (7, 9), 3), (24, 40, 1, (2, 1), (12, 15), 2),
+    (20, 48, 3, (2, 2), (11, 9), 2), (16, 144, 1, (1, 1), (6, 5), 1), (40, 13, 5, (1, 2), (10, 12), 1),
+]
+
+
+@pytest.mark.parametrize("case", range(len(NARROW)))
+@pytest.mark.parametrize("edge", [0, 1])
+def test_igemm_narrow_panels(device, isa, case, edge):
+    cin, cout, k, stride, size, n = NARROW[case]
+    rng = np.random.default_rng(700 + case * 2 + edge)
+    check(device, rng, "igemm", cin=cin, cout=cout, k=k, stride=stride, size=size, n=n, edge=edge,
+          neuron=NEURONS[case % len(NEURONS)], dilation=(1, 2) if case == 5 else (1, 1))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_igemm_narrow_placement(device, isa, seed):
+    """Offsets, clip rects, channel offsets, formats: tiles through the L1 buffer and in place."""
+    rng = np.random.default_rng(800 + seed)
+    check(device, rng, "igemm", cin=int(rng.integers(16, 40)), cout=int(rng.integers(1, 17)) + 32 * (seed % 2),
+          k=1, size=(10, 13), n=2, edge=seed % 2, offset=(int(rng.integers(-2, 3)), int(rng.integers(-2, 3))),
+          neuron=NEURONS[seed % len(NEURONS)], fmt_in=[FMT.FLOAT32, FMT.FLOAT16][seed % 2],
+          fmt_out=FMT.FLOAT16 if seed == 3 else FMT.FLOAT32, c0=seed % 3, c_extra=3, dst_c0=seed % 2,
+          clip=((1, 2), (9, 7)) if seed % 2 else None)
+
+
+def test_igemm_narrow_one_and_two_threads_bitwise(device, device1):
+    outs = [check(dev, np.random.default_rng(3), "igemm", cin=24, cout=48, k=1, size=(37, 45), n=2)
+            for dev in (device1, device)]
     assert outs[0].tobytes() == outs[1].tobytes()

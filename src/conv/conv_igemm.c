@@ -11,17 +11,18 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "conv/conv.h"
-#include "gemm/gemm.h"
+#include "conv/conv_kernels.h"
 
 #define IGEMM_MAX_MR 32
 #define IGEMM_CHUNK_ROWS 128   /* rows per parallel work item */
+#define IGEMM_MIN_ITEMS 8      /* ... fewer rows when that gives fewer items */
 #define IGEMM_IM2COL_CHANNELS 16   /* im2col below this many channels per group */
 #define IGEMM_IM2COL_MAX_K 4096    /* ... when a tile's rows fit in L1/L2 */
 #define IGEMM_L2_WEIGHTS (256 << 10)   /* bytes of a group's packed weights kept in L2 */
 
 typedef struct igemm_plan {
     const mk_gemm_ukernel *uk;   /* the micro-kernel the indirection was laid out for */
+    mk_gemm_ukernel_fn narrow;   /* the same tile for nc <= 16 at half the FMAs, or NULL */
     const float **indirection;   /* tiles x taps x mr */
     float *zero;                 /* cin_g zeros (64-byte aligned) */
     int64_t a_n, a_y, a_x;       /* element strides of the A image the offsets refer to */
@@ -101,6 +102,9 @@ static mk_status igemm_plan_create(mk_conv_plan *plan) {
     if (s == NULL) return MK_ENOMEM;
     plan->state = s;
     s->uk = uk;
+#if MK_X86
+    if (uk == &mk_gemm_ukernel__avx512) s->narrow = ck_igemm_12x16__avx512;
+#endif
     s->im2col = im2col_wanted(p);
     /* im2col from a tight copy copies whole kernel rows (kw taps x channels) in one go and
      * needs no indirection buffer */
@@ -157,21 +161,20 @@ typedef struct igemm_ctx {
     mk_status status;
 } igemm_ctx;
 
-/* One tile x one panel: the micro-kernel, then the neuron / store. */
+/* One tile x one panel: the micro-kernel, then the neuron / store. out: the tile's first
+ * result in the destination (rows ldc floats apart), or NULL: through `tile` and mk_conv_store. */
 static mk_status igemm_tile(const igemm_ctx *c, int64_t m0, int rows, int64_t panel_index,
                             int64_t o0, int nc, int64_t kc, int64_t ks, const float *const *a,
-                            intptr_t a_offset, float *tile) {
+                            intptr_t a_offset, float *out, int64_t ldc, float *tile) {
     const mk_conv_params *p = c->p;
-    const mk_gemm_ukernel *uk = c->s->uk;
+    const mk_gemm_ukernel_fn run = nc <= 16 && c->s->narrow ? c->s->narrow : c->s->uk->run;
     const float *wp = c->w->packed + panel_index * c->k * MK_GEMM_NR;
     const mk_gemm_epilogue ep = {1.0f, 0.0f, c->w->bias + o0, c->lo, c->hi};
-    float *out;
-    int64_t ldc;
-    if (!mk_conv_direct(p, m0, rows, o0, &out, &ldc)) {
-        uk->run(rows, nc, kc, ks, a, a_offset, c->s->zero, wp, tile, MK_GEMM_NR, &ep);
+    if (out == NULL) {
+        run(rows, nc, kc, ks, a, a_offset, c->s->zero, wp, tile, MK_GEMM_NR, &ep);
         return mk_conv_store(p, tile, MK_GEMM_NR, m0, rows, o0, nc);
     }
-    uk->run(rows, nc, kc, ks, a, a_offset, c->s->zero, wp, out, ldc, &ep);
+    run(rows, nc, kc, ks, a, a_offset, c->s->zero, wp, out, ldc, &ep);
     if (c->fused) return MK_OK;
     mk_neuron_params n = p->neuron;   /* in place, while the tile is in L1 */
     if (n.type == MK_NEURON_PRELU) n.prelu += o0;
@@ -247,11 +250,17 @@ static void igemm_task(void *arg, int64_t begin, int64_t end) {
         const int64_t last_panel = c->panels_inside ? c->panels : first_panel + 1;
         const intptr_t a_offset = (intptr_t)((uintptr_t)(c->a + g * p->cin_g * 4) -
                                              (uintptr_t)base_of(s));
-        int64_t t1 = (chunk + 1) * c->chunk_tiles;
-        if (t1 > c->tiles) t1 = c->tiles;
-        for (int64_t t = chunk * c->chunk_tiles; t < t1; t++) {
+        const int64_t t0 = chunk * c->chunk_tiles, t1 = t0 + c->chunk_tiles < c->tiles
+                                                            ? t0 + c->chunk_tiles : c->tiles;
+        const int64_t m1 = t1 * mr < c->m ? t1 * mr : c->m;
+        /* the item's rows evenly spaced in the destination (one check, not one per tile) */
+        float *out = NULL;
+        int64_t ldc = 0;
+        if (!mk_conv_direct(p, t0 * mr, (int)(m1 - t0 * mr), g * p->cout_g, &out, &ldc))
+            out = NULL;
+        for (int64_t t = t0; t < t1; t++) {
             const int64_t m0 = t * mr;
-            const int rows = (int)(c->m - m0 < mr ? c->m - m0 : mr);
+            const int rows = (int)(m1 - m0 < mr ? m1 - m0 : mr);
             const float *const *ind = s->tight ? NULL : s->indirection + t * taps * mr;
             if (c->im2col) {
                 for (int i = 0; i < rows; i++)
@@ -261,9 +270,12 @@ static void igemm_task(void *arg, int64_t begin, int64_t end) {
                 const int64_t o0 = g * p->cout_g + panel * MK_GEMM_NR;
                 const int nc = (int)(p->cout_g - panel * MK_GEMM_NR < MK_GEMM_NR
                                          ? p->cout_g - panel * MK_GEMM_NR : MK_GEMM_NR);
+                float *at = out ? out + (m0 - t0 * mr) * ldc + panel * MK_GEMM_NR : NULL;
                 mk_status st = c->im2col
-                    ? igemm_tile(c, m0, rows, g * c->panels + panel, o0, nc, c->k, 1, row_ptr, 0, tile)
-                    : igemm_tile(c, m0, rows, g * c->panels + panel, o0, nc, kc, taps, ind, a_offset, tile);
+                    ? igemm_tile(c, m0, rows, g * c->panels + panel, o0, nc, c->k, 1, row_ptr, 0,
+                                 at, ldc, tile)
+                    : igemm_tile(c, m0, rows, g * c->panels + panel, o0, nc, kc, taps, ind,
+                                 a_offset, at, ldc, tile);
                 if (st != MK_OK) c->status = st;
             }
         }
@@ -288,8 +300,6 @@ static mk_status igemm_run(const mk_conv_plan *plan, const mk_conv_params *p, mk
     const int mr = s->uk->mr;
     c.m = (int64_t)p->n * p->out_h * p->out_w;
     c.tiles = (c.m + mr - 1) / mr;
-    c.chunk_tiles = (IGEMM_CHUNK_ROWS + mr - 1) / mr;
-    c.chunks = (c.tiles + c.chunk_tiles - 1) / c.chunk_tiles;
     c.panels = panels_of(p);
     c.k = (int64_t)p->kh * p->kw * p->cin_g;
     c.fused = mk_conv_clamp(&p->neuron, &c.lo, &c.hi);
@@ -297,6 +307,16 @@ static mk_status igemm_run(const mk_conv_plan *plan, const mk_conv_params *p, mk
     /* a group's packed weights that stay in L2: keep the tiles' rows in L1 across panels */
     c.panels_inside = c.im2col || c.panels * c.k * MK_GEMM_NR * 4 <= IGEMM_L2_WEIGHTS;
     const int64_t blocks = (int64_t)p->groups * (c.panels_inside ? 1 : c.panels);
+    /* chunks of 128 rows, smaller where that leaves fewer than IGEMM_MIN_ITEMS items (small
+     * images: 14x14, 7x7), so that threads taking items in turn get even shares; from the
+     * shape only, never the thread count */
+    c.chunk_tiles = (IGEMM_CHUNK_ROWS + mr - 1) / mr;
+    if (blocks * ((c.tiles + c.chunk_tiles - 1) / c.chunk_tiles) < IGEMM_MIN_ITEMS) {
+        const int64_t wanted = (IGEMM_MIN_ITEMS + blocks - 1) / blocks;
+        const int64_t t = (c.tiles + wanted - 1) / wanted;
+        if (t < c.chunk_tiles) c.chunk_tiles = t;
+    }
+    c.chunks = (c.tiles + c.chunk_tiles - 1) / c.chunk_tiles;
     mk_parallel_for(pool, blocks * c.chunks, 1, igemm_task, &c);
     free(converted);
     return c.status;

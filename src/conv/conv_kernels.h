@@ -1,4 +1,5 @@
-/* Private to the specialised convolution kernels (conv_winograd*.c, conv_direct*.c): a few vector operations for the ISA the including file is compiled for,
+/* Private to the specialised convolution kernels (conv_winograd*.c, conv_direct*.c,
+ * conv_igemm*.c): a few vector operations for the ISA the including file is compiled for,
  * and the per-ISA inner functions. Each kernel's hot code is written once in its
  * `__generic.c` file; the `__avx2.c` / `__avx512.c` files include it again with that ISA's
  * flags, and CK_NAME gives every copy its own suffix. */
@@ -8,6 +9,7 @@
 #include <string.h>
 
 #include "conv/conv.h"
+#include "gemm/gemm.h"
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -116,5 +118,15 @@ typedef void (*ck_direct_row_fn)(const ck_direct_row *r);
 void ck_direct_row__generic(const ck_direct_row *r);
 void ck_direct_row__avx2(const ck_direct_row *r);
 void ck_direct_row__avx512(const ck_direct_row *r);
+
+/* ---- indirect GEMM (conv_igemm*.c) ---- */
+
+/* A tile of at most 12 rows x 16 columns with the arguments of the AVX-512 12x32 GEMM
+ * micro-kernel (mk_gemm_ukernel_fn, MR = 12, alpha 1, beta 0): a panel's last <= 16 columns. */
+#if MK_X86
+void ck_igemm_12x16__avx512(int mr, int nc, int64_t kc, int64_t ks, const float *const *a,
+                            intptr_t a_offset, const float *zero, const float *w, float *c,
+                            int64_t ldc, const mk_gemm_epilogue *ep);
+#endif
 
 #endif
