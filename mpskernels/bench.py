@@ -9,9 +9,15 @@ import mpskernels as mk
 
 F32 = mk.ImageFeatureChannelFormat.FLOAT32
 
+# Pause before each block: a peer's idle threads keep spinning after its last call (OpenBLAS:
+# 2^28 cycles, about 0.1 s) and take the core our second thread needs. Measured: our 2-thread
+# 512^3 product took 2.94 ms right after NumPy's block, 1.57 ms after a 0.2 s pause.
+SETTLE_SECONDS = 0.3
+
 
 def _samples(fn, seconds, clock):
-    fn()   # a discarded first call: caches warm, the other side's spinning threads gone
+    time.sleep(SETTLE_SECONDS)
+    fn()   # a discarded first call: caches warm, threads awake
     out = []
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline or len(out) < 3:
