@@ -509,3 +509,23 @@ def test_dispatches_replay_the_recorded_commands(device):
                                rtol=RTOL, atol=1e-5)
     np.testing.assert_allclose(z, y.mean(axis=(1, 2)).reshape(1, 8) @ weights["gemm"].T, rtol=RTOL, atol=1e-5)
     np.testing.assert_allclose(p, mv @ mv.T, rtol=RTOL, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("shape", [(1, 3, 40, 64), (2, 3, 33, 32), (3, 2, 32, 96), (1, 5, 64, 32),
+                                   (2, 3, 10, 32), (2, 3, 33, 37)])
+def test_nchw_to_nhwc_interleaves_planes(isa, device, device1, shape, dtype):
+    """The input transpose of an image model (NCHW -> NHWC into a packed intermediate): few
+    planes of 1024+ pixels are interleaved in tiles (three 4-byte planes by the ISA's vector
+    interleave); exact, at 1 and 2 threads, partial tiles and short planes included. Widths
+    are multiples of 32 so that the input is bound as it is (rows a multiple of 64 bytes),
+    except the last shape (padded rows: the planes' pixels do not merge into one run)."""
+    data_type = mk.TensorDataType.FLOAT32 if dtype == np.float32 else mk.TensorDataType.FLOAT16
+    net = ml.Network("t")
+    x = net.input("x", shape, data_type)
+    net.output(net.reshape(net.transpose(x, (0, 2, 3, 1)), (shape[0], -1)), "y")
+    xv = np.random.default_rng(sum(shape)).standard_normal(shape).astype(dtype)
+    want = xv.transpose(0, 2, 3, 1).reshape(shape[0], -1)
+    for d in (device, device1):
+        np.testing.assert_array_equal(ml.Session(net, device=d).run({"x": xv})["y"], want)
+

@@ -330,7 +330,76 @@ static mk_status ew_unary(const mk_ew_neuron *p, mk_ew_neuron_fn fn, const float
     return MK_OK;
 }
 
+/* A same-format copy that interleaves a few planes (NCHW -> NHWC of an RGB input): its runs
+ * are source rows written `planes` apart, so the plain walk stores one element at a time and
+ * writes every destination line once per plane, each time from far away. Tiles of EW_TILE
+ * pixels write all planes of a pixel block at once (three 4-byte planes: the ISA's vector
+ * interleave, ~8x the element-wise stores). */
+#define EW_TILE 1024
+#define EW_MAX_PLANES 16
+
+typedef struct ew_interleave_ctx {
+    const mk_ew_kernels *K;
+    const char *src;
+    char *dst;
+    int64_t planes, pixels, blocks, plane_stride, src_outer, dst_outer;  /* strides in elements */
+    size_t es;
+} ew_interleave_ctx;
+
+#define EW_INTERLEAVE(T)                                                                        \
+    for (int64_t c = 0; c < x->planes; c++) {                                                  \
+        const T *s = (const T *)sp + c * x->plane_stride;                                      \
+        T *d = (T *)dp + c;                                                                     \
+        for (int64_t p = 0; p < n; p++) d[p * x->planes] = s[p];                                \
+    }
+
+static void ew_interleave_task(void *vctx, int64_t begin, int64_t end) {
+    const ew_interleave_ctx *x = (const ew_interleave_ctx *)vctx;
+    for (int64_t i = begin; i < end; i++) {
+        const int64_t outer = i / x->blocks, p0 = i % x->blocks * EW_TILE;
+        const int64_t n = x->pixels - p0 < EW_TILE ? x->pixels - p0 : EW_TILE;
+        const char *sp = x->src + (outer * x->src_outer + p0) * (int64_t)x->es;
+        char *dp = x->dst + (outer * x->dst_outer + p0 * x->planes) * (int64_t)x->es;
+        if (x->es == 4 && x->planes == 3) {
+            const uint32_t *s = (const uint32_t *)sp;
+            x->K->interleave3(s, s + x->plane_stride, s + 2 * x->plane_stride, (uint32_t *)dp, n);
+        } else if (x->es == 4) { EW_INTERLEAVE(uint32_t) }
+        else if (x->es == 2) { EW_INTERLEAVE(uint16_t) }
+        else { EW_INTERLEAVE(uint8_t) }
+    }
+}
+
+/* Whether g (operand 0 the destination) is [outer,] planes, pixels with unit-stride source
+ * pixels written `planes` apart, planes adjacent: then run it tiled. */
+static int ew_interleave(const ew_geom *g, const mk_operand *src, const mk_operand *dst,
+                         mk_pool *pool) {
+    const int r = g->nd - 1, c = g->nd - 2;
+    if (g->nd < 2 || g->nd > 3 || src->format != dst->format || g->st[1][r] != 1 ||
+        g->st[0][c] != 1 || g->ext[c] > EW_MAX_PLANES || g->st[0][r] != g->ext[c] ||
+        g->ext[r] < EW_TILE)
+        return 0;
+    ew_interleave_ctx x;
+    x.K = ew_kernels();
+    x.es = mk_format_size(src->format);
+    x.src = (const char *)src->data;
+    x.dst = (char *)dst->data;
+    x.planes = g->ext[c];
+    x.pixels = g->ext[r];
+    x.blocks = (x.pixels + EW_TILE - 1) / EW_TILE;
+    x.plane_stride = g->st[1][c];
+    x.src_outer = g->nd == 3 ? g->st[1][0] : 0;
+    x.dst_outer = g->nd == 3 ? g->st[0][0] : 0;
+    mk_parallel_for(pool, (g->nd == 3 ? g->ext[0] : 1) * x.blocks, 1, ew_interleave_task, &x);
+    return 1;
+}
+
 mk_status mk_copy(const mk_operand *src, const mk_operand *dst, mk_extent e, mk_pool *pool) {
+    if (ew_valid_operand(src) && ew_valid_operand(dst) && ew_valid_extent(e)) {
+        ew_geom g;
+        const mk_operand *ops[2] = {dst, src};
+        ew_geom_build(&g, e, ops, 2, 0);
+        if (g.total > 0 && ew_interleave(&g, src, dst, pool)) return MK_OK;
+    }
     return ew_unary(NULL, NULL, NULL, src, dst, e, pool, 0);
 }
 

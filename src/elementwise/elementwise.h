@@ -44,6 +44,23 @@ typedef void (*mk_ew_arith_fn)(const mk_ew_arith *p, const float *a, int a_bc, c
 /* Store the element `bits` (esize = 1, 2 or 4 bytes) n times contiguously. */
 typedef void (*mk_ew_fill_fn)(void *dst, int64_t n, uint32_t bits, int esize);
 
+/* d[3i + k] = plane k's element i (4-byte elements) for i < n: three planes interleaved
+ * (NCHW -> NHWC of an RGB image). */
+typedef void (*mk_ew_interleave3_fn)(const uint32_t *a, const uint32_t *b, const uint32_t *c,
+                                     uint32_t *d, int64_t n);
+
+/* The loop every ISA file compiles as its interleave3: the compiler vectorises it with that
+ * ISA's permutes. */
+static inline void mk_ew_interleave3_loop(const uint32_t *restrict a, const uint32_t *restrict b,
+                                          const uint32_t *restrict c, uint32_t *restrict d,
+                                          int64_t n) {
+    for (int64_t i = 0; i < n; i++) {
+        d[3 * i] = a[i];
+        d[3 * i + 1] = b[i];
+        d[3 * i + 2] = c[i];
+    }
+}
+
 #define MK_EW_NUM_FORMATS 6  /* indexed by mk_format (1..5) */
 #define MK_EW_NUM_NEURONS 16 /* indexed by mk_neuron_type */
 
@@ -54,6 +71,7 @@ typedef struct mk_ew_kernels {
     mk_ew_neuron_fn neuron[MK_EW_NUM_NEURONS];
     mk_ew_arith_fn arith[4];
     mk_ew_fill_fn fill;
+    mk_ew_interleave3_fn interleave3;
 } mk_ew_kernels;
 
 extern const mk_ew_kernels mk_ew_kernels__generic;

@@ -112,6 +112,11 @@ static void fill__avx2(void *dst, int64_t n, uint32_t bits, int esize) {
     }
 }
 
+static void interleave3__avx2(const uint32_t *a, const uint32_t *b, const uint32_t *c,
+                              uint32_t *d, int64_t n) {
+    mk_ew_interleave3_loop(a, b, c, d, n);
+}
+
 const mk_ew_kernels mk_ew_kernels__avx2 = {
     .name = "avx2",
     .load = {NULL, load_u8__avx2, load_u16__avx2, load_f16__avx2, load_f32__avx2,
@@ -121,6 +126,7 @@ const mk_ew_kernels mk_ew_kernels__avx2 = {
     .neuron = EW_TABLE_NEURONS,
     .arith = EW_TABLE_ARITH,
     .fill = fill__avx2,
+    .interleave3 = interleave3__avx2,
 };
 
 #endif /* MK_X86 */

@@ -121,6 +121,11 @@ static void fill__avx512(void *dst, int64_t n, uint32_t bits, int esize) {
     }
 }
 
+static void interleave3__avx512(const uint32_t *a, const uint32_t *b, const uint32_t *c,
+                              uint32_t *d, int64_t n) {
+    mk_ew_interleave3_loop(a, b, c, d, n);
+}
+
 const mk_ew_kernels mk_ew_kernels__avx512 = {
     .name = "avx512",
     .load = {NULL, load_u8__avx512, load_u16__avx512, load_f16__avx512, load_f32__avx512,
@@ -130,6 +135,7 @@ const mk_ew_kernels mk_ew_kernels__avx512 = {
     .neuron = EW_TABLE_NEURONS,
     .arith = EW_TABLE_ARITH,
     .fill = fill__avx512,
+    .interleave3 = interleave3__avx512,
 };
 
 #endif /* MK_X86 */

@@ -277,6 +277,11 @@ static void fill__generic(void *dst, int64_t n, uint32_t bits, int esize) {
     }
 }
 
+static void interleave3__generic(const uint32_t *a, const uint32_t *b, const uint32_t *c,
+                              uint32_t *d, int64_t n) {
+    mk_ew_interleave3_loop(a, b, c, d, n);
+}
+
 const mk_ew_kernels mk_ew_kernels__generic = {
     .name = "generic",
     .load = {NULL, load_u8__generic, load_u16__generic, load_f16__generic, load_f32__generic,
@@ -291,4 +296,5 @@ const mk_ew_kernels mk_ew_kernels__generic = {
                neuron_gelu__generic},
     .arith = {arith_add__generic, arith_sub__generic, arith_mul__generic, arith_div__generic},
     .fill = fill__generic,
+    .interleave3 = interleave3__generic,
 };
