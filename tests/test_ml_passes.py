@@ -529,3 +529,30 @@ def test_nchw_to_nhwc_interleaves_planes(isa, device, device1, shape, dtype):
     for d in (device, device1):
         np.testing.assert_array_equal(ml.Session(net, device=d).run({"x": xv})["y"], want)
 
+
+def test_session_rebinds_inputs_changed_in_place(device):
+    """Session.run keeps the tensor of an input array that it shares memory with: the same
+    array changed in place, a new array, a reshaped view of the same memory and an array it
+    must copy (padded rows: not shared, so not kept) all give fresh results."""
+    rng = np.random.default_rng(11)
+    w = rng.standard_normal((6, 16)).astype(np.float32)
+    net = ml.Network("s")
+    net.output(net.gemm(net.input("x", (-1, 16)), w), "y")
+    session = ml.Session(net, device=device)
+
+    def check(x):
+        np.testing.assert_allclose(session.run({"x": x})["y"], x.astype(np.float64) @ w.T, rtol=1e-5, atol=1e-5)
+
+    x = rng.standard_normal((4, 16)).astype(np.float32)
+    check(x)
+    x[:] = rng.standard_normal((4, 16))
+    check(x)
+    check(rng.standard_normal((4, 16)).astype(np.float32))
+    big = rng.standard_normal((8, 16)).astype(np.float32)
+    check(big[:4])
+    big[:4] = 0.5
+    check(big[:4])
+    padded = rng.standard_normal((4, 24)).astype(np.float32)[:, :16]   # 96-byte rows: copied
+    check(padded)
+    padded[:] = 2.0
+    check(padded)
