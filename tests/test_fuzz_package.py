@@ -507,7 +507,6 @@ def run_fuzz(max_examples, steps, derandomize=True, formats=("mpkg", "onnx")):
     Counter of loads and outcomes this run added."""
     before = STATS.copy()
     device = _device()
-    faulthandler.dump_traceback_later(HANG_SECONDS * steps, exit=True, repeat=True)
     try:
         for fmt in formats:
             make, check = ((mutated_package, check_package) if fmt == "mpkg"
@@ -517,6 +516,8 @@ def run_fuzz(max_examples, steps, derandomize=True, formats=("mpkg", "onnx")):
                       suppress_health_check=list(HealthCheck), print_blob=True)
             @given(st.data())
             def fuzz(data):
+                # per example: a run of many examples may take longer than one may
+                faulthandler.dump_traceback_later(HANG_SECONDS * steps, exit=True)
                 for _ in range(steps):
                     check(make(data.draw), device)
             fuzz()
