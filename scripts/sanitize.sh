@@ -2,6 +2,8 @@
 # Build the extension under a sanitizer in a scratch copy of this checkout and run tests there.
 #
 #   scripts/sanitize.sh [asan|tsan] [pytest arguments...]
+#   scripts/sanitize.sh [asan|tsan] scripts/NAME.py [arguments...]   (a script instead of pytest,
+#       e.g. scripts/fuzz_long.py --calls 20000: the long fuzz under the sanitizer)
 #
 # asan (default): AddressSanitizer + UndefinedBehaviorSanitizer over our C and the Cython
 #   binding, the whole test suite. Any report is fatal (-fno-sanitize-recover, halt_on_error),
@@ -76,7 +78,11 @@ for tool in ASAN UBSAN TSAN; do
     declare -x "${tool}_OPTIONS=$(eval echo "\$${tool}_OPTIONS"):log_path=$work/reports/${tool,,}"
 done
 status=0
-LD_PRELOAD="$runtime" "$py" -m pytest -q -p no:cacheprovider "${tests[@]}" || status=$?
+if [[ "${1:-}" == scripts/*.py ]]; then
+    LD_PRELOAD="$runtime" "$py" "$@" || status=$?
+else
+    LD_PRELOAD="$runtime" "$py" -m pytest -q -p no:cacheprovider "${tests[@]}" || status=$?
+fi
 if compgen -G "$work/reports/*" >/dev/null; then
     echo "=== sanitizer reports ($mode) ==="
     cat "$work"/reports/*

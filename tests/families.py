@@ -1,10 +1,13 @@
 """The kernel families the reliability tests cover: one registry, so a new family joins the
 determinism, ISA and fuzz tests by adding entries here.
 
-EXAMPLES: family -> examples(rng) -> [Example]. An Example has float32 input arrays, loaded
-  as Images (or by its `load`, e.g. Matrix.from_numpy), and encode(device, cb, inputs) ->
-  the output (anything with to_numpy). The determinism and ISA tests run every example
-  (tests/test_determinism.py); they compare runs with each other, so no reference is needed.
+EXAMPLES: family -> examples(rng) -> [Example]. An Example has input arrays, loaded as Images
+  (or by its `load`: Matrix.from_numpy, a Tensor, the array itself for mpskernels.ops),
+  kernels(device) -> the kernels (or pipeline state) it uses, made once per device and shared
+  by every run on it, and encode(device, cb, inputs, kernels) -> the output (an array or
+  anything with to_numpy); run_example runs one. The determinism, ISA, concurrency and soak
+  tests run every example (tests/test_determinism.py, test_concurrency.py, test_soak.py); they
+  compare runs with each other, so no reference is needed (each family's own tests have one).
 FUZZ_KERNELS: what the API fuzzer (tests/test_fuzz.py) draws. A PointwiseKernel has random
   valid parameters, a kernel factory and a float64 reference of the per-element function; the
   fuzzer does the geometry (offsets, clip rects, edge modes, channel offsets, broadcasting
@@ -27,11 +30,27 @@ FMT = mk.ImageFeatureChannelFormat
 @dataclass
 class Example:
     name: str
-    inputs: list                      # float32 arrays (N, H, W, C)
-    encode: Callable                  # encode(device, cb, images) -> the output Image
+    inputs: list                      # arrays (float32, but a Vector of offsets)
+    encode: Callable                  # encode(device, cb, inputs, kernels) -> the output
+    kernels: Callable = lambda device: None   # what encode uses, made once per device
     rtol: float = 1e-5                # ISA agreement: |a - b| <= rtol * max(1, |b|)
     normwise: bool = False            # ... or rtol * max(1, max |b| over the output)
-    load: Callable = mk.Image.from_numpy   # load(device, array) -> an input
+    load: Callable = mk.Image.from_numpy   # load(device, array) -> an input; or one per input
+
+
+def run_example(device, example, kernels=None, queue=None):
+    """Load the inputs, encode on a new command buffer, commit, wait: the output as an
+    array. kernels: example.kernels(device), to share them between runs (and threads)."""
+    loads = example.load if isinstance(example.load, (list, tuple)) else [example.load] * len(example.inputs)
+    inputs = [load(device, x) for load, x in zip(loads, example.inputs)]
+    if kernels is None:
+        kernels = example.kernels(device)
+    cb = (queue or device.make_command_queue()).make_command_buffer()
+    out = example.encode(device, cb, inputs, kernels)
+    cb.commit()
+    cb.wait_until_completed()
+    assert cb.status == mk.CommandBufferStatus.COMPLETED, cb.error
+    return out if isinstance(out, np.ndarray) else out.to_numpy()
 
 
 def _image(device, shape, fmt=FMT.FLOAT32):
@@ -60,18 +79,23 @@ def make_neuron(device, neuron_type, a=0.0, b=0.0, c=0.0, slopes=None):
     return mk.CNNNeuron(device, descriptor)
 
 
+def _into(shape, encode):
+    """An encode(device, cb, inputs, kernel) that writes kernel's result into a new image."""
+    def encode_into(device, cb, images, kernel):
+        dst = _image(device, shape)
+        encode(kernel, cb, images, dst)
+        return dst
+    return encode_into
+
+
 def _neuron_examples(rng):
     shape = (2, 33, 31, 37)            # several chunks of either grain, channels not 16k
     x = rng.uniform(-4, 4, shape).astype(np.float32)
     slopes = np.linspace(-0.5, 2.0, shape[3]).astype(np.float32)
-    out = []
-    for t, a, b, c in NEURON_PARAMS:
-        def encode(device, cb, images, t=t, a=a, b=b, c=c):
-            dst = _image(device, shape)
-            make_neuron(device, t, a, b, c, slopes).encode(cb, images[0], dst)
-            return dst
-        out.append(Example(f"neuron-{t.name.lower()}", [x], encode))
-    return out
+    return [Example(f"neuron-{t.name.lower()}", [x],
+                    _into(shape, lambda k, cb, images, dst: k.encode(cb, images[0], dst)),
+                    lambda device, t=t, a=a, b=b, c=c: make_neuron(device, t, a, b, c, slopes))
+            for t, a, b, c in NEURON_PARAMS]
 
 
 # ---- arithmetic -----------------------------------------------------------------------------
@@ -88,16 +112,16 @@ def _arithmetic_examples(rng):
     out = []
     for name, cls in ARITHMETIC.items():
         for broadcast in (False, True):
-            def encode(device, cb, images, cls=cls, broadcast=broadcast):
+            def make(device, cls=cls, broadcast=broadcast):
                 kernel = cls(device)
                 kernel.primary_scale, kernel.secondary_scale, kernel.bias = 0.5, 1.5, 0.25
                 if broadcast:
                     kernel.secondary_stride_in_pixels_x = kernel.secondary_stride_in_pixels_y = 0
-                dst = _image(device, shape)
-                kernel.encode(cb, images[0], images[2 if broadcast else 1], dst)
-                return dst
+                return kernel
+            encode = _into(shape, lambda k, cb, images, dst, second=2 if broadcast else 1:
+                           k.encode(cb, images[0], images[second], dst))
             out.append(Example(f"{name}{'-broadcast' if broadcast else ''}", [x, y, vector],
-                               encode))
+                               encode, make))
     return out
 
 
@@ -106,18 +130,18 @@ def _network_examples(rng):
     shape = (1, 40, 36, 24)
     x = rng.uniform(-2, 2, shape).astype(np.float32)
 
-    def encode(device, cb, images):
-        relu = make_neuron(device, T.RELU, 0.1)
-        sigmoid = make_neuron(device, T.SIGMOID)
-        add, mul = mk.CNNAdd(device), mk.CNNMultiply(device)
+    def make(device):
+        return (make_neuron(device, T.RELU, 0.1), make_neuron(device, T.SIGMOID),
+                mk.CNNAdd(device), mk.CNNMultiply(device))
+
+    def encode(k, cb, images, dst):
+        relu, sigmoid, add, mul = k
         h1 = relu.encode(cb, images[0])
         h1.read_count = 2
         h2 = sigmoid.encode(cb, h1)
         h3 = add.encode(cb, h1, h2)
-        dst = _image(device, shape)
         mul.encode(cb, h3, images[0], dst)
-        return dst
-    return [Example("relu-sigmoid-add-mul", [x], encode)]
+    return [Example("relu-sigmoid-add-mul", [x], _into(shape, encode), make)]
 
 
 def _returning_images(kernel):
@@ -145,27 +169,39 @@ class _Weights(mk.CNNConvolutionDataSource):
         return self.b
 
 
+def _encode_returning(device, cb, images, kernel):
+    return kernel.encode(cb, images[0])
+
+
+# the C kernel each convolution example reaches (with AVX-512; the names' stems), so that every
+# one of src/conv is covered: tests/test_determinism.py checks
+CONVOLUTION_KERNELS = {"conv-3x3": "winograd", "conv-3x3-stride2-dilated": "igemm",
+                       "conv-1x1": "igemm", "conv-3x3-im2col": "igemm", "conv-5x3-groups": "dwconv",
+                       "conv-depthwise-3x3": "dwconv", "conv-3x3-small-groups": "gconv",
+                       "conv-3x3-rgb": "direct", "conv-transpose-3x3-stride2": "igemm",
+                       "fully-connected": "igemm"}
+
+
 def _convolution_examples(rng):
     x = rng.uniform(-1, 1, (2, 19, 23, 37)).astype(np.float32)
     out = []
 
-    def add(name, make):
-        def encode(device, cb, images):
-            return _returning_images(make(device)).encode(cb, images[0])
+    def add(name, make, source=x):
         # sums of up to 9*37 products in a different order per ISA, and Winograd's tile
         # transforms: an element's error follows its tile's magnitude, not its own
-        out.append(Example(name, [x], encode, rtol=2e-5, normwise=True))
+        out.append(Example(name, [source], _encode_returning, lambda device: _returning_images(make(device)),
+                           rtol=2e-5, normwise=True))
 
-    def conv(kw, kh, cout, stride=1, dilation=1, groups=1, depthwise=False, neuron=None):
+    def conv(kw, kh, cout, stride=1, dilation=1, groups=1, depthwise=False, neuron=None, cin=37):
         def make(device):
             cls = mk.CNNDepthWiseConvolutionDescriptor if depthwise else mk.CNNConvolutionDescriptor
-            d = cls(kw, kh, 37, cout)
+            d = cls(kw, kh, cin, cout)
             d.groups = groups
             d.stride_in_pixels_x = d.stride_in_pixels_y = stride
             d.dilation_rate_x = d.dilation_rate_y = dilation
             if neuron is not None:
                 d.fused_neuron_descriptor = mk.NNNeuronDescriptor.cnn_neuron_descriptor(neuron, 0.1)
-            shape = (cout, kh, kw) if depthwise else (cout, kh, kw, 37 // groups)
+            shape = (cout, kh, kw) if depthwise else (cout, kh, kw, cin // groups)
             w = np.random.default_rng(kw * 100 + cout).standard_normal(shape).astype(np.float32)
             return mk.CNNConvolution.from_arrays(device, d, w, np.linspace(-1, 1, cout).astype(np.float32))
         return make
@@ -173,8 +209,11 @@ def _convolution_examples(rng):
     add("conv-3x3", conv(3, 3, 70, neuron=T.RELU))
     add("conv-3x3-stride2-dilated", conv(3, 3, 33, stride=2, dilation=2))
     add("conv-1x1", conv(1, 1, 48))
+    add("conv-3x3-im2col", conv(3, 3, 40, cin=8), x[..., :8].copy())
     add("conv-5x3-groups", conv(5, 3, 74, groups=37))
     add("conv-depthwise-3x3", conv(3, 3, 37, depthwise=True))
+    add("conv-3x3-small-groups", conv(3, 3, 64, groups=8, cin=32, neuron=T.SIGMOID), x[..., :32].copy())
+    add("conv-3x3-rgb", conv(3, 3, 24, stride=2, cin=3, neuron=T.RELU), x[..., :3].copy())
 
     def transpose(device):
         d = mk.CNNConvolutionDescriptor(3, 3, 37, 20)
@@ -188,45 +227,226 @@ def _convolution_examples(rng):
         w = np.random.default_rng(6).standard_normal((10, 19, 23, 37)).astype(np.float32)
         return mk.CNNFullyConnected.from_arrays(device, d, w)
     add("fully-connected", fully_connected)
+    assert [e.name for e in out] and {e.name for e in out} == set(CONVOLUTION_KERNELS)
     return out
 
 
 def _reduction_examples(rng):
     import mpskernels.reduction as reduction
     x = rng.uniform(-4, 4, (2, 21, 35, 40)).astype(np.float32)
-    out = []
-    for name in reduction.__all__:
-        cls = getattr(reduction, name)
-        if not issubclass(cls, reduction.NNReduceUnary) or cls._op is None:
-            continue
-        def encode(device, cb, images, cls=cls):
-            return _returning_images(cls(device)).encode(cb, images[0])
-        out.append(Example(name, [x], encode, rtol=1e-5))   # sums of <= 40 terms of |x| <= 4
-    return out
+    return [Example(name, [x], _encode_returning,
+                    lambda device, cls=getattr(reduction, name): _returning_images(cls(device)),
+                    rtol=1e-5)   # sums of <= 40 terms of |x| <= 4
+            for name in reduction.__all__
+            if issubclass(getattr(reduction, name), reduction.NNReduceUnary)
+            and getattr(reduction, name)._op is not None]
 
 
 def _matrix_examples(rng):
+    """The five matrix kernels; results of sums of <= 67 products of |x| <= 1, in a different
+    order per ISA."""
     a = rng.uniform(-1, 1, (3, 67, 45)).astype(np.float32)
     b = rng.uniform(-1, 1, (3, 45, 71)).astype(np.float32)
     c = rng.uniform(-1, 1, (3, 67, 71)).astype(np.float32)
-    load = mk.Matrix.from_numpy
+    v45, v67 = rng.uniform(-1, 1, (3, 45)).astype(np.float32), rng.uniform(-1, 1, (3, 67)).astype(np.float32)
+    M, V = mk.Matrix.from_numpy, mk.Vector.from_numpy
 
-    def gemm(device, cb, m):
-        mk.MatrixMultiplication(device, 67, 71, 45, alpha=0.5, beta=0.25).encode(cb, m[0], m[1], m[2])
+    def gemm(device, cb, m, kernel):
+        kernel.encode(cb, m[0], m[1], m[2])
         return m[2]
 
-    def gemm_transposed(device, cb, m):
-        mk.MatrixMultiplication(device, 45, 45, 67, transpose_left=True).encode(cb, m[0], m[0], m[1])
+    def gemm_transposed(device, cb, m, kernel):
+        kernel.encode(cb, m[0], m[0], m[1])
         return m[1]
-    # sums of 45 or 67 products of |x| <= 1 in a different order per ISA
-    return [Example("matrix-multiplication", [a, b, c], gemm, rtol=1e-5, load=load),
-            Example("matrix-multiplication-transposed", [a, np.zeros((3, 45, 45), np.float32)],
-                    gemm_transposed, rtol=1e-5, load=load)]
+
+    def gemv(device, cb, m, kernel):
+        kernel.encode(cb, m[0], m[1], m[2])
+        return m[2]
+
+    def matrix_sum(device, cb, m, kernel):
+        kernel.encode(cb, m[:3], m[3], scale_vector=m[4], offset_vector=m[5], bias_vector=m[6])
+        return m[3]
+
+    def fully_connected(device, cb, m, kernel):
+        kernel.encode(cb, m[0], m[1], m[2], m[3])
+        return m[3]
+
+    def matrix_neuron(device, cb, m, kernel):
+        kernel.encode(cb, m[0], m[1], m[2])
+        return m[2]
+
+    def with_neuron(kernel, *neuron):
+        kernel.set_neuron_type(*neuron)
+        return kernel
+
+    def fc(device):
+        kernel = with_neuron(mk.MatrixFullyConnected(device), T.SIGMOID)
+        kernel.alpha = 0.75
+        return kernel
+
+    zeros = lambda *shape: np.zeros(shape, np.float32)  # noqa: E731
+    sources = [rng.uniform(-1, 1, (3, 40, 50)).astype(np.float32) for _ in range(3)]
+    offsets = np.array([[0, 0, 2, 3, 4, 1]], np.uint32)   # (row, column) of each source's window
+    return [
+        Example("matrix-multiplication", [a, b, c], gemm,
+                lambda device: mk.MatrixMultiplication(device, 67, 71, 45, alpha=0.5, beta=0.25), load=M),
+        Example("matrix-multiplication-transposed", [a, zeros(3, 45, 45)], gemm_transposed,
+                lambda device: mk.MatrixMultiplication(device, 45, 45, 67, transpose_left=True), load=M),
+        Example("matrix-vector", [a, v45, v67], gemv,
+                lambda device: mk.MatrixVectorMultiplication(device, 67, 45, alpha=0.5, beta=-1.0),
+                load=[M, V, V]),
+        Example("matrix-vector-transposed", [a, v67, v45], gemv,
+                lambda device: mk.MatrixVectorMultiplication(device, 45, 67, transpose=True), load=[M, V, V]),
+        Example("matrix-sum", sources + [zeros(3, 36, 46), np.float32([[0.5, -1.0, 2.0]]), offsets,
+                                         rng.uniform(-1, 1, (1, 46)).astype(np.float32)],
+                matrix_sum, lambda device: with_neuron(mk.MatrixSum(device, 3, 36, 46), T.TANH, 1.0, 1.0),
+                load=[M, M, M, M, V, V, V]),
+        Example("matrix-fully-connected", [a, b[0], c[0, :1], zeros(3, 67, 71)], fully_connected, fc,
+                load=[M, M, V, M]),
+        Example("matrix-neuron", [c, c[0, :1], zeros(3, 67, 71)], matrix_neuron,
+                lambda device: with_neuron(mk.MatrixNeuron(device), T.ELU, 1.0), load=[M, V, M]),
+    ]
+
+
+# ---- mpskernels.ops: pooling, src/nn, GEMM and reductions on NumPy arrays ---------------------
+
+def _ops_examples(rng):
+    """One-off calls on arrays (they run at once, on the device's pool; ops keeps its own
+    cache of convolution kernels per device). Pooling and src/nn are reached only here and
+    through the ML pipeline."""
+    from mpskernels import ops
+    x = rng.uniform(-2, 2, (2, 17, 21, 24)).astype(np.float32)   # NHWC
+    rows = rng.uniform(-3, 3, (37, 3, 67)).astype(np.float32)
+    w = rng.standard_normal((40, 24, 3, 3)).astype(np.float32) * 0.2
+    wt = rng.standard_normal((24, 12, 3, 3)).astype(np.float32) * 0.2
+    lin = rng.standard_normal((50, 67)).astype(np.float32) * 0.1
+    gamma, beta = rng.uniform(0.5, 1.5, 67).astype(np.float32), rng.uniform(-1, 1, 67).astype(np.float32)
+    nchw = lambda a: a.transpose(0, 3, 1, 2)  # noqa: E731 - a view: ops copies it in
+
+    def example(name, f, inputs, rtol=1e-5, normwise=False):
+        out.append(Example(f"ops-{name}", inputs, lambda device, cb, arrays, k: f(*arrays, device=device),
+                           rtol=rtol, normwise=normwise, load=lambda device, a: a))
+    out = []
+    example("max-pool-3x3-stride2", lambda a, device: ops.max_pool2d(a, 3, 2, 1, ceil_mode=True, layout="NHWC",
+                                                                     device=device), [x])
+    example("avg-pool-2x2-nchw", lambda a, device: ops.avg_pool2d(nchw(a), 2, 2, 1, ceil_mode=True, device=device),
+            [x])
+    example("avg-pool-3x3-exclude-pad", lambda a, device: ops.avg_pool2d(a, 3, 1, 1, count_include_pad=False,
+                                                                         layout="NHWC", device=device), [x])
+    example("softmax", lambda a, device: ops.softmax(a, -1, device=device), [rows])
+    example("softmax-axis0", lambda a, device: ops.softmax(a, 0, device=device), [rows])
+    example("layer-norm", lambda a, device: ops.layer_norm(a, (67,), gamma, beta, device=device), [rows],
+            rtol=2e-5)   # mean and variance of 67 terms, then a division
+    example("erf", lambda a, device: ops.erf(a, device=device), [rows])
+    example("hardswish", lambda a, device: ops.hardswish(a, device=device), [rows])
+    example("gelu-tanh", lambda a, device: ops.gelu(a, approximate="tanh", device=device), [rows])
+    example("conv2d-nchw", lambda a, device: ops.conv2d(nchw(a), w, None, 1, 1, activation="relu", device=device),
+            [x], rtol=2e-5, normwise=True)
+    example("conv-transpose2d", lambda a, device: ops.conv_transpose2d(a, wt, None, 2, 1, 1, layout="NHWC",
+                                                                       device=device), [x], rtol=2e-5, normwise=True)
+    example("linear", lambda a, device: ops.linear(a, lin, gamma[:50], activation="relu", device=device), [rows],
+            rtol=2e-5, normwise=True)
+    example("matmul-transposed", lambda a, device: ops.matmul(a, a.transpose(0, 2, 1), device=device), [rows],
+            rtol=2e-5, normwise=True)
+    example("sum-axes", lambda a, device: ops.sum(a, (0, 2), device=device), [rows], rtol=1e-5, normwise=True)
+    example("mean", lambda a, device: ops.mean(a, device=device)[None], [rows], rtol=1e-5, normwise=True)
+    example("amax-axis1", lambda a, device: ops.amax(a, 1, device=device), [x])
+    example("argmin-axis0", lambda a, device: ops.argmin(a, 0, device=device), [rows])
+    return out
+
+
+# ---- the ML pipeline: networks through make_machine_learning_command_encoder ------------------
+
+ML_USAGE = mk.TensorUsage.COMPUTE | mk.TensorUsage.MACHINE_LEARNING
+
+
+def _tensor(device, array):
+    return mk.Tensor.from_numpy(device, np.ascontiguousarray(array), usage=ML_USAGE)
+
+
+def _pipeline(net, *input_shapes):
+    """kernels(device): the network compiled for these input shapes (a pipeline state)."""
+    from mpskernels import ml
+
+    def compile_(device):
+        d = ml.MachineLearningPipelineDescriptor(ml.LibraryFunctionDescriptor(net.name, ml.Library(device, net)))
+        for i, shape in enumerate(input_shapes):
+            d.set_input_dimensions(mk.TensorExtents.from_shape(shape), i)
+        return device.make_compiler().make_machine_learning_pipeline_state(d)
+    return compile_
+
+
+def _dispatch(device, cb, inputs, state):
+    """Bind the inputs and one new output tensor per output binding; dispatch the network."""
+    from mpskernels import ml
+    bindings = state.reflection.bindings
+    outputs = [device.make_tensor(mk.TensorDescriptor(b.dimensions, usage=ML_USAGE))
+               for b in bindings[len(inputs):]]
+    table = device.make_argument_table(ml.ArgumentTableDescriptor(max_buffer_bind_count=len(bindings)))
+    for i, t in enumerate(inputs + outputs):
+        table.set_tensor(t, i)
+    enc = cb.make_machine_learning_command_encoder()
+    enc.set_pipeline_state(state)
+    enc.set_argument_table(table)
+    enc.dispatch_network(device.make_heap(mk.HeapDescriptor(size=max(state.intermediates_heap_size, 64))))
+    enc.end_encoding()
+    return _Outputs(outputs)
+
+
+class _Outputs:
+    """The network's outputs as one array (flattened, joined)."""
+
+    def __init__(self, tensors):
+        self.tensors = tensors
+
+    def to_numpy(self):
+        return np.concatenate([t.to_numpy().reshape(-1) for t in self.tensors])
+
+
+def _pipeline_examples(rng):
+    """Two small networks over every op of the IR: a CNN (conv, pooling, transpose
+    convolution, resize, gemm) and a transformer-like block (layer norm, matmul, softmax,
+    gather, reduce, unary functions)."""
+    from mpskernels import ml
+    f = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    cnn = ml.Network("cnn")
+    x = cnn.input("x", (-1, 19, 23, 8))
+    c = cnn.conv2d(x, f(24, 3, 3, 8) * 0.3, f(24), pads=(1, 1, 1, 1),
+                   neuron=mk.NNNeuronDescriptor(mk.CNNNeuronType.RELU))
+    p = cnn.pool2d(c, "max", (3, 3), (2, 2), pads=(1, 1, 1, 1))                  # 10 x 12
+    a = cnn.pool2d(c, "average", (2, 2), (2, 2), ceil_mode=True)               # 10 x 12
+    s = cnn.neuron(cnn.add(p, a), mk.CNNNeuronType.TANH, 1.0, 1.0)
+    u = cnn.conv_transpose2d(s, f(12, 2, 2, 24) * 0.2, f(12), strides=(2, 2))  # 20 x 24
+    ys, xs = np.linspace(0, 9, 15), np.linspace(0, 11, 17)
+    y0, x0 = np.floor(ys).astype(int), np.floor(xs).astype(int)
+    r = cnn.resize_linear(s, y0, np.minimum(y0 + 1, 9), ys - y0, x0, np.minimum(x0 + 1, 11), xs - x0)
+    cnn.output(u, "up")
+    cnn.output(r, "resized")
+    g = cnn.gemm(cnn.reshape(cnn.pool2d(s, "average"), (-1, 24)), f(30, 24), f(30),
+                 mk.NNNeuronDescriptor(mk.CNNNeuronType.SIGMOID))
+    cnn.output(cnn.concat(g, cnn.softmax(g), axis=1), "head")
+
+    tr = ml.Network("block")
+    t = tr.input("t", (-1, 24, 40))
+    n = tr.layer_norm(t, f(40), f(40))
+    q = tr.matmul(n, tr.constant(f(40, 48) * 0.2), alpha=0.5)
+    attention = tr.softmax(tr.matmul(q, q, transpose_b=True, alpha=0.1))
+    h = tr.unary(tr.matmul(attention, q), "gelu_tanh")
+    e = tr.unary(tr.sub(h, tr.constant(0.25)), "erf")
+    tr.output(tr.gather(tr.mul(e, tr.unary(h, "hard_swish")), [None, list(range(23, -1, -3)) + [-1], None],
+                        value=0.5), "gathered")
+    tr.output(tr.reduce(h, "mean", (1,)), "pooled")
+    # sums of up to 216 products of values near 1, in a different order per ISA
+    return [Example("pipeline-cnn", [rng.uniform(-1, 1, (2, 19, 23, 8)).astype(np.float32)], _dispatch,
+                    _pipeline(cnn, (2, 19, 23, 8)), rtol=2e-5, normwise=True, load=_tensor),
+            Example("pipeline-block", [rng.uniform(-1, 1, (3, 24, 40)).astype(np.float32)], _dispatch,
+                    _pipeline(tr, (3, 24, 40)), rtol=2e-5, normwise=True, load=_tensor)]
 
 
 EXAMPLES = {"neuron": _neuron_examples, "arithmetic": _arithmetic_examples,
             "network": _network_examples, "convolution": _convolution_examples,
-            "reduction": _reduction_examples, "matrix": _matrix_examples}
+            "reduction": _reduction_examples, "matrix": _matrix_examples, "ops": _ops_examples,
+            "pipeline": _pipeline_examples}
 
 
 # ---- fuzzing: pointwise kernels -------------------------------------------------------------

@@ -7,20 +7,10 @@ import numpy as np
 import pytest
 
 import mpskernels as mk
-from families import EXAMPLES
+from families import CONVOLUTION_KERNELS, EXAMPLES, run_example
 from mpskernels import _native
 
 ISAS = _native.ISA_NAMES[:_native.ISA_NAMES.index(_native.best_isa()) + 1]   # this CPU's
-
-
-def run_example(device, example):
-    images = [example.load(device, x) for x in example.inputs]
-    cb = device.make_command_queue().make_command_buffer()
-    out = example.encode(device, cb, images)
-    cb.commit()
-    cb.wait_until_completed()
-    assert cb.status == mk.CommandBufferStatus.COMPLETED, cb.error
-    return out.to_numpy()
 
 
 def examples(family):
@@ -67,3 +57,14 @@ def test_isas_agree(family, restore_isa):
                 scale = scale.max()
             assert (diff <= example.rtol * scale).all(), (
                 f"{example.name}: {isa} differs from generic by {(diff / scale).max():.3g} relative")
+
+
+def test_convolution_examples_reach_every_kernel(restore_isa):
+    """The examples cover each C kernel of src/conv (the AVX-512 choice; others may differ)."""
+    if "avx512" not in ISAS:
+        pytest.skip("the kernels chosen are stated for AVX-512")
+    _native.select_isa("avx512")
+    device = mk.Device(num_threads=1)
+    reached = {e.name: e.kernels(device).implementation.split("_")[0] for e in examples("convolution")}
+    assert reached == CONVOLUTION_KERNELS
+    assert set(reached.values()) == {"winograd", "igemm", "dwconv", "gconv", "direct"}

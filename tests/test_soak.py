@@ -3,14 +3,18 @@ images. Resident memory must stay flat after warm-up (growth under 1%), results 
 throughout, and device.trim() must give the arena's cache back.
 
 CI runs 1,500 buffers; the full 10,000 on demand: pytest -m slow tests/test_soak.py
-(or MPSKERNELS_SOAK_BUFFERS=n)."""
+(or MPSKERNELS_SOAK_BUFFERS=n). The registry soak runs every family's examples
+(tests/families.py) round after round on one device: 40 rounds in CI, 300 on demand."""
+import ctypes
 import gc
 import os
+import zlib
 
 import numpy as np
 import pytest
 
 import mpskernels as mk
+from families import EXAMPLES, run_example
 
 F32 = mk.ImageFeatureChannelFormat.FLOAT32
 SHAPE = (1, 48, 48, 40)            # 48*48*48 channel slots * 4 B = 442 KB per temporary
@@ -120,3 +124,66 @@ def test_trim_gives_memory_back_after_large_frees():
     assert freed >= 64 * 64 * 64 * 4 and device.arena_cache_bytes == 0
     if MEASURE_RSS:
         assert before - rss_bytes() >= freed // 2
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+
+def heap_in_use():
+    """Bytes malloc has handed out and not had back (glibc's mallinfo2: every arena, mapped
+    chunks included): our C's and NumPy's allocations, without the allocator's free lists."""
+    libc = ctypes.CDLL(None)
+    libc.mallinfo2.restype = _MallInfo2
+    info = libc.mallinfo2()
+    return info.uordblks + info.hblkhd
+
+
+def trimmed_rss_bytes():
+    """The resident set once malloc has given its free pages back (malloc_trim): glibc keeps
+    freed blocks of the heap until the top of the heap is free, so a plain reading swings by
+    tens of MB between rounds (with the bytes in use constant)."""
+    gc.collect()
+    ctypes.CDLL(None).malloc_trim(0)
+    return rss_bytes()
+
+
+def soak_registry(rounds, check_rss=False, report=None):
+    """Every example of every family once per round (one command buffer each, kernels
+    shared), on one device and queue. Each result must keep the bits of round 1; after
+    warm-up (a quarter of the rounds) the heap in use must stay flat (growth under 1%), and
+    with check_rss the resident set too."""
+    device = mk.Device(num_threads=2)
+    queue = device.make_command_queue()
+    examples = [e for family in sorted(EXAMPLES)
+                for e in EXAMPLES[family](np.random.default_rng(zlib.crc32(family.encode())))]
+    kernels = [e.kernels(device) for e in examples]
+    first = [run_example(device, e, k, queue).tobytes() for e, k in zip(examples, kernels)]
+    warm_up, heap, rss = max(rounds // 4, 2), [], []
+    for r in range(1, rounds):
+        for e, k, bits in zip(examples, kernels, first):
+            assert run_example(device, e, k, queue).tobytes() == bits, f"{e.name}: round {r + 1} differs"
+        if r in (warm_up, rounds - 1):
+            rss.append(trimmed_rss_bytes())
+            heap.append(heap_in_use())
+    figures = {"rounds": rounds, "examples": len(examples), "heap_after_warm_up": heap[0],
+               "heap_at_end": heap[1], "heap_growth": (heap[1] - heap[0]) / heap[0],
+               "rss_after_warm_up": rss[0], "rss_at_end": rss[1], "growth": (rss[1] - rss[0]) / rss[0]}
+    if report:
+        report(figures)
+    if MEASURE_RSS:
+        assert figures["heap_growth"] < 0.01, figures
+        assert not check_rss or figures["growth"] < 0.01, figures
+    return figures
+
+
+def test_soak_registry_short():
+    soak_registry(int(os.environ.get("MPSKERNELS_SOAK_ROUNDS", 40)))
+
+
+@pytest.mark.slow
+def test_soak_registry_full(request):
+    if "slow" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip("300 rounds of every example: run with -m slow")
+    soak_registry(300, check_rss=True, report=lambda f: print("\nregistry soak:", f))
