@@ -636,6 +636,13 @@ class _Importer:
         y = self.net.gather(x, tables, value, name=self._fresh(name or node.output[index]))
         self._set(node, y, layout, index)
 
+    def _table(self, node, length, axis):
+        """Pad, Slice, Split and Resize become gathers with an index table per dimension,
+        built here: refuse one longer than _MAX_TABLE (a few bytes of pads or scales could
+        ask for gigabytes)."""
+        if length > _MAX_TABLE:
+            self._fail(node, f"{length} elements along dimension {axis}: at most {_MAX_TABLE} are supported")
+
     def _static(self, node, shape, axes):
         for a in axes:
             if shape[a] == -1:
@@ -676,6 +683,7 @@ class _Importer:
                              f"{outputs} non-empty parts")
         start = 0
         for k, size in enumerate(sizes):
+            self._table(node, size, axis)
             tables = [None] * rank
             tables[axis] = np.arange(start, start + size)
             self._gather(node, tables, index=k)
@@ -718,6 +726,7 @@ class _Importer:
                 self._fail(node, f"negative pads with mode {mode}")
             if mode == "reflect" and d > 1 and max(begin, end) >= d:
                 self._fail(node, f"reflect pads {begin}, {end} must be smaller than dimension {x} ({d})")
+            self._table(node, d + begin + end, x)
             tables[x] = _pad_table(np.arange(d + begin + end) - begin, d, mode)
         if all(t is None for t in tables):
             self._op_Identity(node)
@@ -771,6 +780,7 @@ class _Importer:
         coordinates = [None] * rank   # (source coordinate per output index, source size)
         for x in axes:
             if out[x] != shape[x] or scale[x] != 1.0:
+                self._table(node, out[x], x)
                 coordinates[x] = (_resize_coordinates(mode_ct, shape[x], out[x], scale[x]), shape[x])
         if all(c is None for c in coordinates):
             self._op_Identity(node)
@@ -784,6 +794,8 @@ class _Importer:
         if rank != 4 or coordinates[0] is not None or coordinates[1] is not None:
             self._fail(node, "linear resize works on the H and W dimensions of a rank-4 (NCHW) input only")
         x = self._nhwc(node.input[0], node)
+        for k in (2, 3):
+            self._table(node, shape[k], k)
         (y0, y1, wy), (x0, x1, wx) = (_linear(coordinates[k] or (np.arange(shape[k], dtype=np.float64), shape[k]))
                                       for k in (2, 3))
         self._set(node, self.net.resize_linear(x, y0, y1, wy, x0, x1, wx, name=self._fresh(node.output[0])), "nhwc")
@@ -951,6 +963,9 @@ class _Importer:
         self.values[last.output[0]] = (y, "nhwc")
 
 
+_MAX_TABLE = 1 << 20   # elements of an index table (Importer._table)
+
+
 def _slice_tables(imp, node, shape):
     """One index table per dimension (None: all of it) for Slice."""
     rank = len(shape)
@@ -971,7 +986,9 @@ def _slice_tables(imp, node, shape):
         if step == 0:
             imp._fail(node, "a step of 0")
         imp._static(node, shape, [x])
-        tables[x] = np.arange(*slice(start, end, step).indices(shape[x]))
+        indices = range(*slice(start, end, step).indices(shape[x]))
+        imp._table(node, len(indices), x)
+        tables[x] = np.arange(indices.start, indices.stop, indices.step)
     return tables
 
 

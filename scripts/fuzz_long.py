@@ -17,6 +17,7 @@ import argparse
 import collections
 import faulthandler
 import os
+import resource
 import sys
 import time
 import traceback
@@ -66,12 +67,18 @@ def main():
     parser.add_argument("--hang", type=int, default=600,
                         help="seconds one example may take before it is a hang (stacks dumped, exit): "
                              "long, as niced processes may be paused for minutes on a shared machine")
+    parser.add_argument("--max-gb", type=float, default=8,
+                        help="address space limit: a file asking for gigabytes raises MemoryError (a "
+                             "finding) instead of the kernel's OOM killer ending this or another process; "
+                             "not under a sanitizer (its shadow memory takes terabytes of address space)")
     args = parser.parse_args()
+    if not os.environ.get("MPSKERNELS_SANITIZER"):
+        limit = int(args.max_gb * 2 ** 30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     names = args.only.split(",")
     faulthandler.enable()          # a crash prints where each thread was
     for module in (test_fuzz, test_fuzz_matrix, test_fuzz_package):
         module.HANG_SECONDS = args.hang
-    test_fuzz_package.HANG_SECONDS = args.hang // 4   # per file
     assert hasattr(hypothesis.core, "global_force_seed")
     seed = args.seed if args.seed is not None else int(time.time())
     warnings.simplefilter("ignore", ResourceWarning)   # leftover read counts: expected here

@@ -66,7 +66,9 @@ export PYTHONPATH="$work" MPSKERNELS_SANITIZER="$mode"
 # PYTHONMALLOC=malloc: Python objects come from malloc, so the leak checker can see that
 # blocks our objects point to are still reachable at exit (pymalloc's arenas are invisible).
 export PYTHONMALLOC=malloc
-export ASAN_OPTIONS="halt_on_error=1:abort_on_error=0:exitcode=86:detect_leaks=1:malloc_context_size=3:strict_init_order=1:detect_stack_use_after_return=0"
+# A request beyond 8 GiB fails (NULL: our C's MK_ENOMEM, NumPy's MemoryError) and a resident set
+# beyond 12 GiB ends the run with a report, before the kernel's OOM killer picks any process.
+export ASAN_OPTIONS="halt_on_error=1:abort_on_error=0:exitcode=86:detect_leaks=1:malloc_context_size=3:strict_init_order=1:detect_stack_use_after_return=0:allocator_may_return_null=1:max_allocation_size_mb=8192:hard_rss_limit_mb=12288"
 export LSAN_OPTIONS="suppressions=$work/scripts/lsan.supp:print_suppressions=0"
 export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1:exitcode=87"
 export TSAN_OPTIONS="halt_on_error=1:exitcode=88:second_deadlock_stack=1:suppressions=$work/scripts/tsan.supp:report_signal_unsafe=0"

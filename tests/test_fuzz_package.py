@@ -338,6 +338,7 @@ def run_network(net, device):
 
 
 def check_package(data, device):
+    faulthandler.dump_traceback_later(HANG_SECONDS, exit=True)   # per file, not per run
     nets, _ = _loads(lambda: ml_package.load_package_bytes(data, "fuzz.mpkg"), PackageError,
                      "load_package_bytes")
     for net in (nets or {}).values():
@@ -345,6 +346,7 @@ def check_package(data, device):
 
 
 def check_onnx(data, device):
+    faulthandler.dump_traceback_later(HANG_SECONDS, exit=True)
     from mpskernels.onnx_import import import_onnx
     net, _ = _loads(lambda: import_onnx(data), mk.ValidationError, "import_onnx")
     if net is None:
@@ -516,8 +518,6 @@ def run_fuzz(max_examples, steps, derandomize=True, formats=("mpkg", "onnx")):
                       suppress_health_check=list(HealthCheck), print_blob=True)
             @given(st.data())
             def fuzz(data):
-                # per example: a run of many examples may take longer than one may
-                faulthandler.dump_traceback_later(HANG_SECONDS * steps, exit=True)
                 for _ in range(steps):
                     check(make(data.draw), device)
             fuzz()
@@ -627,3 +627,32 @@ def test_onnx_malformed_node_is_a_validation_error():
     concat.attribute[0].i = 7
     with pytest.raises(mk.ValidationError, match="node 'cc' \\(Concat"):
         import_onnx(model.SerializeToString())
+
+
+@pytest.mark.parametrize("op", ["Pad", "Slice", "Resize"])
+def test_onnx_huge_index_table_is_a_validation_error(op):
+    """Pad, Slice and Resize become gathers with an index table per dimension: pads of 2**29
+    (the long fuzz: 4 GiB allocated, and the process killed by the kernel's OOM killer in its
+    first run), a slice of a declared 2**40 dimension or a scale of 10**6 asked for gigabytes.
+    Tables are now limited to 2**20 elements, naming the node."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+    from mpskernels.onnx_import import import_onnx
+    shape = [1, 3, 4, 2 ** 40 if op == "Slice" else 4]
+    ints = lambda name, v: numpy_helper.from_array(np.array(v, np.int64), name)  # noqa: E731
+    init, inputs = {"Pad": ([ints("pads", [0, 0, 0, 2 ** 29, 0, 0, 0, 0])], ["x", "pads"]),
+                    "Slice": ([ints("starts", [0]), ints("ends", [2 ** 40]), ints("axes", [3])],
+                              ["x", "starts", "ends", "axes"]),
+                    "Resize": ([numpy_helper.from_array(np.array([1, 1, 1, 1e6], np.float32), "scales")],
+                               ["x", "", "scales"])}[op]
+    graph = helper.make_graph([helper.make_node(op, inputs, ["y"], name="big")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, list("nchw"))], init)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    tracemalloc.start()
+    try:
+        with pytest.raises(mk.ValidationError, match="node 'big'.*at most 1048576 are supported"):
+            import_onnx(model.SerializeToString())
+        assert tracemalloc.get_traced_memory()[1] < MAX_PEAK
+    finally:
+        tracemalloc.stop()
