@@ -4,22 +4,31 @@
  * once per ISA (conv_kernels.h). */
 #include "conv/conv_kernels.h"
 
+/* Register blocks: NV vectors x PX pixels, and for the channels left over (e.g. 32 output
+ * channels on AVX-512) narrower blocks over more pixels, so that accumulators stay as many. */
 #if CK_VL == 16
 #define NV 4   /* 24 accumulators + 4 weights + 1 broadcast of 32 registers */
 #define PX 6
+#define PX2 12 /* 2 vectors: 24 + 2 + 1 */
+#define PX1 12 /* 1 vector: 12 + 1 + 1 (12 chains still hide the FMA latency) */
 #elif CK_VL == 8
 #define NV 2   /* 12 + 2 + 1 of 16 */
 #define PX 6
+#define PX2 6
+#define PX1 12 /* 12 + 1 + 1 */
 #else
 #define NV 2
 #define PX 4
+#define PX2 4
+#define PX1 4
 #endif
+#define PX_MAX 12
 
 /* Pixels [x, x + px), channels o.. : nv full vectors, or one of `last` < CK_VL channels. */
 static inline __attribute__((always_inline)) void direct_pixels(const ck_direct_row *r, int64_t o,
                                                                 int nv, int last, int x, int px,
                                                                 int interior) {
-    ck_v acc[PX][NV];
+    ck_v acc[PX_MAX][NV];
     for (int j = 0; j < nv; j++) {
         const ck_v b = last ? ck_loadn(r->bias + o, last) : ck_load(r->bias + o + j * CK_VL);
         for (int i = 0; i < px; i++) acc[i][j] = b;
@@ -66,18 +75,22 @@ static inline __attribute__((always_inline)) void direct_pixels(const ck_direct_
 }
 
 static inline __attribute__((always_inline)) void direct_block(const ck_direct_row *r, int64_t o,
-                                                               int nv, int last) {
+                                                               int nv, int px, int last) {
     int x = 0;
     for (; x < r->x0 && x < r->count; x++) direct_pixels(r, o, nv, last, x, 1, 0);
     const int x1 = r->x1 < r->count ? r->x1 : r->count;
-    for (; x + PX <= x1; x += PX) direct_pixels(r, o, nv, last, x, PX, 1);
+    for (; x + px <= x1; x += px) direct_pixels(r, o, nv, last, x, px, 1);
     for (; x < x1; x++) direct_pixels(r, o, nv, last, x, 1, 1);
     for (; x < r->count; x++) direct_pixels(r, o, nv, last, x, 1, 0);
 }
 
 void CK_NAME(ck_direct_row)(const ck_direct_row *r) {
     int64_t o = 0;
-    for (; o + NV * CK_VL <= r->nc; o += NV * CK_VL) direct_block(r, o, NV, 0);
-    for (; o + CK_VL <= r->nc; o += CK_VL) direct_block(r, o, 1, 0);
-    if (o < r->nc) direct_block(r, o, 1, (int)(r->nc - o));
+    for (; o + NV * CK_VL <= r->nc; o += NV * CK_VL) direct_block(r, o, NV, PX, 0);
+    if (NV > 2 && o + 2 * CK_VL <= r->nc) {
+        direct_block(r, o, 2, PX2, 0);
+        o += 2 * CK_VL;
+    }
+    for (; o + CK_VL <= r->nc; o += CK_VL) direct_block(r, o, 1, PX1, 0);
+    if (o < r->nc) direct_block(r, o, 1, PX1, (int)(r->nc - o));
 }
