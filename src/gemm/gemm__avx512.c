@@ -40,7 +40,9 @@ tile_12x32(int mr, int nc, int64_t kc, int64_t ks, const float *const *a, intptr
                 _mm_prefetch((const char *)(w + 16 * ldw + 16), _MM_HINT_T0);
                 b0 = _mm512_maskz_loadu_ps(m0, w);
                 b1 = _mm512_maskz_loadu_ps(m1, w + 16);
-            } else {
+            } else {   /* the panel (kc x 128 bytes, about the L1's size) comes from L2 */
+                _mm_prefetch((const char *)(w + 8 * NR), _MM_HINT_T0);
+                _mm_prefetch((const char *)(w + 8 * NR + 16), _MM_HINT_T0);
                 b0 = _mm512_loadu_ps(w);
                 b1 = _mm512_loadu_ps(w + 16);
             }
