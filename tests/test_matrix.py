@@ -181,17 +181,20 @@ def test_multiplication_packing_paths(device, run, rng, isa, batch, m, n, k, dty
 @pytest.mark.parametrize("m,n,k,tl,tr", [(300, 200, 600, False, False), (1, 2000, 300, False, False),
                                          (700, 1, 333, False, False), (130, 90, 1000, True, True),
                                          (900, 64, 576, False, False), (40, 700, 420, False, True),
-                                         (700, 500, 600, False, False)])
+                                         (700, 500, 600, False, False), (60, 1500, 700, False, False)])
 def test_threads_bitwise_identical(device, device1, run, rng, m, n, k, tl, tr):
+    """The output is cut into at least as many tasks as the pool has threads: the result must
+    not depend on the cut."""
     a = _stored(rng, (k, m) if tl else (m, k))
     b = _stored(rng, (n, k) if tr else (k, n))
     outs = []
-    for dev in (device1, device):
+    for dev in (device1, device, mk.Device(num_threads=3), mk.Device(num_threads=5)):
         C = mk.Matrix.with_device(dev, mk.MatrixDescriptor(m, n))
         kernel = mk.MatrixMultiplication(dev, m, n, k, tl, tr)
         run(dev, lambda cb: kernel.encode(cb, _matrix(dev, a), _matrix(dev, b), C))
         outs.append(C.to_numpy())
-    np.testing.assert_array_equal(outs[0].view(np.uint32), outs[1].view(np.uint32))
+    for out in outs[1:]:
+        np.testing.assert_array_equal(outs[0].view(np.uint32), out.view(np.uint32))
     _check_product(outs[0], _op(a, tl) @ _op(b, tr), np.abs(_op(a, tl)) @ np.abs(_op(b, tr)), k)
 
 

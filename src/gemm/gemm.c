@@ -78,7 +78,8 @@ void mk_gemm_pack_b(int64_t k, int64_t n, const void *b, int format, int64_t rs,
 }
 
 /* ---- SGEMM driver ---------------------------------------------------------------------------
- * The output is cut into tasks (a batch item's block of rows x columns), by shape only. A task
+ * The output is cut into tasks (a batch item's block of rows x columns), by the shape and the
+ * pool's thread count (the cut changes no result, see below). A task
  * sums its whole K in blocks of kc: per block and per tile of MR rows it packs the A tile
  * (MR x kc contiguous, so it stays in L1 with no 4 KiB aliasing between rows; or reads the
  * rows in place when they do not alias) and runs the micro-kernel over its columns' 32-column
@@ -102,8 +103,6 @@ void mk_gemm_pack_b(int64_t k, int64_t n, const void *b, int format, int64_t rs,
 #define C_BUFFER_FLOATS (256 << 10) /* fp32 block of an fp16 result per task (1 MiB) */
 #define MR_MAX 16
 #define GROUP_TILES 8             /* a task of at most this many tiles goes panel by panel */
-#define TASKS 2                   /* at least this many tasks, one per core of this machine:
-                                   * 4 smaller ones were 2-3.5% slower at one thread (1024^3) */
 #define SERIAL_FMAS (1 << 19)     /* below this much work, threads cost more than they save */
 
 static const float zeros[KC_MAX];
@@ -378,11 +377,14 @@ static mk_status sgemm(const mk_sgemm_args *p, mk_pool *pool, int serial) {
     }
     g.col_blocks = cdiv(panels, NB_MAX / MK_GEMM_NR);
     g.row_blocks = 1;
-    int64_t want = serial ? 1 : cdiv(TASKS, items * g.col_blocks);   /* enough tasks */
+    /* at least one task per thread (not more: 4 smaller tasks for 2 threads were 2-3.5% slower
+     * at one thread, 1024^3); the cut does not change any result */
+    const int64_t threads = serial ? 1 : mk_pool_num_threads(pool);
+    int64_t want = cdiv(threads, items * g.col_blocks);
     if (g.b_mode == B_SHARED || m > n)
         g.row_blocks = min64(want, row_tiles);
     else
-        g.col_blocks = max64(g.col_blocks, min64(serial ? 1 : cdiv(TASKS, items), panels));
+        g.col_blocks = max64(g.col_blocks, min64(cdiv(threads, items), panels));
     if (g.c_buffer) {   /* a task's fp32 block of an fp16 or strided C: <= C_BUFFER_FLOATS */
         int64_t nb = (panels / g.col_blocks + 1) * MK_GEMM_NR;
         g.row_blocks = max64(g.row_blocks, cdiv(row_tiles, max64(C_BUFFER_FLOATS / nb / MR, 1)));
