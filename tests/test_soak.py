@@ -133,7 +133,8 @@ class _MallInfo2(ctypes.Structure):
 
 def heap_in_use():
     """Bytes malloc has handed out and not had back (glibc's mallinfo2: every arena, mapped
-    chunks included): our C's and NumPy's allocations, without the allocator's free lists."""
+    chunks included): our C's and NumPy's allocations, without the allocator's free lists.
+    0 under ASan, whose allocator replaces glibc's."""
     libc = ctypes.CDLL(None)
     libc.mallinfo2.restype = _MallInfo2
     info = libc.mallinfo2()
@@ -167,9 +168,10 @@ def soak_registry(rounds, check_rss=False, report=None):
         if r in (warm_up, rounds - 1):
             rss.append(trimmed_rss_bytes())
             heap.append(heap_in_use())
+    growth = lambda pair: (pair[1] - pair[0]) / max(pair[0], 1)   # noqa: E731 - 0 under ASan
     figures = {"rounds": rounds, "examples": len(examples), "heap_after_warm_up": heap[0],
-               "heap_at_end": heap[1], "heap_growth": (heap[1] - heap[0]) / heap[0],
-               "rss_after_warm_up": rss[0], "rss_at_end": rss[1], "growth": (rss[1] - rss[0]) / rss[0]}
+               "heap_at_end": heap[1], "heap_growth": growth(heap),
+               "rss_after_warm_up": rss[0], "rss_at_end": rss[1], "growth": growth(rss)}
     if report:
         report(figures)
     if MEASURE_RSS:
