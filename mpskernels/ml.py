@@ -1002,6 +1002,8 @@ class _Step:
 
 # node kinds that view their operands in other shapes: bound operands are staged (packed)
 _PACKED_OPERANDS = ("reduce", "layer_norm")
+# elementwise node kinds whose kernels may write over a source of the destination's shape
+_IN_PLACE = ("neuron", "add", "sub", "mul", "div")
 
 
 def _staged(step, staging):
@@ -1082,12 +1084,32 @@ class MachineLearningPipelineState:
     def _plan(self, net, shapes):
         """Offsets of the intermediates: live from their node to their last reader."""
         bound = set(net.inputs) | set(net.outputs)
-        # a reshape of an intermediate into an intermediate is a view: it shares the slot
+        # Values sharing a slot (self._views: value -> the value that owns the slot): a reshape
+        # of an intermediate is a view of it; an elementwise node writes over a source of its
+        # shape that nothing reads later (in place: no second slot, and the source, just
+        # written, is in cache). Of several such sources, the one produced last.
         self._views = {}
-        for n in net.nodes:
-            src, out = n.inputs[0], n.outputs[0]
-            if n.kind == "reshape" and src.producer is not None and src not in bound and out not in bound:
-                self._views[out] = self._views.get(src, src)
+        last_reader = {v: t for t, n in enumerate(net.nodes) for v in n.inputs}
+        produced = {n.outputs[0]: t for t, n in enumerate(net.nodes)}
+        sharers = {}   # slot owner -> the values in its slot
+
+        def owner(v):
+            return self._views.get(v, v)
+
+        def writable(v, t, node):   # v's slot is free after node t, which reads it only as v's shape
+            return (shapes[v] == shapes[node.outputs[0]] and v.data_type == node.outputs[0].data_type
+                    and all(last_reader.get(u, -1) <= t for u in sharers.get(owner(v), [v]))
+                    and all(shapes[u] == shapes[v] for u in node.inputs if owner(u) == owner(v)))
+
+        for t, n in enumerate(net.nodes):
+            if n.outputs[0] in bound or n.kind not in ("reshape",) + _IN_PLACE:
+                continue
+            sources = [v for v in n.inputs if v in produced and v not in bound
+                       and (n.kind == "reshape" or writable(v, t, n))]
+            if sources:
+                slot = owner(max(sources, key=produced.get))
+                self._views[n.outputs[0]] = slot
+                sharers.setdefault(slot, [slot]).append(n.outputs[0])
         last = {}
         for t, node in enumerate(net.nodes):
             for v in node.inputs:
@@ -1135,7 +1157,7 @@ class MachineLearningPipelineState:
             perm = attrs["perm"]
             return _Step(node, lambda cb, ops, name: copy_op(cb, ops[0], ops[1], name, perm), slots)
         if node.kind == "reshape":
-            if node.outputs[0] in self._views:
+            if node.outputs[0] in self._views:   # a view: nothing to do
                 return _Step(node, lambda cb, ops, name: None, [])
             return _Step(node, reshape_op, slots)
         if node.kind == "conv2d":
@@ -1600,7 +1622,7 @@ class MachineLearningCommandEncoder(_Encoder):
                                    v.data_type, f"intermediate {v.name!r}")
         for v, root in state._views.items():
             operands[v] = _with(operands[root], state._shapes[v])
-            operands[v].name = f"intermediate {v.name!r} (a view of {root.name!r})"
+            operands[v].name = f"intermediate {v.name!r} (in the slot of {root.name!r})"
         first = len(cb._commands)
         cb._relocations = []
         try:

@@ -390,8 +390,10 @@ def test_reshape_of_an_intermediate_is_a_view(device):
     t = net.neuron(x, mk.CNNNeuronType.ABSOLUTE)   # live while r is: must not share h's slot
     net.output(net.add(net.neuron(r, mk.CNNNeuronType.SIGMOID), net.reshape(t, (6, 4))), "y")
     state = pipeline(device, net)
-    # h, t and the sigmoid (96 bytes each, placed at 64-byte multiples); no reshape copies
-    assert state.memory_stats["requested_bytes"] == 3 * 128
+    # h and t (96 bytes each, placed at 64-byte multiples); the sigmoid writes over h's slot
+    # (in place: nothing reads r after it); no reshape copies
+    assert state.memory_stats["requested_bytes"] == 2 * 128
+    assert state._views[net.nodes[3].outputs[0]] is h
     xv = np.random.default_rng(0).standard_normal((2, 3, 4)).astype(np.float32)
     y = ml.Session(net, device=device).run({"x": xv})["y"]
     want = 1 / (1 + np.exp(-np.maximum(xv, 0).reshape(6, 4))) + np.abs(xv).reshape(6, 4)
@@ -556,3 +558,29 @@ def test_session_rebinds_inputs_changed_in_place(device):
     check(padded)
     padded[:] = 2.0
     check(padded)
+
+
+def test_elementwise_nodes_write_in_place(device, device1):
+    """An elementwise node writes over a source of its shape that nothing reads later (the
+    one produced last), never over one read later, one of another shape (broadcast) or a
+    binding; results as with every value in its own slot, at 1 and 2 threads."""
+    rng = np.random.default_rng(5)
+    net = ml.Network("inplace")
+    x = net.input("x", (2, 5, 6, 8))
+    a = net.neuron(x, mk.CNNNeuronType.ABSOLUTE, name="a")
+    b = net.neuron(x, mk.CNNNeuronType.TANH, a=1.0, b=1.0, name="b")
+    s = net.add(a, b, clamp=(0.0, 2.0), name="s")                 # over b (produced last)
+    row = net.reshape(net.pool2d(s, "average"), (2, 1, 1, 8), name="row")
+    m = net.mul(s, row, name="m")                                # over s: row broadcasts
+    d = net.sub(m, a, name="d")                                  # a is read again below: over m
+    net.output(net.div(d, net.neuron(a, mk.CNNNeuronType.LINEAR, a=1.0, b=1.0, name="a1"), name="y"))
+    state = pipeline(device, net)
+    views = {v.name: r.name for v, r in state._views.items() if v.producer.kind != "reshape"}
+    assert views == {"s": "b", "m": "b", "d": "b", "a1": "a"}
+    xv = rng.standard_normal((2, 5, 6, 8)).astype(np.float32)
+    av = np.abs(xv.astype(np.float64))
+    sv = np.clip(av + np.tanh(xv), 0, 2)
+    want = (sv * sv.mean(axis=(1, 2), keepdims=True) - av) / (av + 1)
+    results = [ml.Session(net, device=d).run({"x": xv})["y"] for d in (device, device1)]
+    np.testing.assert_array_equal(results[0], results[1])
+    np.testing.assert_allclose(results[0], want, rtol=RTOL, atol=1e-6)
