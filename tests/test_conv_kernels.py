@@ -32,7 +32,7 @@ except ImportError:  # tests/ made a package
 # an fp32 simulation of the algorithm (cin 16..512, normal and unorm data) and 1.7e-6 (~29 u)
 # for this kernel on every ISA (cin 16..512, zero-padded borders); 1e-5 leaves a 6x margin.
 WINOGRAD_TOL = 1e-5
-TOL = {"depthwise": 1e-5, "direct": 1e-5, "igemm": 1e-5, "winograd": WINOGRAD_TOL}
+TOL = {"depthwise": 1e-5, "dwconv": 1e-5, "direct": 1e-5, "igemm": 1e-5, "winograd": WINOGRAD_TOL}
 
 NEURONS = [(T.NONE, 0, 0, 0), (T.RELU, 0, 0, 0), (T.RELUN, 0, 6.0, 0), (T.RELU, 0.1, 0, 0),
            (T.SIGMOID, 0, 0, 0), (T.PRELU, 0, 0, 0)]
@@ -288,4 +288,15 @@ def test_igemm_narrow_placement(device, isa, seed):
 def test_igemm_narrow_one_and_two_threads_bitwise(device, device1):
     outs = [check(dev, np.random.default_rng(3), "igemm", cin=24, cout=48, k=1, size=(37, 45), n=2)
             for dev in (device1, device)]
+    assert outs[0].tobytes() == outs[1].tobytes()
+
+
+# ---- depthwise: few output rows split the channel blocks too -----------------------------------
+
+@pytest.mark.parametrize("case", [(100, (5, 7), (1, 1), 1), (144, (7, 7), (2, 2), 2), (40, (3, 4), (1, 1), 1)])
+def test_depthwise_few_rows_channel_parts(device, device1, isa, case):
+    """Rows < 16: items are (row, part of the channel blocks); same bits for 1 and 2 threads."""
+    c, size, stride, n = case
+    outs = [check(dev, np.random.default_rng(c), "dwconv", cin=c, cout=c, k=3, depthwise=True,
+                  stride=stride, size=size, n=n, edge=c % 2, neuron=NEURONS[2]) for dev in (device1, device)]
     assert outs[0].tobytes() == outs[1].tobytes()

@@ -8,7 +8,7 @@
  * per-ISA register-blocked rows (conv_dwconv__*.c) on 32- and 16-channel blocks; small groups
  * run the AVX-512 permute rows (conv_gconv__avx512.c); everything else (other ISAs for small
  * groups, other multipliers, the last < 16 channels) the portable loop below.
- * Threads split over output rows. */
+ * Threads split over output rows, and over channel blocks as well when there are few rows. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -18,6 +18,7 @@
 #include "conv/conv_gconv.h"
 
 #define DW_BLOCK 32
+#define DW_MIN_ITEMS 16
 
 typedef struct dw_plan {
     const mk_dw_rows *rows;  /* the ISA's row functions, fixed at plan time */
@@ -127,6 +128,7 @@ typedef struct dw_ctx {
     const dw_plan *s;
     const float *a;
     int64_t an, ay, ax, cout, cpad;
+    int64_t parts, part_channels;   /* work item = (output row, part of the channel blocks) */
     int fused;
     float lo, hi;
     mk_status status;
@@ -182,10 +184,13 @@ static void dw_task(void *arg, int64_t begin, int64_t end) {
     const mk_conv_params *p = c->p;
     float rowbuf[256 * DW_BLOCK] __attribute__((aligned(64)));
     for (int64_t item = begin; item < end; item++) {
-        const int64_t img = item / p->out_h, oy = item % p->out_h;
-        const int64_t m0 = item * p->out_w;
-        for (int64_t o0 = 0; o0 < c->cout; o0 += DW_BLOCK) {
-            const int nc = (int)(c->cout - o0 < DW_BLOCK ? c->cout - o0 : DW_BLOCK);
+        const int64_t row = item / c->parts, part = item % c->parts;
+        const int64_t img = row / p->out_h, oy = row % p->out_h;
+        const int64_t m0 = row * p->out_w;
+        const int64_t o1 = (part + 1) * c->part_channels < c->cout ? (part + 1) * c->part_channels
+                                                                   : c->cout;
+        for (int64_t o0 = part * c->part_channels; o0 < o1; o0 += DW_BLOCK) {
+            const int nc = (int)(o1 - o0 < DW_BLOCK ? o1 - o0 : DW_BLOCK);
             for (int32_t x0 = 0; x0 < p->out_w; x0 += 256) {   /* row pieces that fit rowbuf */
                 const int32_t w = p->out_w - x0 < 256 ? p->out_w - x0 : 256;
                 mk_dw_row r = {c->a + img * c->an, c->ay, c->ax, c->s->ys + oy * p->kh,
@@ -232,7 +237,14 @@ static mk_status dw_run(const mk_conv_plan *plan, const mk_conv_params *p, mk_po
     c.cpad = cpad_of(p);
     c.fused = mk_conv_clamp(&p->neuron, &c.lo, &c.hi);
     c.status = MK_OK;
-    mk_parallel_for(pool, (int64_t)p->n * p->out_h, 1, dw_task, &c);
+    /* fewer than DW_MIN_ITEMS rows (7x7, 14x14 images): split the channels too, so two
+     * threads get even shares (from the shape only, never the thread count) */
+    const int64_t rows = (int64_t)p->n * p->out_h, blocks = (c.cout + DW_BLOCK - 1) / DW_BLOCK;
+    c.parts = rows < DW_MIN_ITEMS ? (DW_MIN_ITEMS + rows - 1) / rows : 1;
+    if (c.parts > blocks) c.parts = blocks;
+    c.part_channels = (blocks + c.parts - 1) / c.parts * DW_BLOCK;
+    c.parts = (blocks * DW_BLOCK + c.part_channels - 1) / c.part_channels;
+    mk_parallel_for(pool, rows * c.parts, 1, dw_task, &c);
     free(copy);
     return c.status;
 }
