@@ -15,6 +15,7 @@ FUZZ_KERNELS: what the API fuzzer (tests/test_fuzz.py) draws. A PointwiseKernel 
   possibly invalid parameters and says which calls must raise, what the image-returning
   encode makes and the float64 reference of the whole call; the fuzzer checks values too.
 """
+import zlib
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -441,6 +442,12 @@ def _pipeline_examples(rng):
                     _pipeline(cnn, (2, 19, 23, 8)), rtol=2e-5, normwise=True, load=_tensor),
             Example("pipeline-block", [rng.uniform(-1, 1, (3, 24, 40)).astype(np.float32)], _dispatch,
                     _pipeline(tr, (3, 24, 40)), rtol=2e-5, normwise=True, load=_tensor)]
+
+
+def examples(family=None):
+    """The family's examples (every family's if None), each family's from its own fixed seed."""
+    families = sorted(EXAMPLES) if family is None else [family]
+    return [e for f in families for e in EXAMPLES[f](np.random.default_rng(zlib.crc32(f.encode())))]
 
 
 EXAMPLES = {"neuron": _neuron_examples, "arithmetic": _arithmetic_examples,

@@ -1,20 +1,15 @@
 """Determinism and instruction sets, for every family in families.EXAMPLES: the same bits for
 1, 2, 3 and 4 threads and on every repeated run (per ISA), and the portable, AVX2 and AVX-512
 paths within each example's tolerance of each other."""
-import zlib
 
 import numpy as np
 import pytest
 
 import mpskernels as mk
-from families import CONVOLUTION_KERNELS, EXAMPLES, run_example
+from families import CONVOLUTION_KERNELS, EXAMPLES, examples, run_example
 from mpskernels import _native
 
 ISAS = _native.ISA_NAMES[:_native.ISA_NAMES.index(_native.best_isa()) + 1]   # this CPU's
-
-
-def examples(family):
-    return EXAMPLES[family](np.random.default_rng(zlib.crc32(family.encode())))
 
 
 @pytest.fixture
