@@ -59,6 +59,7 @@ CASES = [  # shape, kernel, strides, dilations, pads, count_include_pad, ceil_mo
     ((1, 8, 11, 300), (3, 2), (2, 3), (1, 1), (0, 1, 2, 0), True, True),
     ((3, 10, 10, 5), (3, 3), (1, 1), (2, 2), (2, 2, 2, 2), False, False),
     ((1, 6, 6, 4), (3, 3), (2, 2), (1, 1), (0, 0, 0, 0), False, True),
+    ((2, 12, 11, 64), (3, 3), (2, 2), (1, 1), (1, 1, 1, 1), False, False),   # ResNet's: 64-channel blocks
 ]
 
 
