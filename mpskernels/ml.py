@@ -497,14 +497,17 @@ def _shape_arg(shape, what):
 
 
 def _ints(values, count, what, minimum):
-    """A tuple of integers >= minimum (`count` of them unless None): strides, pads, a perm."""
+    """A tuple of integers in [minimum, 2**31 - 1] (`count` of them unless None): strides,
+    pads, a perm (the kernels take them as int32)."""
     try:
         values = tuple(values)
     except TypeError:
         values = (values,)
     if (count is not None and len(values) != count) or any(
-            isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum for v in values):
-        raise ValidationError(f"{what} must be {count or 'some'} integers >= {minimum}, got {values!r}")
+            isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not minimum <= v < 1 << 31
+            for v in values):
+        raise ValidationError(f"{what} must be {count or 'some'} integers in [{minimum}, 2**31 - 1], "
+                              f"got {values!r}")
     return tuple(int(v) for v in values)
 
 

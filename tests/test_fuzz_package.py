@@ -573,6 +573,8 @@ def test_infinite_array_dimension_is_a_package_error():
 
 @pytest.mark.parametrize("op, message", [
     (lambda n, x: n.pool2d(x, "max", (2, 2), strides=(0, 1)), "pool2d: strides"),
+    (lambda n, x: n.pool2d(x, "max", (2, 2), strides=(2 ** 31, 1)), "pool2d: strides"),
+    (lambda n, x: n.conv2d(x, np.ones((2, 1, 1, 3)), pads=(0, 0, 2 ** 31, 0)), "conv2d: pads"),
     (lambda n, x: n.conv2d(x, np.ones((2, 1, 1, 3)), strides=(1, 0)), "conv2d: strides"),
     (lambda n, x: n.conv2d(x, np.ones((2, 1, 1, 3)), neuron=0), "conv2d: neuron"),
     (lambda n, x: n.conv2d(x, np.ones((2, 1, 1, 1)), groups=3), "groups 3 must divide"),
@@ -587,8 +589,8 @@ def test_infinite_array_dimension_is_a_package_error():
     (lambda n, x: n.layer_norm(x, scale=np.ones((1, 3))), "scale of shape \\(1, 3\\) does not broadcast"),
 ])
 def test_network_checks_op_arguments(op, message):
-    """Found through packages: a stride of 0 divided by zero, int(inf) overflowed, and a
-    neuron that was not an NNNeuronDescriptor loaded and failed only when compiled."""
+    """Found through packages: a stride of 0 divided by zero, int(inf) overflowed, a stride of
+    2**31 did not fit the kernel's int32 (OverflowError at compile), and a neuron that was not an NNNeuronDescriptor loaded and failed only when compiled."""
     net = ml.Network()
     with pytest.raises(mk.ValidationError, match=message):
         op(net, net.input("x", (1, 4, 4, 3)))
