@@ -65,8 +65,9 @@ def main():
     parser.add_argument("--only", default=",".join(FUZZERS), help="fuzzers to run, comma separated")
     parser.add_argument("--seed", type=int, default=None, help="first round's seed (default: the clock)")
     parser.add_argument("--hang", type=int, default=600,
-                        help="seconds one example may take before it is a hang (stacks dumped, exit): "
-                             "long, as niced processes may be paused for minutes on a shared machine")
+                        help="seconds one example (package fuzzers: one file) may take before it is a "
+                             "hang (stacks dumped, exit): long, as niced processes may be paused for "
+                             "minutes on a shared machine")
     parser.add_argument("--max-gb", type=float, default=8,
                         help="address space limit: a file asking for gigabytes raises MemoryError (a "
                              "finding) instead of the kernel's OOM killer ending this or another process; "
