@@ -687,9 +687,12 @@ def _convolution_reference(kernel, p, x, shape):
     y = correlate(val, w, b)
     size = correlate(np.abs(val), np.abs(w), None if b is None else np.abs(b))
     bound = 2 * correlate(err, np.abs(w), None) + 2e-5 * size
+    unknown = correlate(unk.astype(np.float64), np.ones_like(w), None) > 0
     if (p["kind"], p["kw"], p["kh"], s, d, groups) == ("plain", 3, 3, 1, 1, 1):
         bound += 2e-5 * size.max(axis=(1, 2), keepdims=True)
-    unknown = correlate(unk.astype(np.float64), np.ones_like(w), None) > 0
+        # Winograd's tile transforms spread a non-finite input over its whole tile (NaN, 0
+        # after ReLU), past its taps: such an input makes its image's outputs unknown
+        unknown |= unk.any(axis=(1, 2, 3))[:, None, None, None]
     if p["relu"]:
         y = np.maximum(y, 0.0)
     dc0 = kernel.destination_feature_channel_offset

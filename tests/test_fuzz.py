@@ -698,3 +698,30 @@ def test_api_fuzz():
     added = run_fuzz(max_examples=100, steps=50)
     assert added["calls"] > 2000, added
     assert added["encode"] > 100 and added["raised ValidationError"] > 10, added
+
+
+def test_winograd_non_finite_input_makes_the_model_unknown():
+    """The fuzz's model (families._convolution_reference) marked unknown only the outputs whose
+    taps read a non-finite input; Winograd's tile transforms spread an infinity over the whole
+    tile (NaN; 0 after ReLU), so the confirmation long run reported 21 outputs of 0.0 where the
+    model said 3.4 (a 1x5x5x16 source holding an infinity, 3x3 16 -> 20 with ReLU). Every
+    output the model still knows must be right."""
+    import families
+    p = {"kind": "plain", "kw": 3, "kh": 3, "cin": 16, "cout": 20, "groups": 1, "stride": 1,
+         "dilation": 1, "bias": True, "relu": True, "seed": 56}
+    device = mk.Device(num_threads=1)
+    x = np.random.default_rng(0).uniform(-2, 2, (1, 5, 5, 16)).astype(np.float16)
+    x[0, 3, 4, 3] = np.inf
+    source = mk.Image.from_numpy(device, x)
+    destination = mk.Image(device, mk.ImageDescriptor(mk.ImageFeatureChannelFormat.FLOAT32, 4, 3, 33, 1))
+    kernel = families._make_convolution(device, p)
+    kernel.edge_mode = mk.ImageEdgeMode.CLAMP
+    cb = device.make_command_queue().make_command_buffer()
+    kernel.encode(cb, source, destination)
+    cb.commit()
+    cb.wait_until_completed()
+    val = x.astype(np.float64)
+    index, y, bound, unknown = families._convolution_reference(
+        kernel, p, (val, np.zeros_like(val), np.zeros(val.shape, bool)), (1, 3, 4, 33))
+    got = destination.to_numpy().reshape(1, 3, 4, 33)[index].astype(np.float64)
+    assert not ((np.abs(got - y) > bound) & ~unknown).any()
