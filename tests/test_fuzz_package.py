@@ -466,7 +466,7 @@ def _edit_onnx(model, draw):
                                                  TensorProto.INT64]))
     elif how == "drop node":
         g.node.remove(node)
-    elif how == "opset":
+    elif how == "opset" and model.opset_import:   # an earlier edit may have emptied it
         model.opset_import[0].version = draw(st.sampled_from([7, 9, 11, 12, 13, 18, 21]))
     elif how == "output" and g.output:
         if draw(st.booleans()):
