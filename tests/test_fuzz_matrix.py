@@ -593,7 +593,8 @@ class MatrixMachine(RuleBasedStateMachine):
             got = item.view().astype(np.float64)
             assert np.array_equal(item.obj.to_numpy().astype(np.float64).reshape(got.shape), got, equal_nan=True)
             with np.errstate(invalid="ignore"):
-                ok = (got == item.val) | (np.abs(got - item.val) <= item.err * (1 + 1e-9) + 1e-30) | item.unk
+                ok = ((got == item.val) | (np.abs(got - item.val) <= item.err * (1 + 1e-9) + 1e-30)
+                      | (np.isnan(got) & np.isnan(item.val)) | item.unk)
             if not ok.all():
                 i = tuple(np.argwhere(~ok)[0])
                 writers = [call for call, ids in item.writes if item.ids[i] in ids][-3:]
