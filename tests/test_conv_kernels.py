@@ -257,7 +257,7 @@ def test_one_and_two_threads_bitwise(device, device1, seed):
     assert outs[0].tobytes() == outs[1].tobytes()
 
 
-# ---- igemm: narrow panels (a last panel of <= 16 output channels: the 12x16 tile on AVX-512) --
+# ---- igemm: narrow panels (a last panel of <= 16 output channels: the half-width AVX-512 tile) --
 
 NARROW = [  # cin, cout, k, stride, size, n
     (32, 16, 1, (1, 1), (13, 11), 1), (17, 5, 1, (1, 1), (7, 9), 3), (24, 40, 1, (2, 1), (12, 15), 2),

@@ -22,7 +22,6 @@
 
 typedef struct igemm_plan {
     const mk_gemm_ukernel *uk;   /* the micro-kernel the indirection was laid out for */
-    mk_gemm_ukernel_fn narrow;   /* the same tile for nc <= 16 at half the FMAs, or NULL */
     const float **indirection;   /* tiles x taps x mr */
     float *zero;                 /* cin_g zeros (64-byte aligned) */
     int64_t a_n, a_y, a_x;       /* element strides of the A image the offsets refer to */
@@ -102,9 +101,6 @@ static mk_status igemm_plan_create(mk_conv_plan *plan) {
     if (s == NULL) return MK_ENOMEM;
     plan->state = s;
     s->uk = uk;
-#if MK_X86
-    if (uk == &mk_gemm_ukernel__avx512) s->narrow = ck_igemm_12x16__avx512;
-#endif
     s->im2col = im2col_wanted(p);
     /* im2col from a tight copy copies whole kernel rows (kw taps x channels) in one go and
      * needs no indirection buffer */
@@ -167,7 +163,7 @@ static mk_status igemm_tile(const igemm_ctx *c, int64_t m0, int rows, int64_t pa
                             int64_t o0, int nc, int64_t kc, int64_t ks, const float *const *a,
                             intptr_t a_offset, float *out, int64_t ldc, float *tile) {
     const mk_conv_params *p = c->p;
-    const mk_gemm_ukernel_fn run = nc <= 16 && c->s->narrow ? c->s->narrow : c->s->uk->run;
+    const mk_gemm_ukernel_fn run = c->s->uk->run;
     const float *wp = c->w->packed + panel_index * c->k * MK_GEMM_NR;
     const mk_gemm_epilogue ep = {1.0f, 0.0f, c->w->bias + o0, c->lo, c->hi};
     if (out == NULL) {

@@ -119,14 +119,4 @@ void ck_direct_row__generic(const ck_direct_row *r);
 void ck_direct_row__avx2(const ck_direct_row *r);
 void ck_direct_row__avx512(const ck_direct_row *r);
 
-/* ---- indirect GEMM (conv_igemm*.c) ---- */
-
-/* A tile of at most 12 rows x 16 columns with the arguments of the AVX-512 12x32 GEMM
- * micro-kernel (mk_gemm_ukernel_fn, MR = 12, alpha 1, beta 0): a panel's last <= 16 columns. */
-#if MK_X86
-void ck_igemm_12x16__avx512(int mr, int nc, int64_t kc, int64_t ks, const float *const *a,
-                            intptr_t a_offset, const float *zero, const float *w, float *c,
-                            int64_t ldc, const mk_gemm_epilogue *ep);
-#endif
-
 #endif

@@ -14,8 +14,8 @@
 /* `masked`: columns >= nc of w may hold anything (an unpacked B); else they are zeros. */
 static inline __attribute__((always_inline)) void
 tile_12x32(int mr, int nc, int64_t kc, int64_t ks, const float *const *a, intptr_t a_offset,
-           const float *zero, const float *w, int64_t ldw, int masked, float *c, int64_t ldc,
-           const mk_gemm_epilogue *ep) {
+           const float *zero, const float *w, int64_t ldw, int masked, int half, float *c,
+           int64_t ldc, const mk_gemm_epilogue *ep) {
     __mmask16 m0 = (__mmask16)(nc >= 16 ? 0xffff : (1u << nc) - 1);
     __mmask16 m1 = (__mmask16)(nc >= 32 ? 0xffff : nc <= 16 ? 0 : (1u << (nc - 16)) - 1);
     const int use_beta = ep->beta != 0.0f;
@@ -34,7 +34,7 @@ tile_12x32(int mr, int nc, int64_t kc, int64_t ks, const float *const *a, intptr
         REP12(ROW)
 #undef ROW
         for (int64_t k = 0; k < kc; k++, w += ldw) {
-            __m512 b0, b1;
+            __m512 b0, b1 = _mm512_setzero_ps();
             if (masked) {   /* B in place: rows far apart, help the prefetcher */
                 _mm_prefetch((const char *)(w + 16 * ldw), _MM_HINT_T0);
                 _mm_prefetch((const char *)(w + 16 * ldw + 16), _MM_HINT_T0);
@@ -44,13 +44,13 @@ tile_12x32(int mr, int nc, int64_t kc, int64_t ks, const float *const *a, intptr
                 _mm_prefetch((const char *)(w + 8 * NR), _MM_HINT_T0);
                 _mm_prefetch((const char *)(w + 8 * NR + 16), _MM_HINT_T0);
                 b0 = _mm512_loadu_ps(w);
-                b1 = _mm512_loadu_ps(w + 16);
+                if (!half) b1 = _mm512_loadu_ps(w + 16);
             }
 #define FMA(i)                                                                               \
     {                                                                                        \
         __m512 v = _mm512_set1_ps(r##i[k]);                                                  \
         c##i##0 = _mm512_fmadd_ps(v, b0, c##i##0);                                           \
-        c##i##1 = _mm512_fmadd_ps(v, b1, c##i##1);                                           \
+        if (!half) c##i##1 = _mm512_fmadd_ps(v, b1, c##i##1);                                \
     }
             REP12(FMA)
 #undef FMA
@@ -86,23 +86,33 @@ tile_12x32(int mr, int nc, int64_t kc, int64_t ks, const float *const *a, intptr
             v1 = _mm512_min_ps(hi, _mm512_max_ps(lo, v1));                                   \
         }                                                                                    \
         _mm512_mask_storeu_ps(ci, m0, v0);                                                   \
-        _mm512_mask_storeu_ps(ci + 16, m1, v1);                                              \
+        if (!half) _mm512_mask_storeu_ps(ci + 16, m1, v1);                                   \
     }
     REP12(OUT)
 #undef OUT
 }
 
 /* One copy per row count: a short tile (the last rows of a matrix) then issues only the
- * FMAs of its own rows instead of 12. */
+ * FMAs of its own rows instead of 12. A panel's last <= 16 columns (16 output channels, the
+ * last half panel of 144) take the half-width copy: 12 FMAs per k step instead of 24, the
+ * same summation order, so the same bits. */
 static void gemm_12x32__avx512(int mr, int nc, int64_t kc, int64_t ks, const float *const *a,
                                intptr_t a_offset, const float *zero, const float *w, float *c,
                                int64_t ldc, const mk_gemm_epilogue *ep) {
-    switch (mr) {
+    if (nc <= 16)
+        switch (mr) {
 #define CASE(i)                                                                              \
-    case i + 1: tile_12x32(i + 1, nc, kc, ks, a, a_offset, zero, w, NR, 0, c, ldc, ep); break;
-        REP12(CASE)
+    case i + 1: tile_12x32(i + 1, nc, kc, ks, a, a_offset, zero, w, NR, 0, 1, c, ldc, ep); break;
+            REP12(CASE)
 #undef CASE
-    }
+        }
+    else
+        switch (mr) {
+#define CASE(i)                                                                              \
+    case i + 1: tile_12x32(i + 1, nc, kc, ks, a, a_offset, zero, w, NR, 0, 0, c, ldc, ep); break;
+            REP12(CASE)
+#undef CASE
+        }
 }
 
 /* B read in place (rows ldw floats apart, columns past nc never touched). */
@@ -110,7 +120,7 @@ static void gemm_12x32_strided__avx512(int mr, int nc, int64_t kc, const float *
                                        const float *zero, const float *w, int64_t ldw, float *c,
                                        int64_t ldc, const mk_gemm_epilogue *ep) {
     switch (mr) {
-#define CASE(i) case i + 1: tile_12x32(i + 1, nc, kc, 1, a, 0, zero, w, ldw, 1, c, ldc, ep); break;
+#define CASE(i) case i + 1: tile_12x32(i + 1, nc, kc, 1, a, 0, zero, w, ldw, 1, 0, c, ldc, ep); break;
         REP12(CASE)
 #undef CASE
     }
