@@ -148,7 +148,28 @@ def read_values(image):
     return out
 
 
-class APIMachine(RuleBasedStateMachine):
+class CountedCalls:
+    """The fuzzers' call accounting: each machine counts its API calls in its own `stats`."""
+    stats = STATS
+
+    def call(self, what):
+        self.stats["calls"] += 1
+        self.stats[what] += 1
+
+    def expect_error(self, fn, what):
+        """fn() must raise one of ALLOWED (never SystemError or anything else)."""
+        self.call(what)
+        try:
+            fn()
+        except ALLOWED as exc:
+            self.stats["raised " + type(exc).__name__] += 1
+            return exc
+        except Exception as exc:   # noqa: BLE001 - any other type is the finding
+            raise AssertionError(f"{what}: raised {type(exc).__name__}: {exc}") from exc
+        raise AssertionError(f"{what}: an invalid call did not raise")
+
+
+class APIMachine(CountedCalls, RuleBasedStateMachine):
     def __init__(self):
         super().__init__()
         faulthandler.dump_traceback_later(HANG_SECONDS, exit=True)
@@ -161,22 +182,6 @@ class APIMachine(RuleBasedStateMachine):
         self.encoded = 0          # commands encoded onto self.cb
         self.committed = []       # (cb, completed-handler calls list)
         self.refs = []            # weakrefs that must be dead at the end
-
-    def call(self, what):
-        STATS["calls"] += 1
-        STATS[what] += 1
-
-    def expect_error(self, fn, what):
-        """fn() must raise one of ALLOWED (never SystemError or anything else)."""
-        self.call(what)
-        try:
-            fn()
-        except ALLOWED as exc:
-            STATS["raised " + type(exc).__name__] += 1
-            return exc
-        except Exception as exc:   # noqa: BLE001 - any other type is the finding
-            raise AssertionError(f"{what}: raised {type(exc).__name__}: {exc}") from exc
-        raise AssertionError(f"{what}: an invalid call did not raise")
 
     # ---- set-up ---------------------------------------------------------------------------
 

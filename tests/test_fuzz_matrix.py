@@ -25,7 +25,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition,
 
 import mpskernels as mk
 import reference as ref
-from test_fuzz import ALLOWED, FMT, HANG_SECONDS, _REFS, _check_collected, store
+from test_fuzz import ALLOWED, CountedCalls, FMT, HANG_SECONDS, _REFS, _check_collected, store
 
 STATS = collections.Counter()
 DT = mk.DataType
@@ -89,7 +89,9 @@ def _f(lo, hi):
     return st.floats(lo, hi, width=32).map(lambda v: v if abs(v) >= 2.0 ** -20 else 0.0)
 
 
-class MatrixMachine(RuleBasedStateMachine):
+class MatrixMachine(CountedCalls, RuleBasedStateMachine):
+    stats = STATS
+
     def __init__(self):
         super().__init__()
         faulthandler.dump_traceback_later(HANG_SECONDS, exit=True)
@@ -100,21 +102,6 @@ class MatrixMachine(RuleBasedStateMachine):
         self.cb, self.encoded = None, 0
         self.committed, self.refs = [], []
         self.log = []         # the calls encoded since the last check: the report
-
-    def call(self, what):
-        STATS["calls"] += 1
-        STATS[what] += 1
-
-    def expect_error(self, fn, what):
-        self.call(what)
-        try:
-            fn()
-        except ALLOWED as exc:
-            STATS["raised " + type(exc).__name__] += 1
-            return
-        except Exception as exc:   # noqa: BLE001 - any other type is the finding
-            raise AssertionError(f"{what}: raised {type(exc).__name__}: {exc}") from exc
-        raise AssertionError(f"{what}: an invalid call did not raise")
 
     def matrices(self):
         return [m for m in self.items if m.is_matrix]
