@@ -1,7 +1,7 @@
 # cython: language_level=3
 """The binding: thin wrappers over the C API (src/mpskernels.h). No policy lives here: the
 Python object model validates, this module takes pointers, releases the GIL and calls C."""
-from libc.stdint cimport int32_t, int64_t
+from libc.stdint cimport int32_t, int64_t, uint8_t
 from libc.stdlib cimport malloc, free
 from libc.string cimport memset
 from cpython.ref cimport PyObject
@@ -103,6 +103,44 @@ def pool_visit_counts(Pool pool, int64_t n, int64_t grain):
     with nogil:
         mk_parallel_for(pool.pool, n, grain, _count_visits, data)
     return counts
+
+
+cdef extern from "<pthread.h>" nogil:
+    ctypedef unsigned long pthread_t
+    pthread_t pthread_self()
+
+
+cdef struct _runners_ctx:
+    pthread_t caller
+    uint8_t *by_caller
+    int64_t work
+    double sink
+
+
+cdef void _note_runner(void *ctx, int64_t begin, int64_t end) noexcept nogil:
+    cdef _runners_ctx *c = <_runners_ctx *>ctx
+    cdef int64_t i, k
+    cdef double acc = 1.0
+    for i in range(begin, end):
+        c.by_caller[i] = pthread_self() == c.caller
+        for k in range(c.work):   # keep the chunk busy, so every thread gets to take part
+            acc = acc * 1.0000001 + 1e-9
+    c.sink += acc
+
+
+def pool_chunk_runners(Pool pool, int64_t n, int64_t work):
+    """Which indices of mk_parallel_for(pool, n, 1) the calling thread ran (True) and which a
+    worker ran: each index busy for `work` steps (the thread-pool tests of shares)."""
+    out = np.zeros(max(n, 0), dtype=np.uint8)
+    cdef uint8_t[::1] o = out
+    cdef _runners_ctx c
+    c.by_caller = &o[0] if n > 0 else NULL
+    c.work = work
+    c.sink = 0
+    with nogil:
+        c.caller = pthread_self()
+        mk_parallel_for(pool.pool, n, 1, _note_runner, &c)
+    return out.astype(bool)
 
 
 # ---- arena ---------------------------------------------------------------------------------

@@ -52,3 +52,23 @@ def test_thread_count_changes_between_jobs():
         assert (_native.pool_visit_counts(pool, 1000, 7) == 1).all()
     with pytest.raises(ValueError):
         pool.num_threads = 0
+
+
+def test_each_thread_runs_its_own_share_first():
+    """The caller's share is the first half of the chunks and the worker's the second: each
+    runs its own before taking the other's, so consecutive layers that split an image alike
+    find the rows they read in the cache of the thread that wrote them. Which thread ran a
+    chunk depends on timing (a worker that wakes late leaves its share to the caller, a thread
+    that finishes first takes the other's last chunks), so this checks that in most jobs in
+    which both took part, the caller ran the first half and the worker the rest of the second
+    half but its last chunk or two."""
+    pool = _native.Pool(2)
+    both = own_half = 0
+    for _ in range(60):
+        caller = _native.pool_chunk_runners(pool, 32, 20000)
+        if caller.all() or not caller.any():
+            continue
+        both += 1
+        own_half += bool(caller[:16].all() and not caller[16:30].any())
+    assert both >= 10, f"the worker took part in only {both} of 60 jobs"
+    assert own_half >= both // 2, (own_half, both)
