@@ -1649,6 +1649,7 @@ class _Recording:
         self.commands, self.suffix = commands, suffix
         self.layout = _Recording._layout(bound)
         self.bases = [r0 for r0, _ in regions]
+        self.spans = regions   # of the last dispatch
         self.moves = []   # (set the address, region index, byte offset in the region)
         for set_address, address in relocations:
             for i, (r0, r1) in enumerate(regions):
@@ -1667,15 +1668,22 @@ class _Recording:
         """[(start, end)]: the intermediates heap and each bound tensor, or None if two of them
         overlap (an address would not tell which one it is in)."""
         spans = [heap_op.span() if heap_op is not None else (0, 0)] + [op.span() for op in bound]
+        return spans if _Recording.disjoint(spans) else None
+
+    @staticmethod
+    def disjoint(spans):
         ordered = sorted(s for s in spans if s[0] < s[1])
-        if any(a[1] > b[0] for a, b in zip(ordered, ordered[1:])):
-            return None
-        return spans
+        return not any(a[1] > b[0] for a, b in zip(ordered, ordered[1:]))
 
     def replay(self, cb, regions, bound, suffix):
         """Add the recorded commands to cb, re-pointed to these regions; False if it cannot."""
         if _Recording._layout(bound) != self.layout:
             return False
+        return self.replay_regions(cb, regions, suffix)
+
+    def replay_regions(self, cb, regions, suffix=None):
+        """replay() for regions known to hold what the recorded ones held, laid out alike
+        (Session's runs without encoding); suffix None: the descriptions stay."""
         with self.lock:
             for ref in self.users:
                 user = ref()
@@ -1688,7 +1696,8 @@ class _Recording:
                     if bases[i] != self.bases[i]:
                         set_address(bases[i] + offset)
                 self.bases = bases
-            if suffix != self.suffix:   # failures name the dispatch and the pass
+            self.spans = regions
+            if suffix is not None and suffix != self.suffix:   # failures name the dispatch and the pass
                 for command in self.commands:
                     if isinstance(command.description, str) and command.description.endswith(self.suffix):
                         command.description = command.description[:-len(self.suffix)] + suffix

@@ -43,6 +43,7 @@ class Session:
         self._compiled = {}
         self._views = {}    # per compiled shapes: the output tensors as NumPy views (None: converted)
         self._inputs = {}   # binding index -> (array, its layout, its tensor) of the last run
+        self._recorded = {}  # per compiled shapes: (recording, the inputs' layouts) for _rerun
 
     def get_inputs(self):
         return [NodeArg(v.name, v.shape, v.data_type) for v in self.network.inputs]
@@ -105,23 +106,56 @@ class Session:
             arrays.append(a)
         return arrays
 
+    @staticmethod
+    def _layout(array):
+        return array.shape, array.strides, array.dtype
+
+    def _rerun(self, key, state, arrays):
+        """Run the pipeline's recorded dispatch again, its inputs re-pointed at these arrays,
+        without encoding a pass: what a pass would check still holds (the same pipeline, heap
+        and output tensors; inputs laid out as those the recording read, each array's own
+        memory: bound without a copy). Encoding costs about 0.25 ms of Python per run, run
+        cold after the kernels (4% of MobileNetV2 on two threads). False if it cannot."""
+        recording, layouts = self._recorded.get(key, (None, None))
+        if recording is None or recording is not state._recording:
+            return False
+        spans = list(recording.spans)
+        for i, a in enumerate(arrays):
+            if self._layout(a) != layouts[i] or not a.flags.writeable:
+                return False
+            start = a.__array_interface__["data"][0]
+            spans[1 + i] = (start, start + spans[1 + i][1] - spans[1 + i][0])
+        if not recording.disjoint(spans):
+            return False
+        cb = self._queue.make_command_buffer()
+        if not recording.replay_regions(cb, spans):
+            return False
+        cb.commit()
+        cb.wait_until_completed()
+        return True
+
     def run(self, inputs, output_names=None):
         """{output name: array} for {input name: array}."""
         arrays = self._check(inputs)
-        shapes = [a.shape for a in arrays]
+        shapes = tuple(a.shape for a in arrays)
         state, heap, table, outputs = self.compile(shapes)
-        for i, a in enumerate(arrays):
-            self._bind(table, i, a)
-        cb = self._queue.make_command_buffer()
-        enc = cb.make_machine_learning_command_encoder()
-        enc.set_pipeline_state(state)
-        enc.set_argument_table(table)
-        enc.dispatch_network(heap)
-        enc.end_encoding()
-        cb.commit()
-        cb.wait_until_completed()
+        if not self._rerun(shapes, state, arrays):
+            for i, a in enumerate(arrays):
+                self._bind(table, i, a)
+            cb = self._queue.make_command_buffer()
+            enc = cb.make_machine_learning_command_encoder()
+            enc.set_pipeline_state(state)
+            enc.set_argument_table(table)
+            enc.dispatch_network(heap)
+            enc.end_encoding()
+            cb.commit()
+            cb.wait_until_completed()
+            recording = state._recording
+            zero_copy = all(i in self._inputs for i in range(len(arrays)))
+            if recording is not None and zero_copy and recording.users[0]() is cb:
+                self._recorded[shapes] = (recording, [self._layout(a) for a in arrays])
         result = {v.name: (t.to_numpy() if view is None else view).copy()
-                  for v, t, view in zip(self.network.outputs, outputs, self._views[tuple(shapes)])}
+                  for v, t, view in zip(self.network.outputs, outputs, self._views[shapes])}
         if output_names is not None:
             missing = [n for n in output_names if n not in result]
             if missing:

@@ -560,6 +560,45 @@ def test_session_rebinds_inputs_changed_in_place(device):
     check(padded)
 
 
+def test_session_reruns_without_encoding(device):
+    """After a run that recorded its pass, Session.run runs the recording again on the next
+    inputs laid out alike (the same array changed in place, new arrays, a view of other
+    memory) without encoding; other layouts, read-only arrays and arrays it must copy take the
+    encoding path. Every result is fresh."""
+    rng = np.random.default_rng(12)
+    w = rng.standard_normal((6, 16)).astype(np.float32)
+    net = ml.Network("r")
+    net.output(net.neuron(net.gemm(net.input("x", (-1, 16)), w), mk.CNNNeuronType.TANH, a=1.0, b=1.0), "y")
+    session = ml.Session(net, device=device)
+    reruns = []
+    rerun = session._rerun
+    session._rerun = lambda *args: reruns.append(rerun(*args)) or reruns[-1]
+
+    def check(x, fast):
+        y = session.run({"x": x})["y"]
+        np.testing.assert_allclose(y, np.tanh(x.astype(np.float64) @ w.T), rtol=1e-5, atol=1e-6)
+        assert reruns[-1] == fast, (x.shape, x.strides, x.flags.writeable)
+
+    x = rng.standard_normal((4, 16)).astype(np.float32)
+    check(x, False)                      # records
+    check(x, True)
+    x[:] = rng.standard_normal((4, 16))
+    check(x, True)
+    check(rng.standard_normal((4, 16)).astype(np.float32), True)
+    big = rng.standard_normal((9, 16)).astype(np.float32)
+    check(big[5:], True)                 # other memory, the same layout
+    frozen = rng.standard_normal((4, 16)).astype(np.float32)
+    frozen.flags.writeable = False
+    check(frozen, False)                 # bound as a copy
+    check(x, True)
+    check(rng.standard_normal((7, 16)).astype(np.float32), False)   # another shape: compiles
+    check(rng.standard_normal((7, 16)).astype(np.float32), True)
+    padded = rng.standard_normal((4, 24)).astype(np.float32)[:, :16]
+    check(padded, False)                 # other strides
+    check(padded, False)                 # bound as a copy: never rerun
+    check(x, True)
+
+
 def test_elementwise_nodes_write_in_place(device, device1):
     """An elementwise node writes over a source of its shape that nothing reads later (the
     one produced last), never over one read later, one of another shape (broadcast) or a
