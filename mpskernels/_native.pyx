@@ -105,42 +105,45 @@ def pool_visit_counts(Pool pool, int64_t n, int64_t grain):
     return counts
 
 
-cdef extern from "<pthread.h>" nogil:
-    ctypedef unsigned long pthread_t
-    pthread_t pthread_self()
+cdef extern from *:
+    """
+    #include <time.h>
+    typedef struct { int started, want, timed_out, first[64]; } mk_test_claims;
+    /* Each chunk notes its index in start order; the first `want` wait (up to 2 s) until
+     * `want` chunks have started, so every thread has claimed its first chunk. */
+    static void mk_test_note_claim(void *ctx, int64_t begin, int64_t end) {
+        mk_test_claims *c = ctx;
+        (void)end;
+        int k = __atomic_fetch_add(&c->started, 1, __ATOMIC_SEQ_CST);
+        if (k < 64) c->first[k] = (int)begin;
+        if (k >= c->want) return;
+        struct timespec t0, t;
+        clock_gettime(CLOCK_MONOTONIC, &t0);
+        for (;;) {
+            if (__atomic_load_n(&c->started, __ATOMIC_SEQ_CST) >= c->want) return;
+            clock_gettime(CLOCK_MONOTONIC, &t);
+            if ((t.tv_sec - t0.tv_sec) * 1000000000L + (t.tv_nsec - t0.tv_nsec) > 2000000000L) break;
+        }
+        __atomic_store_n(&c->timed_out, 1, __ATOMIC_SEQ_CST);
+    }
+    """
+    ctypedef struct mk_test_claims:
+        int started, want, timed_out
+        int first[64]
+    void mk_test_note_claim(void *ctx, int64_t begin, int64_t end) nogil
 
 
-cdef struct _runners_ctx:
-    pthread_t caller
-    uint8_t *by_caller
-    int64_t work
-    double sink
-
-
-cdef void _note_runner(void *ctx, int64_t begin, int64_t end) noexcept nogil:
-    cdef _runners_ctx *c = <_runners_ctx *>ctx
-    cdef int64_t i, k
-    cdef double acc = 1.0
-    for i in range(begin, end):
-        c.by_caller[i] = pthread_self() == c.caller
-        for k in range(c.work):   # keep the chunk busy, so every thread gets to take part
-            acc = acc * 1.0000001 + 1e-9
-    c.sink += acc
-
-
-def pool_chunk_runners(Pool pool, int64_t n, int64_t work):
-    """Which indices of mk_parallel_for(pool, n, 1) the calling thread ran (True) and which a
-    worker ran: each index busy for `work` steps (the thread-pool tests of shares)."""
-    out = np.zeros(max(n, 0), dtype=np.uint8)
-    cdef uint8_t[::1] o = out
-    cdef _runners_ctx c
-    c.by_caller = &o[0] if n > 0 else NULL
-    c.work = work
-    c.sink = 0
+def pool_first_claims(Pool pool, int64_t n):
+    """The first chunk each thread of the pool claimed in mk_parallel_for(pool, n, 1), in
+    start order (n <= 64), or None if not every thread took part within 2 s."""
+    cdef mk_test_claims c
+    memset(&c, 0, sizeof(c))
+    c.want = pool.num_threads
+    if n > 64 or n < c.want:
+        raise ValueError("pool_first_claims: num_threads <= n <= 64")
     with nogil:
-        c.caller = pthread_self()
-        mk_parallel_for(pool.pool, n, 1, _note_runner, &c)
-    return out.astype(bool)
+        mk_parallel_for(pool.pool, n, 1, mk_test_note_claim, &c)
+    return None if c.timed_out else [c.first[k] for k in range(c.want)]
 
 
 # ---- arena ---------------------------------------------------------------------------------

@@ -54,21 +54,17 @@ def test_thread_count_changes_between_jobs():
         pool.num_threads = 0
 
 
-def test_each_thread_runs_its_own_share_first():
-    """The caller's share is the first half of the chunks and the worker's the second: each
-    runs its own before taking the other's, so consecutive layers that split an image alike
-    find the rows they read in the cache of the thread that wrote them. Which thread ran a
-    chunk depends on timing (a worker that wakes late leaves its share to the caller, a thread
-    that finishes first takes the other's last chunks), so this checks that in most jobs in
-    which both took part, the caller ran the first half and the worker the rest of the second
-    half but its last chunk or two."""
-    pool = _native.Pool(2)
-    both = own_half = 0
-    for _ in range(60):
-        caller = _native.pool_chunk_runners(pool, 32, 20000)
-        if caller.all() or not caller.any():
-            continue
-        both += 1
-        own_half += bool(caller[:16].all() and not caller[16:30].any())
-    assert both >= 10, f"the worker took part in only {both} of 60 jobs"
-    assert own_half >= both // 2, (own_half, both)
+@pytest.mark.parametrize("threads", [2, 3, 4])
+def test_each_thread_claims_its_own_share_first(threads):
+    """A job's chunks are cut into one contiguous share per thread (the caller's first); each
+    thread claims the start of its own share before anything else, so consecutive layers that
+    split an image alike find the rows they read in the cache of the thread that wrote them.
+    Each thread's first chunk waits until every thread has one: the first claims are then
+    exactly the shares' starts, whichever thread woke first. The first job of a new pool
+    included: workers started for a job take part in it."""
+    pool = _native.Pool(threads)
+    n = 4 * threads
+    seen = [_native.pool_first_claims(pool, n) for _ in range(5)]
+    claims = [sorted(s) for s in seen if s is not None]
+    assert claims, "the workers never took part within 2 s"
+    assert all(c == list(range(0, n, 4)) for c in claims), seen

@@ -66,6 +66,8 @@ struct mk_pool {
     pthread_t *threads;
     share *shares;              /* num_workers + 1: the caller's is share 0 */
     atomic_int next_worker;     /* numbers the workers as they start: worker i owns share i */
+    uint64_t start_generation;  /* the last job published before the workers started: they
+                                 * join the next one, even if it was published before they ran */
     int shutdown;               /* under mu */
     int sleepers;               /* workers waiting on `wake`, under mu */
     int caller_waiting;         /* the caller waits on `done`, under mu */
@@ -124,7 +126,7 @@ static void *worker_main(void *arg) {
     struct mk_pool *p = arg;
     const int self = atomic_fetch_add_explicit(&p->next_worker, 1, memory_order_relaxed) + 1;
     pthread_mutex_lock(&p->mu);
-    uint64_t seen = p->current.generation;
+    uint64_t seen = p->start_generation;
     for (;;) {
         if (!p->shutdown && p->current.generation == seen) {
             pthread_mutex_unlock(&p->mu);
@@ -176,6 +178,7 @@ static void start_workers(struct mk_pool *p) {
     if (p->threads && p->shares) {
         for (int i = 0; i <= want; i++) atomic_init(&p->shares[i].next, 0);
         atomic_store_explicit(&p->next_worker, 0, memory_order_relaxed);
+        p->start_generation = p->current.generation;
         while (p->num_workers < want &&
                pthread_create(&p->threads[p->num_workers], NULL, worker_main, p) == 0)
             p->num_workers++;
