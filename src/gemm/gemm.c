@@ -55,6 +55,22 @@ mk_status mk_gemm_packed_b_floats(int64_t k, int64_t n, int64_t *floats) {
 
 void mk_gemm_pack_b(int64_t k, int64_t n, const void *b, int format, int64_t rs, int64_t cs,
                     float *packed) {
+    if (format == MK_FMT_F32 && cs == 1) {
+        /* row by row, so that the source is read once in address order (the hardware
+         * prefetcher streams it; panel by panel takes 2 lines of every row, rows apart) */
+        const int64_t full = n / MK_GEMM_NR * MK_GEMM_NR;
+        for (int64_t r = 0; r < k; r++) {
+            const float *src = (const float *)b + r * rs;
+            float *dst = packed + r * MK_GEMM_NR;
+            for (int64_t j0 = 0; j0 < full; j0 += MK_GEMM_NR, dst += k * MK_GEMM_NR)
+                for (int j = 0; j < MK_GEMM_NR; j++) dst[j] = src[j0 + j];
+            if (full < n) {
+                memcpy(dst, src + full, (size_t)(n - full) * sizeof(float));
+                memset(dst + (n - full), 0, (size_t)(MK_GEMM_NR - (n - full)) * sizeof(float));
+            }
+        }
+        return;
+    }
     for (int64_t j0 = 0; j0 < n; j0 += MK_GEMM_NR) {
         int64_t nc = n - j0 < MK_GEMM_NR ? n - j0 : MK_GEMM_NR;
         for (int64_t r = 0; r < k; r++, packed += MK_GEMM_NR) {
@@ -62,12 +78,6 @@ void mk_gemm_pack_b(int64_t k, int64_t n, const void *b, int format, int64_t rs,
             if (format == MK_FMT_F16) {
                 const uint16_t *src = (const uint16_t *)b + at;
                 for (int64_t j = 0; j < nc; j++) packed[j] = mk_ew_f16_to_f32(src[j * cs]);
-            } else if (cs == 1) {   /* a fixed-size copy: no call per 128 bytes */
-                const float *src = (const float *)b + at;
-                if (nc == MK_GEMM_NR)
-                    for (int j = 0; j < MK_GEMM_NR; j++) packed[j] = src[j];
-                else
-                    memcpy(packed, src, (size_t)nc * sizeof(float));
             } else {
                 const float *src = (const float *)b + at;
                 for (int64_t j = 0; j < nc; j++) packed[j] = src[j * cs];
@@ -92,7 +102,9 @@ void mk_gemm_pack_b(int64_t k, int64_t n, const void *b, int format, int64_t rs,
  *   packs it for a round of items, then tasks cut rows and columns freely (A tiles run
  *   against all of a task's <= NB_MAX columns);
  * - private, otherwise: tasks cut the columns (the rows only if there are more rows than
- *   columns) and pack their kc x nb slice per K block, used while it is in L2.
+ *   columns) and pack their kc x nb slice per K block, used while it is in L2. When few rows
+ *   use B (<= THIN_TILES row tiles), reading B from memory is a large part of the time: K
+ *   blocks of <= KC_THIN and slices of up to NB_THIN columns, read row by row in long runs.
  * Small products (k x n <= 16384) and one-tile products (m <= MR) read B in place. */
 
 #define KC_MAX 384                /* K block: fewer calls and passes over C per FMA */
@@ -102,7 +114,9 @@ void mk_gemm_pack_b(int64_t k, int64_t n, const void *b, int format, int64_t rs,
 #define PACK_PANELS 4             /* panels per packing task (256^3: two tasks) */
 #define C_BUFFER_FLOATS (256 << 10) /* fp32 block of an fp16 result per task (1 MiB) */
 #define MR_MAX 16
-#define GROUP_TILES 8             /* a task of at most this many tiles goes panel by panel */
+#define THIN_TILES 8              /* B used by at most this many row tiles: ... */
+#define KC_THIN 192               /* ... K blocks of <= 192 and ... */
+#define NB_THIN 1024              /* ... tasks of up to 1024 columns (a 768 KiB slice of B) */
 #define SERIAL_FMAS (1 << 19)     /* below this much work, threads cost more than they save */
 
 static const float zeros[KC_MAX];
@@ -159,7 +173,7 @@ typedef struct sgemm_plan {
     b_mode b_mode;
     int a_in_place;              /* the micro-kernel reads A's rows where they are */
     int c_buffer;                /* fp16 or strided C: a task accumulates in fp32 scratch */
-    int64_t kc;
+    int64_t kc, nb_max;          /* K block; columns per task at most */
     int64_t item0, items;        /* the round: batch items [item0, item0 + items) */
     int64_t row_blocks, col_blocks;   /* tasks per item: blocks of row tiles x of panels */
     float *pb;                   /* B_SHARED: packed B of the round, pb_item floats per item */
@@ -219,14 +233,11 @@ static void pack_tasks(void *ctx, int64_t begin, int64_t end) {
 }
 
 /* Prefetch rows [rows * part / parts, rows * (part + 1) / parts) of `rows` rows of `lines`
- * cache lines each, `stride` bytes apart from `base`: a share of a block per call. */
+ * cache lines each, `stride` bytes apart from `base`, into L2: a share of a block per call. */
 static void prefetch_part(const char *base, int64_t stride, int64_t rows, int64_t lines,
-                          int64_t part, int64_t parts, int to_l1) {
+                          int64_t part, int64_t parts) {
     for (int64_t r = rows * part / parts; r < rows * (part + 1) / parts; r++)
-        for (int64_t l = 0; l < lines; l++) {
-            if (to_l1) __builtin_prefetch(base + r * stride + l * 64, 0, 3);
-            else __builtin_prefetch(base + r * stride + l * 64, 0, 2);
-        }
+        for (int64_t l = 0; l < lines; l++) __builtin_prefetch(base + r * stride + l * 64, 0, 2);
 }
 
 /* The A rows [i, i + mr) of K block pc for the micro-kernel: in place, or packed at pa. */
@@ -248,11 +259,7 @@ static void tile_rows(const sgemm_plan *g, const char *A, int64_t i, int mr, int
 }
 
 /* One task: its C block, K block after K block, tile after tile, each against all its panels
- * (B in L2; the A tile in L1, the next tile's rows prefetched into L2). Except a task of few
- * tiles (<= GROUP_TILES) packing private B: it goes panel after panel, each against all its
- * tiles (A rows packed once per K block, in L2), packing each panel just before its first use
- * and prefetching the next meanwhile, so that B comes from memory while the FMAs run (e.g.
- * 64 x 4096 x 1024: 9% faster than packing the K block's B first). */
+ * (B in L2; the A tile in L1, the next tile's rows prefetched into L2). */
 static void sgemm_task(const sgemm_plan *g, int64_t t, float *pb, float *pa, float *cbuf) {
     const mk_sgemm_args *p = g->p;
     const mk_gemm_ukernel *u = g->u;
@@ -264,8 +271,7 @@ static void sgemm_task(const sgemm_plan *g, int64_t t, float *pb, float *pa, flo
     even_block(cdiv(p->n, MK_GEMM_NR), g->col_blocks, rest % g->col_blocks, &j0, &j1);
     i0 *= MR, i1 = min64(i0 + i1 * MR, p->m);
     j0 *= MK_GEMM_NR, j1 = min64(j0 + j1 * MK_GEMM_NR, p->n);
-    const int tiles = (int)cdiv(i1 - i0, MR), panels = (int)cdiv(j1 - j0, MK_GEMM_NR);
-    const int by_panel = g->b_mode == B_PRIVATE && tiles <= GROUP_TILES;
+    const int panels = (int)cdiv(j1 - j0, MK_GEMM_NR);
     const size_t asz = mk_format_size(p->a.format), csz = mk_format_size(p->c.format);
     const char *A = (const char *)p->a.data + (size_t)(bi * p->a.bs) * asz;
     const float *B = (const float *)p->b.data + bi * p->b.bs;   /* in place, or to pack */
@@ -281,45 +287,34 @@ static void sgemm_task(const sgemm_plan *g, int64_t t, float *pb, float *pa, flo
                 for (int64_t j = 0; j < j1 - j0; j++)
                     C[i * ldc + j] = load_elem(Cm, p->c.format, i * p->c.rs + j * p->c.cs);
     }
-    const float *rows[GROUP_TILES][MR_MAX];
+    const float *rows[MR_MAX];
     for (int64_t pc = 0; pc < p->k; pc += g->kc) {
         const int64_t kc = min64(p->k - pc, g->kc);
         const int first = pc == 0, last = pc + kc == p->k;
         mk_gemm_epilogue ep = {p->alpha, first ? p->beta : 1.0f, NULL,
                                last ? p->lo : -INFINITY, last ? p->hi : INFINITY};
-        if (g->b_mode == B_PRIVATE && !by_panel)
-            pack_b_block(p, bi, pc, kc, j0, j1 - j0, pb);
-        if (by_panel)
-            for (int tt = 0; tt < tiles; tt++)
-                tile_rows(g, A, i0 + tt * MR, (int)min64(i1 - i0 - tt * MR, MR), pc, kc,
-                          pa + tt * MR * kc, rows[tt]);
-        /* (tile, panel) pairs in the order described above */
-        for (int outer = 0; outer < (by_panel ? panels : tiles); outer++)
-        for (int inner = 0; inner < (by_panel ? tiles : panels); inner++) {
-            const int tt = by_panel ? inner : outer;
-            const int64_t i = i0 + tt * MR, j = j0 + (by_panel ? outer : inner) * MK_GEMM_NR;
-            const int mr = (int)min64(i1 - i, MR), nc = (int)min64(j1 - j, MK_GEMM_NR);
-            const float *w = g->b_mode == B_SHARED ? shared_panel(g, pb, pc, kc, j)
-                                                   : pb + (j - j0) * kc;
-            if (by_panel) {
-                if (tt == 0) pack_b_block(p, bi, pc, kc, j, nc, (float *)w);
-                if (j + MK_GEMM_NR < j1 && p->b.cs == 1)   /* the next panel, in shares */
-                    prefetch_part((const char *)(B + pc * p->b.rs + j + MK_GEMM_NR),
-                                  p->b.rs * (int64_t)sizeof(float), kc, 2, tt, tiles, 1);
-            } else {
-                if (j == j0) tile_rows(g, A, i, mr, pc, kc, pa, rows[0]);
+        if (g->b_mode == B_PRIVATE) pack_b_block(p, bi, pc, kc, j0, j1 - j0, pb);
+        for (int64_t i = i0; i < i1; i += MR) {
+            const int mr = (int)min64(i1 - i, MR);
+            tile_rows(g, A, i, mr, pc, kc, pa, rows);
+            for (int q = 0; q < panels; q++) {
+                const int64_t j = j0 + q * MK_GEMM_NR;
+                const int nc = (int)min64(j1 - j, MK_GEMM_NR);
                 if (i + MR < i1 && p->a.cs == 1)   /* the next tile's rows, into L2, in shares */
                     prefetch_part(A + (size_t)((i + MR) * p->a.rs + pc) * asz,
                                   p->a.rs * (int64_t)asz, min64(i1 - i - MR, MR),
-                                  cdiv(kc * (int64_t)asz, 64), inner, panels, 0);
+                                  cdiv(kc * (int64_t)asz, 64), q, panels);
+                float *c = C + (i - i0) * ldc + (j - j0);
+                ep.bias = first && p->bias ? p->bias + j : NULL;
+                if (g->b_mode == B_IN_PLACE)
+                    u->run_strided(mr, nc, kc, rows, zeros, B + pc * p->b.rs + j, p->b.rs, c,
+                                   ldc, &ep);
+                else
+                    u->run(mr, nc, kc, 1, rows, 0, zeros,
+                           g->b_mode == B_SHARED ? shared_panel(g, pb, pc, kc, j)
+                                                 : pb + (j - j0) * kc,
+                           c, ldc, &ep);
             }
-            const float *const *a = rows[by_panel ? tt : 0];
-            float *c = C + (i - i0) * ldc + (j - j0);
-            ep.bias = first && p->bias ? p->bias + j : NULL;
-            if (g->b_mode == B_IN_PLACE)
-                u->run_strided(mr, nc, kc, a, zeros, B + pc * p->b.rs + j, p->b.rs, c, ldc, &ep);
-            else
-                u->run(mr, nc, kc, 1, a, 0, zeros, w, c, ldc, &ep);
         }
     }
     if (g->c_buffer) {
@@ -340,7 +335,7 @@ static void sgemm_tasks(void *ctx, int64_t begin, int64_t end) {
     const int64_t mb = (cdiv(g->p->m, g->u->mr) / g->row_blocks + 1) * g->u->mr;
     const int64_t nb = (cdiv(g->p->n, MK_GEMM_NR) / g->col_blocks + 1) * MK_GEMM_NR;
     const size_t pb_floats = g->b_mode == B_PRIVATE ? (size_t)(g->kc * nb) : 0;
-    const size_t pa_floats = g->a_in_place ? 0 : (size_t)(GROUP_TILES * g->u->mr * g->kc);
+    const size_t pa_floats = g->a_in_place ? 0 : (size_t)(g->u->mr * g->kc);
     const size_t c_floats = g->c_buffer ? (size_t)(mb * nb) : 0;
     const size_t bytes = (pb_floats + pa_floats + c_floats) * sizeof(float);
     float *scratch = bytes ? scratch_get(bytes) : NULL;
@@ -354,15 +349,6 @@ static mk_status sgemm(const mk_sgemm_args *p, mk_pool *pool, int serial) {
     sgemm_plan g = {.p = p, .u = mk_gemm_ukernel_active()};
     const int64_t MR = g.u->mr, m = p->m, n = p->n, k = p->k;
     const int64_t row_tiles = cdiv(m, MR), panels = cdiv(n, MK_GEMM_NR);
-    /* K blocks of <= 384 (2% faster than 256 at 1024^3 and 2048^3), unless blocks of <= 256
-     * let A be read in place (6% faster for 3136 x 576 x 64) */
-    g.kc = cdiv(k, cdiv(k, KC_MAX));
-    g.a_in_place = a_in_place(p, (int)min64(m, MR), g.kc);
-    if (!g.a_in_place && a_in_place(p, (int)min64(m, MR), cdiv(k, cdiv(k, KC_IN_PLACE)))) {
-        g.kc = cdiv(k, cdiv(k, KC_IN_PLACE));
-        g.a_in_place = 1;
-    }
-    g.c_buffer = p->c.format != MK_FMT_F32 || p->c.cs != 1;
     int64_t items = p->batch;   /* per round */
     if (p->b.format == MK_FMT_F32 && p->b.cs == 1 && (m <= MR || k <= 16384 / n)) {
         g.b_mode = B_IN_PLACE;
@@ -375,7 +361,19 @@ static mk_status sgemm(const mk_sgemm_args *p, mk_pool *pool, int serial) {
     } else {
         g.b_mode = B_PRIVATE;
     }
-    g.col_blocks = cdiv(panels, NB_MAX / MK_GEMM_NR);
+    /* K blocks of <= 384 (2% faster than 256 at 1024^3 and 2048^3), unless blocks of <= 256
+     * let A be read in place (6% faster for 3136 x 576 x 64); B packed for few rows: <= 192
+     * and slices of up to 1024 columns (64 x 4096 x 1024: 12% faster than 384 x 512) */
+    const int thin = g.b_mode == B_PRIVATE && row_tiles <= THIN_TILES;
+    g.kc = cdiv(k, cdiv(k, thin ? KC_THIN : KC_MAX));
+    g.nb_max = thin ? NB_THIN : NB_MAX;
+    g.a_in_place = a_in_place(p, (int)min64(m, MR), g.kc);
+    if (!thin && !g.a_in_place && a_in_place(p, (int)min64(m, MR), cdiv(k, cdiv(k, KC_IN_PLACE)))) {
+        g.kc = cdiv(k, cdiv(k, KC_IN_PLACE));
+        g.a_in_place = 1;
+    }
+    g.c_buffer = p->c.format != MK_FMT_F32 || p->c.cs != 1;
+    g.col_blocks = cdiv(panels, g.nb_max / MK_GEMM_NR);
     g.row_blocks = 1;
     /* at least one task per thread (not more: 4 smaller tasks for 2 threads were 2-3.5% slower
      * at one thread, 1024^3); the cut does not change any result */
