@@ -260,11 +260,10 @@ static void igemm_task(void *arg, int64_t begin, int64_t end) {
             const int rows = (int)(m1 - m0 < mr ? m1 - m0 : mr);
             const float *const *ind = s->tight ? NULL : s->indirection + t * taps * mr;
             if (taps == 1 && kc <= 64 && !s->tight && !c->im2col && t + 1 < t1) {
-                /* A 1x1 convolution with few input channels streams its source (MobileNetV2's
-                 * 16/24/32 -> 96/144/192 expansions at batch 8: 1.4-2.0 ms -> 1.4-1.5 ms,
-                 * 16 -> 96 at 112x112 4.8 -> 2.9 ms): fetch the next tile's rows while this one
-                 * computes. Not for longer rows: a tile's own rows then fill L1, and fetching
-                 * the next ones evicts them (960 -> 160 at 7x7 went 0.76 -> 1.2 ms). */
+                /* A 1x1 convolution with few input channels streams its source from L3 at
+                 * batch 8: fetch the next tile's rows while this one computes (figures in
+                 * docs/convolution.md). Not for longer rows: a tile's own rows then fill L1,
+                 * and fetching the next ones evicts them (960 -> 160 at 7x7: 0.76 -> 1.2 ms). */
                 const float *const *next = ind + taps * mr;
                 const int64_t lines = (kc * 4 + 63) / 64;
                 for (int i = 0; i < mr; i++) {
