@@ -7,8 +7,8 @@ recorded commands were replayed, on the same kernels). ORT: its profiler's
 per-node wall time (it has no CPU time), so ours per node is wall time too; per node, each figure
 is the fastest sample (on a shared machine the least disturbed one); runs in process CPU time,
 median. ORT's nodes carry the same names (its
-NCHWc convolutions add "_nchwc"); its convolutions include the residual Add and ReLU that ours
-run as separate `add` nodes.
+NCHWc convolutions add "_nchwc"); on both sides a convolution followed by a residual Add (and
+ReLU) is one node that includes them (ours: "+ add" in the summary's node classes).
 
 Run: PYTHONPATH=$PWD python bench/profile_models.py resnet18 [--batch 1] [--reps 30]
 (needs torch==2.13.0, onnx, onnxruntime; the figures are in docs/ml.md)."""
@@ -109,7 +109,7 @@ def main():
     print(f"{args.model} batch {args.batch}, {args.threads} thread(s), {args.reps} alternating samples, us")
     print(f"| node | kind | ours | ORT | ours / ORT |\n|---|---|---|---|---|")
     total, seen = 0.0, set()
-    for node in state.network.nodes:
+    for node in state._nodes:   # the network's nodes after fusion (ml._fuse_residual_adds)
         if node not in mine:
             continue
         t = best(mine[node])
@@ -145,7 +145,8 @@ def _class(node):
     out, kh, kw, cin_g = node.attrs["weights"].shape
     what = ("depthwise" if node.attrs["groups"] > 1 else f"{cin_g}->{out}" if cin_g < 8
             else ("widening" if out > cin_g else "narrowing") if kh == kw == 1 else "")
-    return f"conv {kh}x{kw} s{node.attrs['strides'][0]} {what}".rstrip()
+    add = " + add" if node.attrs.get("residual") else ""
+    return f"conv {kh}x{kw} s{node.attrs['strides'][0]} {what}".rstrip() + add
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ cdef extern from "conv/conv.h" nogil:
         int32_t n, src_h, src_w, out_h, out_w, dst_h, dst_w, top, left, edge_mode
         mk_operand src, dst
         mk_neuron_params neuron
+        int32_t accumulate
     ctypedef struct mk_conv_weights:
         pass
     ctypedef struct mk_conv_plan:
@@ -129,10 +130,12 @@ cdef struct ConvCommandArgs:
 
 
 cdef class ConvCommand(Command):
-    """A convolution over one plan's geometry; operand 0 the source, 1 the destination."""
+    """A convolution over one plan's geometry; operand 0 the source, 1 the destination.
+    accumulate: the destination holds a residual, added before the neuron."""
     cdef ConvCommandArgs args
 
-    def __cinit__(self, ConvPlan plan, int neuron_type, float a, float b, float c, prelu=None):
+    def __cinit__(self, ConvPlan plan, int neuron_type, float a, float b, float c, prelu=None,
+                  bint accumulate=False):
         memset(&self.args, 0, sizeof(ConvCommandArgs))
         self.args.plan = plan.plan
         self.args.params = plan.params
@@ -141,6 +144,7 @@ cdef class ConvCommand(Command):
         self.args.params.neuron.b = b
         self.args.params.neuron.c = c
         self.args.params.neuron.prelu = NULL
+        self.args.params.accumulate = accumulate
         cdef const float[::1] slopes
         if prelu is not None:
             slopes = prelu

@@ -494,7 +494,9 @@ class _ConvolutionBase(CNNKernel):
         """(left, top): up-sampled source coordinate of the first output's first tap."""
         raise NotImplementedError
 
-    def _encode(self, command_buffer, source, destination):
+    def _encode(self, command_buffer, source, destination, accumulate=False):
+        """accumulate: destination = neuron(convolution + bias + destination) (a residual
+        add fused by the ML pipeline; not an MPS option)."""
         self._source_channels_checked(source)
         if self.edge_mode not in (ImageEdgeMode.ZERO, ImageEdgeMode.CLAMP):
             raise ValidationError(f"edge_mode {self.edge_mode!r}: convolutions take ZERO or CLAMP")
@@ -516,7 +518,8 @@ class _ConvolutionBase(CNNKernel):
                              out_w=out_w, dst_h=dst_h, dst_w=dst_w, top=top, left=left,
                              edge_mode=int(self.edge_mode))
             plan = self._plan(weights, placement, source, destination)
-            command = _native.ConvCommand(plan, int(n.neuron_type), n.a, n.b, n.c, self._slopes)
+            command = _native.ConvCommand(plan, int(n.neuron_type), n.a, n.b, n.c, self._slopes,
+                                          accumulate)
             command_buffer._add(command, [
                 (source, source._byte_offset(oz, 0, 0, c0), source._strides),
                 (destination, destination._byte_offset(z0, y0 + py, x0 + px,

@@ -222,12 +222,13 @@ class _NHWCImage:
         return self._op.name
 
 
-def convolution_op(cb, kernel, src, dst, description):
+def convolution_op(cb, kernel, src, dst, description, accumulate=False):
     """A CNNConvolution (any of its forms) over NHWC tensors, placed by kernel.offset and
-    clip_rect as on images (the IR sets offset from ONNX-style pads)."""
+    clip_rect as on images (the IR sets offset from ONNX-style pads). accumulate: dst holds a
+    residual, added before the neuron."""
     if _overlapping(src, dst):
         raise ValidationError(f"{description}: the destination {dst.name} overlaps the source {src.name}")
-    kernel._encode(cb, _NHWCImage(src), _NHWCImage(dst))
+    kernel._encode(cb, _NHWCImage(src), _NHWCImage(dst), accumulate)
 
 
 def _is_packed(op):
@@ -1055,8 +1056,9 @@ class MachineLearningPipelineState:
             except ValidationError as e:
                 raise ValidationError(f"node {node.name!r} ({node.kind}) of network {net.name!r}: {e}") from None
         self._shapes = shapes
+        self._nodes = _fuse_residual_adds(net, shapes)
         self._plan(net, shapes)
-        self._steps = [_staged(self._compile(node), self._staging.get(node)) for node in net.nodes]
+        self._steps = [_staged(self._compile(node), self._staging.get(node)) for node in self._nodes]
         self.reflection = MachineLearningPipelineReflection(
             [Binding(v.name, i, BindingAccess.READ_ONLY, v.data_type, TensorExtents.from_shape(shapes[v]))
              for i, v in enumerate(net.inputs)]
@@ -1087,13 +1089,16 @@ class MachineLearningPipelineState:
     def _plan(self, net, shapes):
         """Offsets of the intermediates: live from their node to their last reader."""
         bound = set(net.inputs) | set(net.outputs)
+        nodes = self._nodes
         # Values sharing a slot (self._views: value -> the value that owns the slot): a reshape
         # of an intermediate is a view of it; an elementwise node writes over a source of its
         # shape that nothing reads later (in place: no second slot, and the source, just
-        # written, is in cache). Of several such sources, the one produced last.
+        # written, is in cache). Of several such sources, the one produced last. A convolution
+        # with a fused residual add accumulates over the residual's slot likewise (unless it
+        # also reads that slot).
         self._views = {}
-        last_reader = {v: t for t, n in enumerate(net.nodes) for v in n.inputs}
-        produced = {n.outputs[0]: t for t, n in enumerate(net.nodes)}
+        last_reader = {v: t for t, n in enumerate(nodes) for v in n.inputs}
+        produced = {n.outputs[0]: t for t, n in enumerate(nodes)}
         sharers = {}   # slot owner -> the values in its slot
 
         def owner(v):
@@ -1104,25 +1109,26 @@ class MachineLearningPipelineState:
                     and all(last_reader.get(u, -1) <= t for u in sharers.get(owner(v), [v]))
                     and all(shapes[u] == shapes[v] for u in node.inputs if owner(u) == owner(v)))
 
-        for t, n in enumerate(net.nodes):
-            if n.outputs[0] in bound or n.kind not in ("reshape",) + _IN_PLACE:
+        for t, n in enumerate(nodes):
+            residual = n.attrs.get("residual") and owner(n.inputs[0]) != owner(n.inputs[1])
+            if n.outputs[0] in bound or not (residual or n.kind in ("reshape",) + _IN_PLACE):
                 continue
-            sources = [v for v in n.inputs if v in produced and v not in bound
-                       and (n.kind == "reshape" or writable(v, t, n))]
+            sources = [v for v in (n.inputs[1:] if residual else n.inputs)
+                       if v in produced and v not in bound and (n.kind == "reshape" or writable(v, t, n))]
             if sources:
                 slot = owner(max(sources, key=produced.get))
                 self._views[n.outputs[0]] = slot
                 sharers.setdefault(slot, [slot]).append(n.outputs[0])
         last = {}
-        for t, node in enumerate(net.nodes):
+        for t, node in enumerate(nodes):
             for v in node.inputs:
                 last[self._views.get(v, v)] = t
-        order = [n.outputs[0] for n in net.nodes if n.outputs[0] not in bound and n.outputs[0] not in self._views]
-        first = {n.outputs[0]: t for t, n in enumerate(net.nodes)}
+        order = [n.outputs[0] for n in nodes if n.outputs[0] not in bound and n.outputs[0] not in self._views]
+        first = {n.outputs[0]: t for t, n in enumerate(nodes)}
         # ops that see an operand in another shape need it packed; a bound tensor's rows may be
         # padded, so they go through a packed slot (copied in before, out after the node)
         self._staging = {}
-        for t, n in enumerate(net.nodes):
+        for t, n in enumerate(nodes):
             slots = n.inputs + n.outputs
             staged = [0] if n.kind == "reshape" and all(v in bound for v in slots) else \
                 [i for i, v in enumerate(slots) if v in bound] if n.kind in _PACKED_OPERANDS else []
@@ -1163,6 +1169,17 @@ class MachineLearningPipelineState:
             if node.outputs[0] in self._views:   # a view: nothing to do
                 return _Step(node, lambda cb, ops, name: None, [])
             return _Step(node, reshape_op, slots)
+        if node.kind == "conv2d" and attrs.get("residual"):
+            kernel = _conv_kernel(self.device, attrs)
+            in_place = node.outputs[0] in self._views   # the residual's slot: no copy
+
+            def conv_add(cb, ops, name):
+                x, r, y = ops
+                if not in_place:
+                    copy_op(cb, r, y, name)
+                convolution_op(cb, kernel, x, y, name, accumulate=True)
+
+            return _Step(node, conv_add, slots)
         if node.kind == "conv2d":
             kernel = _conv_kernel(self.device, attrs)
             return _Step(node, lambda cb, ops, name: convolution_op(cb, kernel, ops[0], ops[1], name), slots)
@@ -1227,6 +1244,39 @@ class MachineLearningPipelineState:
     @property
     def allocated_size(self):
         return 0
+
+
+def _fuse_residual_adds(net, shapes):
+    """The nodes a pipeline runs: net.nodes with each add(conv2d(x), r) (its clamp a ReLU or
+    ReLUN, or none) whose convolution result nothing else reads made one conv2d node
+    [x, r] -> the add's output, which accumulates into its destination (the kernels' epilogue:
+    conv + bias + r, then the clamp): one pass over the output instead of three (write, read
+    back, write). It runs where the add was (r may be computed after the convolution)."""
+    readers = {}
+    for n in net.nodes:
+        for v in n.inputs:
+            readers[v] = readers.get(v, 0) + 1
+    fused, dropped = {}, set()
+    for n in net.nodes:
+        clamp = n.attrs.get("clamp") if n.kind == "add" else ()
+        if clamp is None:
+            neuron = None
+        elif clamp and clamp[0] == 0.0 and clamp[1] >= 0.0:
+            neuron = NNNeuronDescriptor(CNNNeuronType.RELU) if clamp[1] == math.inf else \
+                NNNeuronDescriptor(CNNNeuronType.RELUN, 0.0, clamp[1])
+        else:
+            continue
+        for y, r in (n.inputs, n.inputs[::-1]):
+            conv = y.producer
+            if (conv is not None and conv.kind == "conv2d" and conv not in dropped
+                    and (conv.attrs["neuron"] is None or conv.attrs["neuron"].neuron_type == CNNNeuronType.NONE)
+                    and readers[y] == 1 and y not in net.outputs and r.data_type == y.data_type
+                    and shapes[r] == shapes[y] == shapes[n.outputs[0]]):
+                dropped.add(conv)
+                fused[n] = Node("conv2d", [conv.inputs[0], r], n.outputs,
+                                dict(conv.attrs, neuron=neuron, residual=True), conv.name)
+                break
+    return [fused.get(n, n) for n in net.nodes if n not in dropped]
 
 
 def _conv_descriptor(attrs):

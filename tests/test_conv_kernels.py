@@ -74,9 +74,11 @@ def _tile_max(s):
 def check(device, rng, kernel, *, cin, cout, k, groups=1, depthwise=False, stride=(1, 1),
           dilation=(1, 1), n=1, size=(9, 11), edge=0, offset=None, neuron=(T.NONE, 0, 0, 0),
           fmt_in=FMT.FLOAT32, fmt_out=FMT.FLOAT32, c0=0, c_extra=0, dst_c0=0, clip=None,
-          dst_size=None, weights_f16=False):
+          dst_size=None, weights_f16=False, accumulate=False):
     """One convolution with a destination through the public API; asserts the kernel chosen
-    and every destination value (inside the region: the reference; outside: untouched)."""
+    and every destination value (inside the region: the reference; outside: untouched).
+    accumulate: the region holds a residual r first and gets neuron(conv + bias + r) (the
+    fused residual add of ML pipelines, CNNConvolution._encode(..., accumulate=True))."""
     kw, kh = k if isinstance(k, tuple) else (k, k)
     if depthwise:
         d = mk.CNNDepthWiseConvolutionDescriptor(kw, kh, cin, cout)
@@ -100,7 +102,7 @@ def check(device, rng, kernel, *, cin, cout, k, groups=1, depthwise=False, strid
     src = mk.Image.from_numpy(device, _storage(x, fmt_in))
     oh, ow = dst_size or (-(-h // stride[1]), -(-wd // stride[0]))
     dst_c = cout + dst_c0 + 2
-    dst = mk.Image.from_numpy(device, _storage(np.full((n, oh, ow, dst_c), 7.0), fmt_out))
+    initial = np.full((n, oh, ow, dst_c), 7.0)
     if offset is None:
         offset = (kw // 2, kh // 2)
     conv.offset = (offset[0], offset[1], 0)
@@ -113,7 +115,15 @@ def check(device, rng, kernel, *, cin, cout, k, groups=1, depthwise=False, strid
         (x0, y0), (rw, rh) = clip
         conv.clip_rect = ((x0, y0, 0), (rw, rh, n))
         rw, rh = min(rw, ow - x0), min(rh, oh - y0)
-    _run(device, lambda cb: conv.encode(cb, src, dst))
+    window = (slice(None), slice(y0, y0 + rh), slice(x0, x0 + rw), slice(dst_c0, dst_c0 + cout))
+    residual = 0.0
+    if accumulate:
+        initial[window] = residual = _values(rng, initial[window].shape, fmt_out)
+    dst = mk.Image.from_numpy(device, _storage(initial, fmt_out))
+    if accumulate:
+        _run(device, lambda cb: conv._encode(cb, src, dst, accumulate=True))
+    else:
+        _run(device, lambda cb: conv.encode(cb, src, dst))
     got = dst.to_numpy().astype(np.float64)
     wf = w.astype(np.float64)
     if depthwise:
@@ -125,6 +135,8 @@ def check(device, rng, kernel, *, cin, cout, k, groups=1, depthwise=False, strid
     if kernel == "winograd":
         s = _tile_max(s)
     dn = d.fused_neuron_descriptor
+    y = y + residual   # the sum rounds once more: 1e-6 * |r| more error at most (u = 6e-8)
+    s = s + 1e-6 / TOL[kernel] * np.abs(residual)
     f = ref.neuron(dn.neuron_type, y, dn.a, dn.b, dn.c, slopes=dn.data)
     e = TOL[kernel] * s
     tol = np.maximum(np.abs(ref.neuron(dn.neuron_type, y + e, dn.a, dn.b, dn.c, slopes=dn.data) - f),
@@ -132,7 +144,6 @@ def check(device, rng, kernel, *, cin, cout, k, groups=1, depthwise=False, strid
     tol += 1e-6 * np.abs(f) + 1e-30
     if fmt_out == FMT.FLOAT16:
         tol += np.abs(f) * 2.0 ** -11 + 2.0 ** -25
-    window = (slice(None), slice(y0, y0 + rh), slice(x0, x0 + rw), slice(dst_c0, dst_c0 + cout))
     bad = ~(np.abs(got[window] - f) <= tol)
     if bad.any():
         i = tuple(np.argwhere(bad)[0])
@@ -299,4 +310,38 @@ def test_depthwise_few_rows_channel_parts(device, device1, isa, case):
     c, size, stride, n = case
     outs = [check(dev, np.random.default_rng(c), "dwconv", cin=c, cout=c, k=3, depthwise=True,
                   stride=stride, size=size, n=n, edge=c % 2, neuron=NEURONS[2]) for dev in (device1, device)]
+    assert outs[0].tobytes() == outs[1].tobytes()
+
+
+# ---- accumulate: neuron(conv + bias + destination), the fused residual add -------------------
+
+ACCUMULATE = [  # kernel, cin, cout, k, stride, size, n, depthwise
+    ("igemm", 17, 23, 1, (1, 1), (7, 9), 2, False), ("igemm", 24, 40, 1, (2, 2), (12, 15), 3, False),
+    ("igemm", 40, 13, 3, (1, 1), (6, 5), 2, False), ("igemm", 20, 48, 3, (2, 1), (11, 9), 2, False),
+    ("igemm", 5, 33, 3, (1, 1), (9, 7), 2, False), ("winograd", 33, 40, 3, (1, 1), (13, 7), 2, False),
+    ("winograd", 16, 17, 3, (1, 1), (9, 11), 1, False), ("direct", 3, 37, 7, (2, 2), (19, 17), 2, False),
+    ("dwconv", 37, 37, 3, (1, 1), (9, 8), 2, True), ("dwconv", 40, 40, 3, (2, 2), (11, 9), 1, True),
+]
+
+
+@pytest.mark.parametrize("neuron", [NEURONS[0], NEURONS[1], NEURONS[4]])
+@pytest.mark.parametrize("case", range(len(ACCUMULATE)))
+def test_accumulate(device, isa, case, neuron):
+    """Every kernel, in place (float32) and through its tile buffer (float16 destination, a
+    clip rect): odd channel counts, batches, strides, padding; ReLU and sigmoid after the add."""
+    kernel, cin, cout, k, stride, size, n, dw = ACCUMULATE[case]
+    rng = np.random.default_rng(900 + case)
+    check(device, rng, kernel, cin=cin, cout=cout, k=k, stride=stride, size=size, n=n,
+          depthwise=dw, edge=case % 2, neuron=neuron, accumulate=True)
+    check(device, rng, kernel, cin=cin, cout=cout, k=k, stride=stride, size=size, n=n,
+          depthwise=dw, neuron=neuron, fmt_out=FMT.FLOAT16, dst_c0=1, clip=((1, 1), (4, 5)),
+          accumulate=True)
+
+
+@pytest.mark.parametrize("case", range(len(ACCUMULATE)))
+def test_accumulate_one_and_two_threads_bitwise(device, device1, case):
+    kernel, cin, cout, k, stride, size, n, dw = ACCUMULATE[case]
+    outs = [check(dev, np.random.default_rng(case), kernel, cin=cin, cout=cout, k=k, stride=stride,
+                  size=(37, 45), n=2, depthwise=dw, neuron=NEURONS[1], accumulate=True)
+            for dev in (device1, device)]
     assert outs[0].tobytes() == outs[1].tobytes()

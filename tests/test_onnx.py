@@ -66,6 +66,80 @@ def test_import_fuses_and_keeps_nhwc(rng):
     assert net.nodes[3].attrs["clamp"] == (0.0, np.inf)
 
 
+
+def residual_add_model(rng, variant, order, activation):
+    """r = Relu(Conv(x)) (3x3, stride 2 for "downsample"), c = Conv(Relu(Conv(r))) (3x3),
+    s = Add(c, r) in `order`, then `activation` (None, "Relu", "Clip"). Variants: the residual
+    is "in_place": r, read last by the add; "read_later": r, read again after the add;
+    "input": x itself (its NHWC copy); "downsample": a 1x1 stride-2 Conv of x (two convs add);
+    "conv_reads_residual": c = Conv(r) (the convolution reads the slot it would accumulate
+    over); "conv_read_twice": c has another reader, so the add must not fuse."""
+    c = 7
+    init = []
+
+    def const(name, a):
+        init.append(numpy_helper.from_array(np.asarray(a, np.float32), name))
+        return name
+
+    stride = 2 if variant == "downsample" else 1
+    nodes = [helper.make_node("Conv", ["x", const("w0", rng.standard_normal((c, c, 3, 3)) * 0.3), const("b0", rng.standard_normal(c))],
+                              ["c0"], pads=[1, 1, 1, 1], strides=[stride, stride]),
+             helper.make_node("Relu", ["c0"], ["r"]),
+             helper.make_node("Conv", ["r", const("w1", rng.standard_normal((c, c, 3, 3)) * 0.3)], ["c1"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["h"]),
+             helper.make_node("Conv", ["r" if variant == "conv_reads_residual" else "h",
+                                       const("w2", rng.standard_normal((c, c, 3, 3)) * 0.3), const("b2", rng.standard_normal(c))],
+                              ["c"], pads=[1, 1, 1, 1])]
+    residual = {"input": "x", "downsample": "d"}.get(variant, "r")
+    if variant == "downsample":
+        nodes.append(helper.make_node("Conv", ["x", const("wd", rng.standard_normal((c, c, 1, 1)))], ["d"], strides=[2, 2]))
+    nodes.append(helper.make_node("Add", ["c", residual][::1 if order == "conv_first" else -1], ["s"]))
+    if activation == "Relu":
+        nodes.append(helper.make_node("Relu", ["s"], ["y"]))
+    elif activation == "Clip":
+        nodes.append(helper.make_node("Clip", ["s", const("lo", 0.0), const("hi", 1.5)], ["y"]))
+    else:
+        nodes[-1].output[0] = "y"
+    h, w = (5, 5) if variant == "downsample" else (9, 10)
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", c, h, w])]
+    if variant in ("read_later", "conv_read_twice"):
+        nodes.append(helper.make_node("Mul", ["y", "r" if variant == "read_later" else "c"], ["z"]))
+        outputs.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", c, h, w]))
+    graph = helper.make_graph(nodes, "res_add", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", c, 9, 10])],
+                              outputs, init)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("activation", [None, "Relu", "Clip"])
+@pytest.mark.parametrize("order", ["conv_first", "residual_first"])
+@pytest.mark.parametrize("variant", ["in_place", "read_later", "input", "downsample", "conv_reads_residual",
+                                     "conv_read_twice"])
+def test_residual_add_fuses_into_the_convolution(rng, variant, order, activation):
+    """Add(conv, r) (either order, a ReLU / Clip(0, b) after it) runs as one convolution that
+    accumulates into its destination: over r's heap slot when the add is r's last reader, else
+    into a copy of r (r read later, or a bound input); not at all when something else reads
+    the convolution's result. Against onnx's reference evaluator, batch 2; 1 and 2 threads
+    bitwise."""
+    model = residual_add_model(rng, variant, order, activation)
+    x = rng.standard_normal((2, 7, 9, 10)).astype(np.float32)
+    want = ReferenceEvaluator(model).run(None, {"x": x})
+    net = onnx_import.import_onnx(model)
+    session = ml.Session(net, num_threads=2)
+    state = session.compile([x.shape])[0]
+    fused = [st.node for st in state._steps if st.node.attrs.get("residual")]
+    assert len(fused) == (variant != "conv_read_twice")
+    assert sum(st.node.kind == "add" for st in state._steps) == (variant == "conv_read_twice")
+    if fused:
+        assert (fused[0].outputs[0] in state._views) == (variant in ("in_place", "downsample", "input"))
+        kind = {None: None, "Relu": mk.CNNNeuronType.RELU, "Clip": mk.CNNNeuronType.RELUN}[activation]
+        assert (fused[0].attrs["neuron"] and fused[0].attrs["neuron"].neuron_type) == kind
+    got = session.run({"x": x})
+    for name, w in zip(("y", "z"), want):   # sums that cancel: absolute error vs the largest values
+        np.testing.assert_allclose(got[name], w, rtol=1e-4, atol=1e-5 * np.abs(w).max())
+    one = ml.Session(net, num_threads=1).run({"x": x})
+    assert all(one[k].tobytes() == got[k].tobytes() for k in got)
+
+
 @pytest.mark.parametrize("batch", [1, 3])
 def test_session_matches_reference(model_path, rng, batch):
     x = rng.standard_normal((batch, 8, 9, 10), dtype=np.float32)

@@ -117,6 +117,7 @@ mk_status mk_conv_run(const mk_conv_plan *plan, const mk_conv_params *p, mk_pool
     q.src = p->src;
     q.dst = p->dst;
     q.neuron = p->neuron;
+    q.accumulate = p->accumulate;
     return plan->weights->kernel->run(plan, &q, pool);
 }
 
@@ -150,17 +151,22 @@ static void row_position(const mk_conv_params *p, int64_t m, int64_t *img, int64
     *x = m - *y * p->out_w;
 }
 
-static mk_status store_run(const mk_conv_params *p, const float *src, int64_t src_stride,
+static mk_status store_run(const mk_conv_params *p, float *src, int64_t src_stride,
                            char *dst, int64_t dst_stride, int64_t count, int64_t o0, int64_t nc) {
     mk_neuron_params n = p->neuron;
     if (n.type == MK_NEURON_PRELU) n.prelu += o0;
-    mk_operand s = {(void *)src, MK_FMT_F32, 0, 0, src_stride, 1};
+    mk_operand s = {src, MK_FMT_F32, 0, 0, src_stride, 1};
     mk_operand d = {dst, p->dst.format, 0, 0, dst_stride, 1};
     mk_extent e = {1, 1, (int32_t)count, (int32_t)nc};
+    if (p->accumulate) {   /* in fp32, before the neuron */
+        const mk_arith_params add = {MK_ARITH_ADD, 1.0f, 1.0f, 0.0f, -INFINITY, INFINITY};
+        mk_status st = mk_arithmetic(&add, &s, &d, &s, e, NULL);
+        if (st != MK_OK) return st;
+    }
     return mk_neuron(&n, &s, &d, e, NULL);
 }
 
-mk_status mk_conv_store(const mk_conv_params *p, const float *tile, int64_t ld, int64_t m0,
+mk_status mk_conv_store(const mk_conv_params *p, float *tile, int64_t ld, int64_t m0,
                         int rows, int64_t o0, int nc) {
     const size_t es = mk_format_size(p->dst.format);
     char *base = p->dst.data;

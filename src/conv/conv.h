@@ -42,6 +42,8 @@ typedef struct mk_conv_params {
     mk_operand src;          /* channel 0 of the group 0, pixel (0, 0) of the first image */
     mk_operand dst;          /* the first channel written at the region's first pixel */
     mk_neuron_params neuron; /* applied last; PRELU: one slope per output channel */
+    int32_t accumulate;      /* dst = neuron(conv + bias + dst): the destination holds a
+                              * residual to add (a fused residual Add); every kernel */
 } mk_conv_params;
 
 typedef struct mk_conv_kernel mk_conv_kernel;
@@ -99,10 +101,11 @@ mk_status mk_conv_run(const mk_conv_plan *plan, const mk_conv_params *p, mk_pool
 /* Whether the neuron is a clamp the GEMM epilogue applies ([lo, hi]); else lo/hi = -inf/inf
  * and the caller applies it to the tile right after it is written. */
 int mk_conv_clamp(const mk_neuron_params *n, float *lo, float *hi);
-/* Store rows x nc fp32 results (row r at tile + r*ld) to the destination: neuron, format
- * conversion and sub-pixel depth-to-space. m0: flattened index (image, y, x) of the first
- * row; o0: first output channel (over all groups). */
-mk_status mk_conv_store(const mk_conv_params *p, const float *tile, int64_t ld, int64_t m0,
+/* Store rows x nc fp32 results (row r at tile + r*ld) to the destination: accumulate (the
+ * destination's values added into the tile first), neuron, format conversion and sub-pixel
+ * depth-to-space. m0: flattened index (image, y, x) of the first row; o0: first output
+ * channel (over all groups). */
+mk_status mk_conv_store(const mk_conv_params *p, float *tile, int64_t ld, int64_t m0,
                         int rows, int64_t o0, int nc);
 /* Whether the output channels [o0, o0 + nc) of rows m0.. can be written straight into the
  * destination: float32, no sub-pixel, rows evenly spaced. Sets *c and *ldc if so. */

@@ -127,8 +127,8 @@ static void direct_task(void *arg, int64_t begin, int64_t end) {
     }
     ck_direct_row r = {rows, NULL, c->a_x, c->a_x * p->sx, c->a_x * p->dx, c->w->packed,
                        direct_ldw(p), c->w->bias, p->kh, p->kw, p->cin_g, 0, (int)cout, 0, 0,
-                       NULL, 0, c->lo, c->hi};
-    if (!direct) {   /* mk_conv_store applies the whole neuron */
+                       NULL, 0, direct && p->accumulate, c->lo, c->hi};
+    if (!direct) {   /* mk_conv_store adds the residual, applies the whole neuron */
         r.lo = -INFINITY;
         r.hi = INFINITY;
         r.out = tile;

@@ -67,7 +67,9 @@ static inline __attribute__((always_inline)) void direct_pixels(const ck_direct_
     for (int i = 0; i < px; i++) {
         float *d = r->out + (x + i) * r->out_pixel + o;
         for (int j = 0; j < nv; j++) {
-            const ck_v v = ck_clamp(acc[i][j], lo, hi);
+            ck_v v = acc[i][j];
+            if (r->acc) v += last ? ck_loadn(d, last) : ck_load(d + j * CK_VL);
+            v = ck_clamp(v, lo, hi);
             if (last) ck_storen(d, v, last);
             else ck_store(d + j * CK_VL, v);
         }

@@ -236,6 +236,11 @@ static mk_status dw_run(const mk_conv_plan *plan, const mk_conv_params *p, mk_po
     c.cout = (int64_t)p->groups * p->cout_g;
     c.cpad = cpad_of(p);
     c.fused = mk_conv_clamp(&p->neuron, &c.lo, &c.hi);
+    if (p->accumulate) {   /* a residual to add first: rows go through mk_conv_store */
+        c.fused = 0;
+        c.lo = -INFINITY;
+        c.hi = INFINITY;
+    }
     c.status = MK_OK;
     /* fewer than DW_MIN_ITEMS rows (7x7, 14x14 images): split the channels too, so two
      * threads get even shares (from the shape only, never the thread count) */

@@ -7,6 +7,7 @@
  * tap, a pointer to the tap's source pixel relative to a private base, or the zero buffer
  * (ZERO padding and the stuffed zeros of a transpose); CLAMP taps point at the edge pixel.
  * At run time a_offset = source address (+ the group's first channel) - base. */
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <xmmintrin.h>
@@ -166,11 +167,13 @@ static mk_status igemm_tile(const igemm_ctx *c, int64_t m0, int rows, int64_t pa
     const mk_conv_params *p = c->p;
     const mk_gemm_ukernel_fn run = c->s->uk->run;
     const float *wp = c->w->packed + panel_index * c->k * MK_GEMM_NR;
-    const mk_gemm_epilogue ep = {1.0f, 0.0f, c->w->bias + o0, c->lo, c->hi};
     if (out == NULL) {
+        const mk_gemm_epilogue ep = {1.0f, 0.0f, c->w->bias + o0, -INFINITY, INFINITY};
         run(rows, nc, kc, ks, a, a_offset, c->s->zero, wp, tile, MK_GEMM_NR, &ep);
         return mk_conv_store(p, tile, MK_GEMM_NR, m0, rows, o0, nc);
     }
+    /* straight into the destination: a residual there is the epilogue's beta * c_old */
+    const mk_gemm_epilogue ep = {1.0f, p->accumulate ? 1.0f : 0.0f, c->w->bias + o0, c->lo, c->hi};
     run(rows, nc, kc, ks, a, a_offset, c->s->zero, wp, out, ldc, &ep);
     if (c->fused) return MK_OK;
     mk_neuron_params n = p->neuron;   /* in place, while the tile is in L1 */

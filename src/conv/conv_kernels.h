@@ -83,18 +83,19 @@ static inline const char *ck_isa_name(void) {
  * tile row i, column j (NULL: zero); V_xi = (B^T d B)[xi] goes to v + xi*v_xi. */
 typedef void (*ck_wino_in_fn)(const float *const *px, int64_t cin, float *v, int64_t v_xi);
 /* Output transform of one tile, channels [0, cout): m + xi*m_xi holds M[xi]; out[i*4 + j]
- * receives clamp(A^T M A + bias) of output row i, column j (NULL: outside, skipped). */
+ * receives clamp(A^T M A + bias (+ out[i*4 + j] if acc)) of output row i, column j (NULL:
+ * outside, skipped). */
 typedef void (*ck_wino_out_fn)(const float *m, int64_t m_xi, int64_t cout, const float *bias,
-                               float *const *out, float lo, float hi);
+                               float *const *out, int acc, float lo, float hi);
 void ck_wino_in__generic(const float *const *px, int64_t cin, float *v, int64_t v_xi);
 void ck_wino_in__avx2(const float *const *px, int64_t cin, float *v, int64_t v_xi);
 void ck_wino_in__avx512(const float *const *px, int64_t cin, float *v, int64_t v_xi);
 void ck_wino_out__generic(const float *m, int64_t m_xi, int64_t cout, const float *bias,
-                          float *const *out, float lo, float hi);
+                          float *const *out, int acc, float lo, float hi);
 void ck_wino_out__avx2(const float *m, int64_t m_xi, int64_t cout, const float *bias,
-                       float *const *out, float lo, float hi);
+                       float *const *out, int acc, float lo, float hi);
 void ck_wino_out__avx512(const float *m, int64_t m_xi, int64_t cout, const float *bias,
-                         float *const *out, float lo, float hi);
+                         float *const *out, int acc, float lo, float hi);
 
 /* ---- direct, few input channels (conv_direct*.c) ---- */
 
@@ -111,6 +112,7 @@ typedef struct ck_direct_row {
     int kh, kw, cin, count, nc, x0, x1;
     float *out;                /* count pixels of nc channels, out_pixel apart */
     int64_t out_pixel;
+    int acc;                   /* add what out holds (a residual) before the clamp */
     float lo, hi;
 } ck_direct_row;
 

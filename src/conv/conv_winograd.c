@@ -176,7 +176,7 @@ typedef struct wino_ctx {
 
 /* Store (or finish) output rows of a tile, channels [o0, o0 + nc): the tile buffer through mk_conv_store, or the
  * neuron in place when results went straight to the destination. */
-static mk_status wino_finish(const wino_ctx *c, int direct, float *const *out, const float *tile,
+static mk_status wino_finish(const wino_ctx *c, int direct, float *const *out, float *tile,
                              int64_t img, int64_t y0, int64_t x0, int64_t o0, int64_t nc) {
     const mk_conv_params *p = c->p;
     const int cols = (int)(p->out_w - x0 < 4 ? p->out_w - x0 : 4);
@@ -253,7 +253,7 @@ static void wino_task(void *arg, int64_t begin, int64_t end) {
                     else *o = tile + (i * 4 + j) * c->coutp + o0;
                 }
             s->out(m + t * c->coutp + o0, B * c->coutp, nc_group, c->w->bias + o0, out,
-                   direct ? c->lo : -INFINITY, direct ? c->hi : INFINITY);
+                   direct && p->accumulate, direct ? c->lo : -INFINITY, direct ? c->hi : INFINITY);
             mk_status st = wino_finish(c, direct, out, tile, img, ty * 4, tx * 4, o0, nc_group);
             if (st != MK_OK) c->status = st;
         }

@@ -49,7 +49,8 @@ static inline __attribute__((always_inline)) void at4(const ck_v *m, int s, ck_v
 
 static inline __attribute__((always_inline)) void out_vec(const float *m, int64_t m_xi, int64_t c,
                                                           int n, const float *bias,
-                                                          float *const *out, ck_v lo, ck_v hi) {
+                                                          float *const *out, int acc, ck_v lo,
+                                                          ck_v hi) {
     ck_v d[36], t[24];
     for (int k = 0; k < 36; k++) d[k] = n ? ck_loadn(m + k * m_xi + c, n) : ck_load(m + k * m_xi + c);
     for (int j = 0; j < 6; j++) at4(d + j, 6, t + j, 6);        /* t (4x6) = A^T M */
@@ -60,7 +61,9 @@ static inline __attribute__((always_inline)) void out_vec(const float *m, int64_
         for (int j = 0; j < 4; j++) {
             float *dst = out[i * 4 + j];
             if (dst == NULL) continue;
-            const ck_v y = ck_clamp(o[j] + b, lo, hi);
+            ck_v y = o[j] + b;
+            if (acc) y += n ? ck_loadn(dst + c, n) : ck_load(dst + c);
+            y = ck_clamp(y, lo, hi);
             if (n) ck_storen(dst + c, y, n);
             else ck_store(dst + c, y);
         }
@@ -68,9 +71,9 @@ static inline __attribute__((always_inline)) void out_vec(const float *m, int64_
 }
 
 void CK_NAME(ck_wino_out)(const float *m, int64_t m_xi, int64_t cout, const float *bias,
-                          float *const *out, float lo, float hi) {
+                          float *const *out, int acc, float lo, float hi) {
     const ck_v vlo = ck_set1(lo), vhi = ck_set1(hi);
     int64_t c = 0;
-    for (; c + CK_VL <= cout; c += CK_VL) out_vec(m, m_xi, c, 0, bias, out, vlo, vhi);
-    if (c < cout) out_vec(m, m_xi, c, (int)(cout - c), bias, out, vlo, vhi);
+    for (; c + CK_VL <= cout; c += CK_VL) out_vec(m, m_xi, c, 0, bias, out, acc, vlo, vhi);
+    if (c < cout) out_vec(m, m_xi, c, (int)(cout - c), bias, out, acc, vlo, vhi);
 }
