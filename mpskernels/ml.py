@@ -1258,17 +1258,19 @@ def _fuse_residual_adds(net, shapes):
             readers[v] = readers.get(v, 0) + 1
     fused, dropped = {}, set()
     for n in net.nodes:
-        clamp = n.attrs.get("clamp") if n.kind == "add" else ()
+        if n.kind != "add":
+            continue
+        clamp = n.attrs["clamp"]
         if clamp is None:
             neuron = None
-        elif clamp and clamp[0] == 0.0 and clamp[1] >= 0.0:
+        elif clamp[0] == 0.0 and clamp[1] >= 0.0:
             neuron = NNNeuronDescriptor(CNNNeuronType.RELU) if clamp[1] == math.inf else \
                 NNNeuronDescriptor(CNNNeuronType.RELUN, 0.0, clamp[1])
         else:
             continue
         for y, r in (n.inputs, n.inputs[::-1]):
             conv = y.producer
-            if (conv is not None and conv.kind == "conv2d" and conv not in dropped
+            if (conv is not None and conv.kind == "conv2d"
                     and (conv.attrs["neuron"] is None or conv.attrs["neuron"].neuron_type == CNNNeuronType.NONE)
                     and readers[y] == 1 and y not in net.outputs and r.data_type == y.data_type
                     and shapes[r] == shapes[y] == shapes[n.outputs[0]]):
