@@ -16,15 +16,20 @@ queue hand-off): what the C kernel costs.
 
 Timing: the machine may be shared, so all contenders are sampled alternately (ROUNDS rounds of
 a few runs each) and each one's median is taken over all its samples; the ratio ours / NumPy
-compares medians from the same stretch of time.
+compares medians from the same stretch of time. Within a round, ours, the kernel alone and the
+probe (all three read the same storage) take turns call by call; each NumPy way runs in its
+own block after a pause (its OpenBLAS threads spin on after a call).
 
 Read bandwidth: mk_reduce_read_probe (OR of every 64-bit word of a buffer, AVX-512 loads, split
 over the same thread count): the best read rate a kernel can hope for
 (test_read_probe_is_the_fastest_read checks it against NumPy's fastest reads). The 64 MiB
-cases run the probe over the source image's own storage in the same rounds and report our
-read rate as a percentage of the probe's: the median over rounds of (probe time / our time)
-in that round (must hold: >= 80%). Printed, not asserted: on a shared machine one run can
-miss by chance."""
+cases run the probe over the source image's own storage, in turn with ours, and report our
+read rate as a percentage of the probe's: the median over turns of (probe time / our time),
+each pair of calls milliseconds apart (must hold: >= 80%). Per-block medians seconds apart
+were no measure on the shared machine: the probe alone moved 3-17 ms between blocks of one
+run. Printed, not asserted: on a shared machine one run can miss by chance."""
+
+import time
 
 import numpy as np
 import pytest
@@ -32,6 +37,7 @@ import pytest
 import mpskernels as mk
 import timing
 from mpskernels import _native
+from mpskernels.bench import SETTLE_SECONDS
 from test_bench_matrix import _set_blas_threads
 
 F32 = mk.ImageFeatureChannelFormat.FLOAT32
@@ -87,9 +93,30 @@ def numpy_ways(x, axis, reduction):
             "matmul ones": lambda: np.matmul(a, b, out=o)}
 
 
-def rounds_of(seconds, *fns):
-    """Per round, each fn's samples (timing.paired_samples, one round at a time)."""
-    return [timing.paired_samples(seconds / ROUNDS, *fns, rounds=1) for _ in range(ROUNDS)]
+def in_turns(seconds, *fns):
+    """Times of each fn(), called in turn (the order rotating) for `seconds` after a pause:
+    row i of the result holds one call of each, made within the same few milliseconds."""
+    time.sleep(SETTLE_SECONDS)
+    for fn in fns:
+        fn()
+    rows, deadline = [], time.perf_counter() + seconds
+    while time.perf_counter() < deadline or len(rows) < 3:
+        row = [0.0] * len(fns)
+        for j in range(len(fns)):
+            k = (len(rows) + j) % len(fns)
+            t0 = time.perf_counter()
+            fns[k]()
+            row[k] = time.perf_counter() - t0
+        rows.append(row)
+    return np.array(rows)
+
+
+def rounds_of(seconds, turns, blocks):
+    """Per round, (the `turns` fns' times called in turn, each of the `blocks` fns' samples
+    in its own block), the rounds alternating them."""
+    each = seconds / ROUNDS / (len(blocks) + len(turns))
+    return [(in_turns(each * len(turns), *turns), timing.paired_samples(each * len(blocks), *blocks, rounds=1))
+            for _ in range(ROUNDS)]
 
 
 def gbps(nbytes, seconds):
@@ -162,19 +189,21 @@ def test_reduction_vs_numpy(benchmark, report, case, shape, threads):
     kernel.encode(cb, src, dst)
     command = cb._commands[-1]
     storage = src._storage
-    fns = {"ours": ours, "alone": lambda: command.run(device._pool),
-           "probe": lambda: _native.read_probe(storage, device._pool)}
+    turns = {"ours": ours, "alone": lambda: command.run(device._pool),
+             "probe": lambda: _native.read_probe(storage, device._pool)}
     peers = numpy_ways(x, axis, reduction)
-    fns.update(peers)
-    per_round = rounds_of((1.0 if shape == SMALL else 3.0) * len(fns), *fns.values())
-    times = {k: np.concatenate([r[i] for r in per_round]) for i, k in enumerate(fns)}
+    per_round = rounds_of((1.0 if shape == SMALL else 3.0) * (len(turns) + len(peers)),
+                          list(turns.values()), list(peers.values()))
+    in_turn = np.concatenate([t for t, _ in per_round])
+    times = {k: in_turn[:, i] for i, k in enumerate(turns)}
+    times.update({k: np.concatenate([b[i] for _, b in per_round]) for i, k in enumerate(peers)})
     median = {k: np.median(t) for k, t in times.items()}
     peer = min(peers, key=median.get)
     ours_s, numpy_s, alone_s = median["ours"], median[peer], median["alone"]
-    # our read rate as a share of the probe's, round by round (the same stretch of time)
-    shares = [np.median(r[2]) / np.median(r[0]) for r in per_round]
-    share = np.median(shares)
-    alone_share = np.median([np.median(r[2]) / np.median(r[1]) for r in per_round])
+    # our read rate as a share of the probe's, call by call (the same few milliseconds)
+    share = np.median(in_turn[:, 2] / in_turn[:, 0])
+    alone_share = np.median(in_turn[:, 2] / in_turn[:, 1])
+    round_shares = [np.median(t[:, 2] / t[:, 0]) for t, _ in per_round]
 
     benchmark.group = f"{name} {shape}"
     benchmark.pedantic(ours, rounds=5 if shape == LARGE else 50, warmup_rounds=1)
@@ -182,8 +211,9 @@ def test_reduction_vs_numpy(benchmark, report, case, shape, threads):
     extra = (f"numpy = {peer}{f' (also {others})' if others else ''}; kernel alone "
              f"{alone_s * 1e6:.0f}us (ratio {alone_s / numpy_s:.2f}); "
              f"read {gbps(x.nbytes, ours_s):.1f} GB/s, probe {gbps(x.nbytes, median['probe']):.1f} "
-             f"GB/s: {100 * share:.0f}% of the probe's rate (median of rounds; range "
-             f"{100 * min(shares):.0f}-{100 * max(shares):.0f}%; kernel alone {100 * alone_share:.0f}%)")
+             f"GB/s: {100 * share:.0f}% of the probe's rate (median of turns; rounds "
+             f"{100 * min(round_shares):.0f}-{100 * max(round_shares):.0f}%; kernel alone "
+             f"{100 * alone_share:.0f}%)")
     if shape == LARGE:
         extra += "; must hold: >= 80%"
     benchmark.extra_info.update(numpy_us=numpy_s * 1e6, ours_us=ours_s * 1e6, peer=peer,
