@@ -164,11 +164,13 @@ def test_mixed_storage(device, run, rng):
 # How the SGEMM driver packs B depends on the shape (src/gemm/gemm.c): in place (k*n <= 16384
 # or m <= 12), shared (an item's packed B <= 1 MiB: rounds of several batch items) or private
 # to each task (larger B; columns split, or rows when m > n; when B serves at most 8 row tiles,
-# K blocks of <= 192 and slices of up to 1024 columns). Each with fp32 and fp16 results
+# K blocks of <= 192 and slices of up to 1024 columns). A of whole adjacent rows (k = 320: no
+# row padding) with B not private is read in place, K in one block. Each with fp32 and fp16 results
 # (an fp16 result is summed in fp32 blocks of <= 1 MiB: 1000 x 600 takes several).
 @pytest.mark.parametrize("batch,m,n,k", [(1, 40, 700, 420), (1, 700, 500, 600),
                                          (5, 40, 300, 300), (3, 30, 100, 100),
-                                         (1, 1000, 600, 20), (2, 50, 1100, 450)])
+                                         (1, 1000, 600, 20), (2, 50, 1100, 450),
+                                         (2, 100, 70, 320)])
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_multiplication_packing_paths(device, run, rng, isa, batch, m, n, k, dtype):
     a, b, c = _stored(rng, (batch, m, k)), _stored(rng, (batch, k, n)), _stored(rng, (batch, m, n), dtype)
