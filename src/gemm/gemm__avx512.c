@@ -64,19 +64,29 @@ tile_12x32(int mr, int nc, int64_t kc, int64_t ks, const float *const *a, intptr
         bias1 = _mm512_maskz_loadu_ps(m1, ep->bias + 16);
     }
     const int scale = ep->alpha != 1.0f, clamp = ep->lo != -INFINITY || ep->hi != INFINITY;
+    /* First every load of C (into the accumulators), then every store: a load of row i + 1
+     * after the store of row i would wait for it when ldc is a multiple of 1024 floats (their
+     * addresses agree in the low 12 bits, "4K aliasing"). */
+#define SCALE(i)                                                                             \
+    if (i < mr) {                                                                            \
+        const float *ci = c + i * ldc;                                                       \
+        if (scale) {                                                                         \
+            c##i##0 = _mm512_mul_ps(alpha, c##i##0);                                         \
+            c##i##1 = _mm512_mul_ps(alpha, c##i##1);                                         \
+        }                                                                                    \
+        if (use_beta) {                                                                      \
+            c##i##0 = _mm512_fmadd_ps(beta, _mm512_maskz_loadu_ps(m0, ci), c##i##0);         \
+            if (!half)                                                                       \
+                c##i##1 = _mm512_fmadd_ps(beta, _mm512_maskz_loadu_ps(m1, ci + 16), c##i##1); \
+        }                                                                                    \
+    }
+    REP12(SCALE)
+#undef SCALE
     /* max(lo, v), min(hi, v): a NaN in v is kept (the second operand is returned) */
 #define OUT(i)                                                                               \
     if (i < mr) {                                                                            \
         float *ci = c + i * ldc;                                                             \
         __m512 v0 = c##i##0, v1 = c##i##1;                                                   \
-        if (scale) {                                                                         \
-            v0 = _mm512_mul_ps(alpha, v0);                                                   \
-            v1 = _mm512_mul_ps(alpha, v1);                                                   \
-        }                                                                                    \
-        if (use_beta) {                                                                      \
-            v0 = _mm512_fmadd_ps(beta, _mm512_maskz_loadu_ps(m0, ci), v0);                   \
-            v1 = _mm512_fmadd_ps(beta, _mm512_maskz_loadu_ps(m1, ci + 16), v1);              \
-        }                                                                                    \
         if (ep->bias) {                                                                      \
             v0 = _mm512_add_ps(v0, bias0);                                                   \
             v1 = _mm512_add_ps(v1, bias1);                                                   \
