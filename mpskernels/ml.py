@@ -271,9 +271,9 @@ def _rows(op, what):
     return _with(op, (1, 1, rows, shape[-1]), (0, 0, row_stride, 1))
 
 
-def gemm_op(cb, kernel, src, dst, description):
-    """dst (..., N) = src (..., K) x W^T + bias: the 1x1 convolution over rows."""
-    convolution_op(cb, kernel, _rows(src, description), _rows(dst, description), description)
+def gemm_op(cb, kernel, src, dst, description, accumulate=False):
+    """dst (..., N) = src (..., K) x W^T + bias (+ dst if accumulate): the 1x1 convolution over rows."""
+    convolution_op(cb, kernel, _rows(src, description), _rows(dst, description), description, accumulate)
 
 
 def _gemm_operand(cb, command, slot, address, *layout):
@@ -283,10 +283,11 @@ def _gemm_operand(cb, command, slot, address, *layout):
         cb._relocations.append((lambda a: command.set_operand(slot, a, *layout), address))
 
 
-def gemv_op(cb, weights_t, bias, clamp, src, dst, description):
-    """dst (1, ..., N) = clamp(src (1, ..., K) x W^T + bias) on mk_sgemm, W^T given [K][N]."""
+def gemv_op(cb, weights_t, bias, clamp, src, dst, description, accumulate=False):
+    """dst (1, ..., N) = clamp(src (1, ..., K) x W^T + bias (+ dst if accumulate)) on mk_sgemm,
+    W^T given [K][N]."""
     k, n = weights_t.shape
-    command = _native.GemmCommand(1, 1, n, k, 1.0, 0.0, bias, *clamp)
+    command = _native.GemmCommand(1, 1, n, k, 1.0, 1.0 if accumulate else 0.0, bias, *clamp)
     _gemm_operand(cb, command, 0, src.address, src._format, k * src.strides[-1], src.strides[-1], 0)
     command.set_operand(1, weights_t.ctypes.data, 4, n, 1, 0)
     _gemm_operand(cb, command, 2, dst.address, dst._format, n * dst.strides[-1], dst.strides[-1], 0)
@@ -1169,20 +1170,9 @@ class MachineLearningPipelineState:
             if node.outputs[0] in self._views:   # a view: nothing to do
                 return _Step(node, lambda cb, ops, name: None, [])
             return _Step(node, reshape_op, slots)
-        if node.kind == "conv2d" and attrs.get("residual"):
-            kernel = _conv_kernel(self.device, attrs)
-            in_place = node.outputs[0] in self._views   # the residual's slot: no copy
-
-            def conv_add(cb, ops, name):
-                x, r, y = ops
-                if not in_place:
-                    copy_op(cb, r, y, name)
-                convolution_op(cb, kernel, x, y, name, accumulate=True)
-
-            return _Step(node, conv_add, slots)
         if node.kind == "conv2d":
             kernel = _conv_kernel(self.device, attrs)
-            return _Step(node, lambda cb, ops, name: convolution_op(cb, kernel, ops[0], ops[1], name), slots)
+            return self._accumulating(node, lambda cb, x, y, name, acc: convolution_op(cb, kernel, x, y, name, acc))
         if node.kind == "gemm":
             w, neuron = attrs["weights"], attrs["neuron"]
             clamp = _clamp_of(*(CNNNeuronType.NONE, 0.0, 0.0) if neuron is None else
@@ -1192,11 +1182,11 @@ class MachineLearningPipelineState:
                 # faster than the 1x1 convolution (bench/test_bench_nn.py)
                 wt = np.ascontiguousarray(w.T)
                 bias = None if attrs["bias"] is None else np.array(attrs["bias"], np.float32)   # writable
-                return _Step(node, lambda cb, ops, name: gemv_op(cb, wt, bias, clamp, *ops, name), slots)
+                return self._accumulating(node, lambda cb, x, y, name, acc: gemv_op(cb, wt, bias, clamp, x, y, name, acc))
             kernel = _conv_kernel(self.device, {"weights": w.reshape(w.shape[0], 1, 1, w.shape[1]),
                                                 "bias": attrs["bias"], "strides": (1, 1), "dilations": (1, 1),
                                                 "pads": (0, 0, 0, 0), "groups": 1, "neuron": attrs["neuron"]})
-            return _Step(node, lambda cb, ops, name: gemm_op(cb, kernel, ops[0], ops[1], name), slots)
+            return self._accumulating(node, lambda cb, x, y, name, acc: gemm_op(cb, kernel, x, y, name, acc))
         if node.kind == "concat":
             axis = attrs["axis"] % len(self._shapes[node.outputs[0]])
             return _Step(node, lambda cb, ops, name: concat_op(cb, axis, ops, name), slots)
@@ -1241,6 +1231,23 @@ class MachineLearningPipelineState:
             return _Step(node, lambda cb, ops, name: convolution_op(cb, kernel, ops[0], ops[1], name), slots)
         raise ValidationError(f"node {node.name!r}: unknown op {node.kind!r}")
 
+    def _accumulating(self, node, record):
+        """The step of a convolution / GEMM, record(cb, x, y, name, accumulate). With a fused
+        residual add ([x, r] -> y, _fuse_residual_adds) it accumulates into y holding r: r's
+        own slot (in place, planned by _plan), else a copy of r made first."""
+        slots = node.inputs + node.outputs
+        if not node.attrs.get("residual"):
+            return _Step(node, lambda cb, ops, name: record(cb, ops[0], ops[1], name, False), slots)
+        in_place = node.outputs[0] in self._views
+
+        def run(cb, ops, name):
+            x, r, y = ops
+            if not in_place:
+                copy_op(cb, r, y, name)
+            record(cb, x, y, name, True)
+
+        return _Step(node, run, slots)
+
     @property
     def allocated_size(self):
         return 0
@@ -1251,7 +1258,8 @@ def _fuse_residual_adds(net, shapes):
     ReLUN, or none) whose convolution result nothing else reads made one conv2d node
     [x, r] -> the add's output, which accumulates into its destination (the kernels' epilogue:
     conv + bias + r, then the clamp): one pass over the output instead of three (write, read
-    back, write). It runs where the add was (r may be computed after the convolution)."""
+    back, write). It runs where the add was (r may be computed after the convolution). The
+    same for add(gemm(x), r) (a transformer's residual after its linear layer)."""
     readers = {}
     for n in net.nodes:
         for v in n.inputs:
@@ -1270,12 +1278,12 @@ def _fuse_residual_adds(net, shapes):
             continue
         for y, r in (n.inputs, n.inputs[::-1]):
             conv = y.producer
-            if (conv is not None and conv.kind == "conv2d"
+            if (conv is not None and conv.kind in ("conv2d", "gemm")
                     and (conv.attrs["neuron"] is None or conv.attrs["neuron"].neuron_type == CNNNeuronType.NONE)
                     and readers[y] == 1 and y not in net.outputs and r.data_type == y.data_type
                     and shapes[r] == shapes[y] == shapes[n.outputs[0]]):
                 dropped.add(conv)
-                fused[n] = Node("conv2d", [conv.inputs[0], r], n.outputs,
+                fused[n] = Node(conv.kind, [conv.inputs[0], r], n.outputs,
                                 dict(conv.attrs, neuron=neuron, residual=True), conv.name)
                 break
     return [fused.get(n, n) for n in net.nodes if n not in dropped]

@@ -140,6 +140,37 @@ def test_residual_add_fuses_into_the_convolution(rng, variant, order, activation
     assert all(one[k].tobytes() == got[k].tobytes() for k in got)
 
 
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("order", ["gemm_first", "residual_first"])
+@pytest.mark.parametrize("rows", [1, 5])
+def test_residual_add_fuses_into_the_gemm(rng, rows, order, relu):
+    """r = x + 1; Sigmoid(Add(MatMul(Tanh(r), W) + b, r) (+ Relu)): one gemm node that
+    accumulates over r's slot, on the 1x1 convolution (5 rows) or mk_sgemm's matrix-vector path
+    (1 row, beta = 1)."""
+    w, b = rng.standard_normal((13, 13)).astype(np.float32), rng.standard_normal(13).astype(np.float32)
+    nodes = [helper.make_node("Add", ["x", "one"], ["r"]), helper.make_node("Tanh", ["r"], ["h"]),
+             helper.make_node("MatMul", ["h", "w"], ["m"]),
+             helper.make_node("Add", ["m", "b"], ["g"]),
+             helper.make_node("Add", ["g", "r"][::1 if order == "gemm_first" else -1], ["s"])]
+    if relu:
+        nodes.append(helper.make_node("Relu", ["s"], ["t"]))
+    nodes.append(helper.make_node("Sigmoid", ["t" if relu else "s"], ["y"]))   # s an intermediate
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [rows, 13])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [rows, 13])],
+                              [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b"),
+                               numpy_helper.from_array(np.float32(1.0), "one")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    net = onnx_import.import_onnx(model)
+    state = ml.Session(net).compile([(rows, 13)])[0]
+    assert [(st.node.kind, st.node.attrs.get("residual", False)) for st in state._steps] == [
+        ("add", False), ("neuron", False), ("gemm", True), ("neuron", False)]
+    assert state._views[state._steps[2].node.outputs[0]] is state._steps[0].node.outputs[0]   # r's slot
+    x = rng.standard_normal((rows, 13)).astype(np.float32)
+    want = ReferenceEvaluator(model).run(None, {"x": x})[0]
+    np.testing.assert_allclose(ml.Session(net).run({"x": x})["y"], want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+
+
 @pytest.mark.parametrize("batch", [1, 3])
 def test_session_matches_reference(model_path, rng, batch):
     x = rng.standard_normal((batch, 8, 9, 10), dtype=np.float32)
