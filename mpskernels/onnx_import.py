@@ -11,7 +11,9 @@ What the importer does, in one pass over the graph in topological order:
   and is only reshaped);
 - fuses into the convolution / GEMM epilogue a BatchNormalization (folded into the weights)
   and one activation after it (Relu, LeakyRelu, Clip(0, b), Sigmoid, Tanh, ...), and a Relu or
-  Clip after an Add into the add's clamp, when the intermediate value has no other reader.
+  Clip after an Add into the add's clamp, when the intermediate value has no other reader
+  (the pipeline then folds such an Add of a convolution's or GEMM's result into that
+  convolution: ml._fuse_residual_adds).
 """
 import numpy as np
 
