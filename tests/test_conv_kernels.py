@@ -32,7 +32,7 @@ except ImportError:  # tests/ made a package
 # an fp32 simulation of the algorithm (cin 16..512, normal and unorm data) and 1.7e-6 (~29 u)
 # for this kernel on every ISA (cin 16..512, zero-padded borders); 1e-5 leaves a 6x margin.
 WINOGRAD_TOL = 1e-5
-TOL = {"depthwise": 1e-5, "dwconv": 1e-5, "direct": 1e-5, "igemm": 1e-5, "winograd": WINOGRAD_TOL}
+TOL = {"depthwise": 1e-5, "dwconv": 1e-5, "gconv": 1e-5, "direct": 1e-5, "igemm": 1e-5, "winograd": WINOGRAD_TOL}
 
 NEURONS = [(T.NONE, 0, 0, 0), (T.RELU, 0, 0, 0), (T.RELUN, 0, 6.0, 0), (T.RELU, 0.1, 0, 0),
            (T.SIGMOID, 0, 0, 0), (T.PRELU, 0, 0, 0)]
@@ -315,13 +315,20 @@ def test_depthwise_few_rows_channel_parts(device, device1, isa, case):
 
 # ---- accumulate: neuron(conv + bias + destination), the fused residual add -------------------
 
-ACCUMULATE = [  # kernel, cin, cout, k, stride, size, n, depthwise
-    ("igemm", 17, 23, 1, (1, 1), (7, 9), 2, False), ("igemm", 24, 40, 1, (2, 2), (12, 15), 3, False),
-    ("igemm", 40, 13, 3, (1, 1), (6, 5), 2, False), ("igemm", 20, 48, 3, (2, 1), (11, 9), 2, False),
-    ("igemm", 5, 33, 3, (1, 1), (9, 7), 2, False), ("winograd", 33, 40, 3, (1, 1), (13, 7), 2, False),
-    ("winograd", 16, 17, 3, (1, 1), (9, 11), 1, False), ("direct", 3, 37, 7, (2, 2), (19, 17), 2, False),
-    ("dwconv", 37, 37, 3, (1, 1), (9, 8), 2, True), ("dwconv", 40, 40, 3, (2, 2), (11, 9), 1, True),
+ACCUMULATE = [  # kernel, cin, cout, k, stride, size, n, groups ("dw": depthwise)
+    ("igemm", 17, 23, 1, (1, 1), (7, 9), 2, 1), ("igemm", 24, 40, 1, (2, 2), (12, 15), 3, 1),
+    ("igemm", 40, 13, 3, (1, 1), (6, 5), 2, 1), ("igemm", 20, 48, 3, (2, 1), (11, 9), 2, 1),
+    ("igemm", 5, 33, 3, (1, 1), (9, 7), 2, 1), ("winograd", 33, 40, 3, (1, 1), (13, 7), 2, 1),
+    ("winograd", 16, 17, 3, (1, 1), (9, 11), 1, 1), ("direct", 3, 37, 7, (2, 2), (19, 17), 2, 1),
+    ("dwconv", 37, 37, 3, (1, 1), (9, 8), 2, "dw"), ("dwconv", 40, 40, 3, (2, 2), (11, 9), 1, "dw"),
+    ("gconv", 24, 48, 3, (1, 1), (7, 9), 2, 12),
 ]
+
+
+def _accumulate_case(case):
+    kernel, cin, cout, k, stride, size, n, groups = ACCUMULATE[case]
+    return kernel, dict(cin=cin, cout=cout, k=k, stride=stride, size=size, n=n, depthwise=groups == "dw",
+                        groups=1 if groups == "dw" else groups)
 
 
 @pytest.mark.parametrize("neuron", [NEURONS[0], NEURONS[1], NEURONS[4]])
@@ -329,19 +336,17 @@ ACCUMULATE = [  # kernel, cin, cout, k, stride, size, n, depthwise
 def test_accumulate(device, isa, case, neuron):
     """Every kernel, in place (float32) and through its tile buffer (float16 destination, a
     clip rect): odd channel counts, batches, strides, padding; ReLU and sigmoid after the add."""
-    kernel, cin, cout, k, stride, size, n, dw = ACCUMULATE[case]
+    kernel, shape = _accumulate_case(case)
     rng = np.random.default_rng(900 + case)
-    check(device, rng, kernel, cin=cin, cout=cout, k=k, stride=stride, size=size, n=n,
-          depthwise=dw, edge=case % 2, neuron=neuron, accumulate=True)
-    check(device, rng, kernel, cin=cin, cout=cout, k=k, stride=stride, size=size, n=n,
-          depthwise=dw, neuron=neuron, fmt_out=FMT.FLOAT16, dst_c0=1, clip=((1, 1), (4, 5)),
-          accumulate=True)
+    check(device, rng, kernel, **shape, edge=case % 2, neuron=neuron, accumulate=True)
+    check(device, rng, kernel, **shape, neuron=neuron, fmt_out=FMT.FLOAT16, dst_c0=1,
+          clip=((1, 1), (4, 5)), accumulate=True)
 
 
 @pytest.mark.parametrize("case", range(len(ACCUMULATE)))
 def test_accumulate_one_and_two_threads_bitwise(device, device1, case):
-    kernel, cin, cout, k, stride, size, n, dw = ACCUMULATE[case]
-    outs = [check(dev, np.random.default_rng(case), kernel, cin=cin, cout=cout, k=k, stride=stride,
-                  size=(37, 45), n=2, depthwise=dw, neuron=NEURONS[1], accumulate=True)
+    kernel, shape = _accumulate_case(case)
+    shape.update(size=(37, 45), n=2)
+    outs = [check(dev, np.random.default_rng(case), kernel, **shape, neuron=NEURONS[1], accumulate=True)
             for dev in (device1, device)]
     assert outs[0].tobytes() == outs[1].tobytes()
