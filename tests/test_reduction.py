@@ -31,7 +31,10 @@ KERNELS = [
 ]
 IDS = [k[0].__name__[len("NNReduce"):] for k in KERNELS]
 AXIS = {FC: 3, ROW: 2, COLUMN: 1}
-SHAPES = [(1, 1, 1, 1), (1, 3, 5, 7), (2, 7, 3, 16), (3, 5, 4, 33), (1, 2, 9, 257), (1, 4, 37, 17)]
+# the last two: columns over 3 equal spans of merged (x, c) elements; rows and columns over 2
+# spans of channels
+SHAPES = [(1, 1, 1, 1), (1, 3, 5, 7), (2, 7, 3, 16), (3, 5, 4, 33), (1, 2, 9, 257), (1, 4, 37, 17),
+          (1, 3, 131, 80), (2, 3, 2, 4103)]
 
 
 # ---- the reference -------------------------------------------------------------------------
@@ -476,7 +479,7 @@ def test_destination_aliasing_source_raises(device):
 
 # ---- determinism: threads and ISAs --------------------------------------------------------------
 
-DET_SHAPE = (2, 37, 41, 67)   # many chunks for every axis
+DET_SHAPES = [(2, 37, 41, 67), (1, 9, 131, 64)]   # many chunks for every axis; columns in 3 spans
 
 
 @pytest.mark.parametrize("change", [None, "clip_rect_source", "clip_rect", "weight",
@@ -515,27 +518,29 @@ def bits(image):
     return out.view(np.uint32 if out.dtype == np.float32 else np.uint16)
 
 
+@pytest.mark.parametrize("shape", DET_SHAPES, ids=["x".join(map(str, s)) for s in DET_SHAPES])
 @pytest.mark.parametrize("fmt", [FMT.FLOAT32, FMT.FLOAT16])
 @pytest.mark.parametrize("kernel", KERNELS, ids=IDS)
-def test_threads_bitwise(kernel, fmt, isa, device, device1, run, make_image, rng):
+def test_threads_bitwise(kernel, fmt, shape, isa, device, device1, run, make_image, rng):
     """1 thread and 2 threads give bitwise identical results."""
     cls, axis, op = kernel
-    x = random_values(rng, DET_SHAPE, fmt)
+    x = random_values(rng, shape, fmt)
     x.reshape(-1)[rng.choice(x.size, 30, replace=False)] = np.nan
     dst_fmt = FMT.FLOAT32 if cls in ARG else fmt
     outs = []
     for dev in (device1, device):
-        dst = make_image(dev, np.zeros(result_shape(axis, *DET_SHAPE)), dst_fmt)
+        dst = make_image(dev, np.zeros(result_shape(axis, *shape)), dst_fmt)
         encode_run(run, dev, cls(dev), make_image(dev, x, fmt), dst)
         outs.append(bits(dst))
     assert np.array_equal(outs[0], outs[1])
 
 
 def test_threads_bitwise_weighted(isa, device, device1, run, make_image, rng):
-    x, w = random_values(rng, DET_SHAPE), random_values(rng, DET_SHAPE)
+    shape = DET_SHAPES[0]
+    x, w = random_values(rng, shape), random_values(rng, shape)
     outs = []
     for dev in (device1, device):
-        dst = make_image(dev, np.zeros(DET_SHAPE[:3] + (1,)))
+        dst = make_image(dev, np.zeros(shape[:3] + (1,)))
         encode_run(run, dev, mk.NNReduceFeatureChannelsAndWeightsSum(dev, True),
                    make_image(dev, x), dst, make_image(dev, w))
         outs.append(bits(dst))
