@@ -16,9 +16,12 @@ queue hand-off): what the C kernel costs.
 
 Timing: the machine may be shared, so all contenders are sampled alternately (ROUNDS rounds of
 a few runs each) and each one's median is taken over all its samples; the ratio ours / NumPy
-compares medians from the same stretch of time. Within a round, ours, the kernel alone and the
-probe (all three read the same storage) take turns call by call; each NumPy way runs in its
-own block after a pause (its OpenBLAS threads spin on after a call).
+compares medians from the same stretch of time. Each NumPy way runs in its own block after a
+pause (its OpenBLAS threads spin on after a call). On the 64 MiB image, ours, the kernel alone
+and the probe (all three read the same storage) take turns call by call within a round; on
+1x256x56x56 each has its own block too, like NumPy's: at 2 threads each thread's half (1.6 MB)
+stays in its own 2 MiB L2 from call to call, unless calls that split the image differently
+(the probe splits bytes, a column reduction columns) take turns.
 
 Read bandwidth: mk_reduce_read_probe (OR of every 64-bit word of a buffer, AVX-512 loads, split
 over the same thread count): the best read rate a kernel can hope for
@@ -111,12 +114,21 @@ def in_turns(seconds, *fns):
     return np.array(rows)
 
 
-def rounds_of(seconds, turns, blocks):
-    """Per round, (the `turns` fns' times called in turn, each of the `blocks` fns' samples
-    in its own block), the rounds alternating them."""
-    each = seconds / ROUNDS / (len(blocks) + len(turns))
-    return [(in_turns(each * len(turns), *turns), timing.paired_samples(each * len(blocks), *blocks, rounds=1))
-            for _ in range(ROUNDS)]
+def rounds_of(seconds, ours, blocks, turns):
+    """Per round: the samples of each of the `ours` fns (called in turn if `turns`, else each
+    in its own block), our read share of the probe's (ours[2] / ours[0]: per turn, or the
+    ratio of the blocks' medians), and each of the `blocks` fns' samples in its own block."""
+    each = seconds / ROUNDS / (len(blocks) + len(ours))
+    out = []
+    for _ in range(ROUNDS):
+        if turns:
+            t = in_turns(each * len(ours), *ours)
+            mine, shares = list(t.T), t[:, 2] / t[:, 0]
+        else:
+            mine = timing.paired_samples(each * len(ours), *ours, rounds=1)
+            shares = np.array([np.median(mine[2]) / np.median(mine[0])])
+        out.append((mine, shares, timing.paired_samples(each * len(blocks), *blocks, rounds=1)))
+    return out
 
 
 def gbps(nbytes, seconds):
@@ -193,17 +205,16 @@ def test_reduction_vs_numpy(benchmark, report, case, shape, threads):
              "probe": lambda: _native.read_probe(storage, device._pool)}
     peers = numpy_ways(x, axis, reduction)
     per_round = rounds_of((1.0 if shape == SMALL else 3.0) * (len(turns) + len(peers)),
-                          list(turns.values()), list(peers.values()))
-    in_turn = np.concatenate([t for t, _ in per_round])
-    times = {k: in_turn[:, i] for i, k in enumerate(turns)}
-    times.update({k: np.concatenate([b[i] for _, b in per_round]) for i, k in enumerate(peers)})
+                          list(turns.values()), list(peers.values()), turns=shape == LARGE)
+    times = {k: np.concatenate([r[0][i] for r in per_round]) for i, k in enumerate(turns)}
+    times.update({k: np.concatenate([r[2][i] for r in per_round]) for i, k in enumerate(peers)})
     median = {k: np.median(t) for k, t in times.items()}
     peer = min(peers, key=median.get)
     ours_s, numpy_s, alone_s = median["ours"], median[peer], median["alone"]
-    # our read rate as a share of the probe's, call by call (the same few milliseconds)
-    share = np.median(in_turn[:, 2] / in_turn[:, 0])
-    alone_share = np.median(in_turn[:, 2] / in_turn[:, 1])
-    round_shares = [np.median(t[:, 2] / t[:, 0]) for t, _ in per_round]
+    # our read rate as a share of the probe's in the same stretch of time
+    share = np.median(np.concatenate([r[1] for r in per_round]))
+    round_shares = [np.median(r[1]) for r in per_round]
+    alone_share = np.median([np.median(r[0][2]) / np.median(r[0][1]) for r in per_round])
 
     benchmark.group = f"{name} {shape}"
     benchmark.pedantic(ours, rounds=5 if shape == LARGE else 50, warmup_rounds=1)
@@ -211,7 +222,7 @@ def test_reduction_vs_numpy(benchmark, report, case, shape, threads):
     extra = (f"numpy = {peer}{f' (also {others})' if others else ''}; kernel alone "
              f"{alone_s * 1e6:.0f}us (ratio {alone_s / numpy_s:.2f}); "
              f"read {gbps(x.nbytes, ours_s):.1f} GB/s, probe {gbps(x.nbytes, median['probe']):.1f} "
-             f"GB/s: {100 * share:.0f}% of the probe's rate (median of turns; rounds "
+             f"GB/s: {100 * share:.0f}% of the probe's rate (median; rounds "
              f"{100 * min(round_shares):.0f}-{100 * max(round_shares):.0f}%; kernel alone "
              f"{100 * alone_share:.0f}%)")
     if shape == LARGE:
