@@ -1,7 +1,7 @@
 # cython: language_level=3
 """The binding: thin wrappers over the C API (src/mpskernels.h). No policy lives here: the
 Python object model validates, this module takes pointers, releases the GIL and calls C."""
-from libc.stdint cimport int32_t, int64_t, uint8_t
+from libc.stdint cimport int32_t, int64_t
 from libc.stdlib cimport malloc, free
 from libc.string cimport memset
 from cpython.ref cimport PyObject

@@ -1708,8 +1708,7 @@ class _Recording:
     def __init__(self, cb, commands, relocations, regions, bound, suffix):
         self.commands, self.suffix = commands, suffix
         self.layout = _Recording._layout(bound)
-        self.bases = [r0 for r0, _ in regions]
-        self.spans = regions   # of the last dispatch
+        self.spans = regions   # [(start, end)] of the last dispatch's regions
         self.moves = []   # (set the address, region index, byte offset in the region)
         for set_address, address in relocations:
             for i, (r0, r1) in enumerate(regions):
@@ -1750,12 +1749,11 @@ class _Recording:
                 if user is not None and not user._native.finished:
                     return False
             self.users = [weakref.ref(cb)]
-            bases = [r0 for r0, _ in regions]
-            if bases != self.bases:
+            old, bases = [r0 for r0, _ in self.spans], [r0 for r0, _ in regions]
+            if bases != old:
                 for set_address, i, offset in self.moves:
-                    if bases[i] != self.bases[i]:
+                    if bases[i] != old[i]:
                         set_address(bases[i] + offset)
-                self.bases = bases
             self.spans = regions
             if suffix is not None and suffix != self.suffix:   # failures name the dispatch and the pass
                 for command in self.commands:

@@ -141,7 +141,7 @@ static void *worker_main(void *arg) {
         seen = j.generation;
         pthread_mutex_unlock(&p->mu);
         mk_fpstate fp = fp_enter();
-        if (self < j.shares) run_chunks(p, &j, self);   /* else: started after j was published */
+        run_chunks(p, &j, self);   /* self < j.shares: workers start before a job is published */
         fp_leave(fp);
         pthread_mutex_lock(&p->mu);
     }
