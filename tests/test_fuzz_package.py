@@ -16,6 +16,7 @@ CI runs a short fixed fuzz (test_package_fuzz, test_onnx_fuzz); scripts/fuzz_lon
 these with fresh seeds as part of the 100,000-call long run.
 """
 import collections
+import contextlib
 import faulthandler
 import json
 import math
@@ -266,14 +267,36 @@ def mutated_package(draw):
 
 # ---- checking one file -------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def _watched():
+    """One file's check: tracemalloc on, and within that the hang watchdog armed.
+    tracemalloc.start() and stop() swap CPython's raw allocator without a lock: a thread
+    calling PyMem_RawFree meanwhile can read the new free function with the old context and
+    die of SIGSEGV (cpython#131566). faulthandler.dump_traceback_later() starts a fresh watchdog
+    thread whose first act is such a free, so the allocator must not change while a watchdog
+    is armed: cancelling it joins its thread."""
+    started = not tracemalloc.is_tracing()
+    if started:
+        tracemalloc.start()
+    faulthandler.dump_traceback_later(HANG_SECONDS, exit=True)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+        if started:
+            tracemalloc.stop()
+
+
 def _loads(fn, allowed, what):
     """fn() must return or raise one of `allowed`; it must not allocate much (tracemalloc
-    peak) nor take long. Returns (result or None, the exception or None)."""
+    peak above what was traced when it began) nor take long. Returns (result or None, the
+    exception or None)."""
     STATS["calls"] += 1
     STATS[what] += 1
     started = not tracemalloc.is_tracing()
     if started:
         tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
     tracemalloc.reset_peak()
     t0 = time.process_time()   # CPU time: a paused or starved process is not slow (a hang: HANG_SECONDS)
     try:
@@ -286,7 +309,7 @@ def _loads(fn, allowed, what):
     except Exception as exc:   # noqa: BLE001 - any other type is the finding
         raise AssertionError(f"{what}: raised {type(exc).__name__}: {exc}") from exc
     finally:
-        peak = tracemalloc.get_traced_memory()[1]
+        peak = tracemalloc.get_traced_memory()[1] - base
         if started:
             tracemalloc.stop()
         assert peak < MAX_PEAK, f"{what}: allocated {peak} bytes at peak"
@@ -338,23 +361,23 @@ def run_network(net, device):
 
 
 def check_package(data, device):
-    faulthandler.dump_traceback_later(HANG_SECONDS, exit=True)   # per file, not per run
-    nets, _ = _loads(lambda: ml_package.load_package_bytes(data, "fuzz.mpkg"), PackageError,
-                     "load_package_bytes")
-    for net in (nets or {}).values():
-        run_network(net, device)
+    with _watched():
+        nets, _ = _loads(lambda: ml_package.load_package_bytes(data, "fuzz.mpkg"), PackageError,
+                         "load_package_bytes")
+        for net in (nets or {}).values():
+            run_network(net, device)
 
 
 def check_onnx(data, device):
-    faulthandler.dump_traceback_later(HANG_SECONDS, exit=True)
-    from mpskernels.onnx_import import import_onnx
-    net, _ = _loads(lambda: import_onnx(data), mk.ValidationError, "import_onnx")
-    if net is None:
-        return
-    # what imports must package and load back (load_networks does exactly this)
-    nets, exc = _loads(lambda: ml_package.load_package_bytes(ml_package.package_bytes(net), "round trip"),
-                       (), "package round trip")
-    run_network(nets[net.name], device)
+    with _watched():
+        from mpskernels.onnx_import import import_onnx
+        net, _ = _loads(lambda: import_onnx(data), mk.ValidationError, "import_onnx")
+        if net is None:
+            return
+        # what imports must package and load back (load_networks does exactly this)
+        nets, exc = _loads(lambda: ml_package.load_package_bytes(ml_package.package_bytes(net), "round trip"),
+                           (), "package round trip")
+        run_network(nets[net.name], device)
 
 
 # ---- ONNX mutations ------------------------------------------------------------------------------
@@ -509,20 +532,17 @@ def run_fuzz(max_examples, steps, derandomize=True, formats=("mpkg", "onnx")):
     Counter of loads and outcomes this run added."""
     before = STATS.copy()
     device = _device()
-    try:
-        for fmt in formats:
-            make, check = ((mutated_package, check_package) if fmt == "mpkg"
-                           else (mutated_onnx, check_onnx))
+    for fmt in formats:
+        make, check = ((mutated_package, check_package) if fmt == "mpkg"
+                       else (mutated_onnx, check_onnx))
 
-            @settings(max_examples=max_examples, deadline=None, database=None, derandomize=derandomize,
-                      suppress_health_check=list(HealthCheck), print_blob=True)
-            @given(st.data())
-            def fuzz(data):
-                for _ in range(steps):
-                    check(make(data.draw), device)
-            fuzz()
-    finally:
-        faulthandler.cancel_dump_traceback_later()
+        @settings(max_examples=max_examples, deadline=None, database=None, derandomize=derandomize,
+                  suppress_health_check=list(HealthCheck), print_blob=True)
+        @given(st.data())
+        def fuzz(data):
+            for _ in range(steps):
+                check(make(data.draw), device)
+        fuzz()
     return STATS - before
 
 
@@ -556,6 +576,37 @@ def test_onnx_fuzz():
 
 
 # ---- what the fuzz found (regressions) ------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", ["mpkg", "onnx"])
+def test_fuzz_does_not_swap_the_allocator_while_a_watchdog_is_armed(fmt, monkeypatch):
+    """test_onnx_fuzz died of SIGSEGV in about 1 run in 20: each check armed faulthandler's
+    watchdog (a fresh thread) and then _loads started tracemalloc, swapping CPython's raw
+    allocator while that thread freed its start-up block: it called tracemalloc's free with
+    the old allocator's NULL context (the core: tracemalloc_free(ctx=0x0) under
+    pythread_wrapper; faulthandler named no "Current thread", so the Python frames it printed,
+    in onnx or hypothesis, were the main thread's, not the crash's). See _watched."""
+    if fmt == "onnx":
+        pytest.importorskip("onnx", reason="the ONNX fuzz needs the onnx package")
+    armed, swaps = [False], []
+    arm, cancel = faulthandler.dump_traceback_later, faulthandler.cancel_dump_traceback_later
+    start, stop = tracemalloc.start, tracemalloc.stop
+
+    def recorded(name, fn, now_armed=None):
+        def call(*args, **kwargs):
+            if now_armed is None:
+                swaps.append((name, armed[0]))
+            fn(*args, **kwargs)
+            if now_armed is not None:
+                armed[0] = now_armed
+        return call
+    monkeypatch.setattr(faulthandler, "dump_traceback_later", recorded("arm", arm, True))
+    monkeypatch.setattr(faulthandler, "cancel_dump_traceback_later", recorded("cancel", cancel, False))
+    monkeypatch.setattr(tracemalloc, "start", recorded("start", start))
+    monkeypatch.setattr(tracemalloc, "stop", recorded("stop", stop))
+    added = run_fuzz(max_examples=5, steps=2, formats=(fmt,))
+    assert added["calls"] >= 10 and not armed[0], added
+    assert swaps and not [s for s in swaps if s[1]], f"tracemalloc started/stopped while a watchdog was armed: {swaps}"
+
 
 def test_deeply_nested_header_is_a_package_error():
     """json.loads raised RecursionError (not a PackageError) on a header nested 100,000 deep."""
