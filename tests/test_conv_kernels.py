@@ -350,3 +350,24 @@ def test_accumulate_one_and_two_threads_bitwise(device, device1, case):
     outs = [check(dev, np.random.default_rng(case), kernel, **shape, neuron=NEURONS[1], accumulate=True)
             for dev in (device1, device)]
     assert outs[0].tobytes() == outs[1].tobytes()
+
+
+# ---- depthwise 3x3: regular runs (each source column loaded once per kernel row) --------------
+
+DW_RUNS = [  # channels, (h, w), stride (x, y), edge, n, extra check() arguments
+    (32, (5, 40), (1, 1), 0, 1, {}), (16, (4, 33), (1, 1), 1, 2, {}), (48, (6, 33), (2, 2), 0, 1, {}),
+    (144, (4, 30), (1, 1), 0, 1, {}), (37, (5, 27), (2, 1), 1, 1, {}), (32, (3, 300), (1, 1), 0, 1, {}),
+    (24, (3, 531), (2, 2), 0, 1, {}), (32, (4, 26), (1, 1), 0, 1, {"offset": (0, 0)}),
+    (40, (5, 37), (1, 1), 0, 2, {"clip": ((3, 1), (21, 3))}), (32, (4, 30), (1, 1), 0, 1, {"dilation": (2, 1)})]
+
+
+@pytest.mark.parametrize("case", DW_RUNS)
+@pytest.mark.parametrize("neuron", [NEURONS[0], NEURONS[2]])
+def test_depthwise_runs(device, isa, case, neuron):
+    """Output pixels whose 3x3 taps are all inside and evenly spaced (stride 1 or 2) go through
+    8-pixel blocks that load each source column once: widths leave 0-7 pixel tails, rows wider
+    than 256 are split into pieces, the offset (0, 0) moves every tap, clip rects start mid-row,
+    and a dilated row has no run at all."""
+    c, size, stride, edge, n, extra = case
+    check(device, np.random.default_rng(c), "dwconv", cin=c, cout=c, k=3, depthwise=True,
+          stride=stride, size=size, n=n, edge=edge, neuron=neuron, **extra)

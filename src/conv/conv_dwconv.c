@@ -25,6 +25,7 @@ typedef struct dw_plan {
     int gc_avx512;           /* small groups: the AVX-512 permute rows */
     int32_t *ys;             /* out_h x kh */
     int32_t *xs;             /* out_w x kw */
+    int32_t run_begin, run_end, run_step;   /* mk_dw_row's regular run (whole row) */
 } dw_plan;
 
 static const mk_dw_rows *dw_active(void) {
@@ -96,6 +97,26 @@ static void dw_free_plan(mk_conv_plan *plan) {
     plan->state = NULL;
 }
 
+/* The longest run of 3x3 output pixels whose taps are all inside and evenly spaced (stride 1 or
+ * 2, no dilation or up-sampling in x): the columns the row kernels read with no table. */
+static void find_run(const mk_conv_params *p, dw_plan *s) {
+    s->run_begin = s->run_end = s->run_step = 0;
+    if (p->kh != 3 || p->kw != 3 || (p->sx != 1 && p->sx != 2)) return;
+    for (int32_t i = 0; i < p->out_w;) {
+        int32_t j = i;
+        while (j < p->out_w && s->xs[j * 3] >= 0 && s->xs[j * 3 + 1] == s->xs[j * 3] + 1 &&
+               s->xs[j * 3 + 2] == s->xs[j * 3] + 2 &&
+               (j == i || s->xs[j * 3] == s->xs[(j - 1) * 3] + p->sx))
+            j++;
+        if (j - i > s->run_end - s->run_begin) {
+            s->run_begin = i;
+            s->run_end = j;
+        }
+        i = j > i ? j : i + 1;
+    }
+    s->run_step = p->sx;
+}
+
 static mk_status dw_plan_create(mk_conv_plan *plan) {
     const mk_conv_params *p = &plan->params;
     if ((int64_t)p->out_h * p->kh > INT32_MAX || (int64_t)p->out_w * p->kw > INT32_MAX)
@@ -119,6 +140,7 @@ static mk_status dw_plan_create(mk_conv_plan *plan) {
         for (int64_t q = 0; q < p->kw; q++)
             s->xs[i * p->kw + q] = (int32_t)mk_conv_source_index(p->left + i * p->sx + q * p->dx,
                                                                  p->src_w, p->up_x, p->edge_mode);
+    find_run(p, s);
     return MK_OK;
 }
 
@@ -196,7 +218,8 @@ static void dw_task(void *arg, int64_t begin, int64_t end) {
                 mk_dw_row r = {c->a + img * c->an, c->ay, c->ax, c->s->ys + oy * p->kh,
                                c->s->xs + (int64_t)x0 * p->kw, p->kh, p->kw, w,
                                c->w->packed + o0, c->cpad, c->w->bias + o0, c->lo, c->hi,
-                               rowbuf, DW_BLOCK};
+                               rowbuf, DW_BLOCK, c->s->run_begin - x0,
+                               c->s->run_end - x0 < w ? c->s->run_end - x0 : w, c->s->run_step};
                 float *direct;
                 int64_t ldc;
                 const int in_place = c->fused && mk_conv_direct(p, m0 + x0, w, o0, &direct, &ldc);

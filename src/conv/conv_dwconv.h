@@ -17,6 +17,9 @@ typedef struct mk_dw_row {
     float lo, hi;            /* fused clamp (-inf, inf: none) */
     float *out;              /* output pixel 0 of the row, block's first channel */
     int64_t ld;              /* floats between output pixels */
+    /* 3x3 only: pixels [run_begin, run_end) have every tap inside, tap p of pixel i reading
+     * column xs[run_begin * 3] + (i - run_begin) * run_step + p; run_step 1 or 2 (else 0) */
+    int32_t run_begin, run_end, run_step;
 } mk_dw_row;
 
 typedef void (*mk_dw_row_fn)(const mk_dw_row *r);

@@ -12,6 +12,10 @@
 #define MAX(a, b) _mm256_max_ps(a, b)
 #define MIN(a, b) _mm256_min_ps(a, b)
 #define SET1(x) _mm256_set1_ps(x)
+/* one load per source column, kept in a register for the up to three FMAs that use it (the
+ * compiler would fold a load into each FMA: three loads, and loads are what this loop is
+ * short of) */
+#define DW_IN_REGISTER(x) __asm__("" : "+x"(x))
 #define DW_ISA _avx2
 #define DW_NAME "_avx2"
 #include "conv/conv_dwconv_rows.h"
