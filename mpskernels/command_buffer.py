@@ -30,24 +30,26 @@ _COMMITTED = int(CommandBufferStatus.COMMITTED)
 
 
 class CommandBuffer:
+    # Defaults that most buffers keep, on the class: a buffer is made for every kernel call,
+    # and each attribute set costs (most when a large kernel has just evicted the caches).
+    label = None
+    memory_stats = _NO_STATS
+    retained_references = True
+    _scheduled_handlers = _completed_handlers = ()   # replaced by lists on the first add
+    _leftover = ()
+    _encoder = None       # the Metal 4 pass encoder being encoded, if any (ml.py)
+    _pass_log = None      # its passes' dispatches, for the hazard check (ml.py)
+    _relocations = None   # while a pipeline records: [(set address, address)] (ml.py)
+
     def __init__(self, queue):
         self.command_queue = queue
         self.device = queue.device
-        self.label = None
         self._native = _native.Buffer(queue._native)
         self._commands = []        # _native.Command objects, in order
         self._bindings = []        # (command, operand index, root temporary, byte offset)
         self._roots = []           # root temporaries that took storage, in first-use order
         self._temporaries = []     # every temporary made on this buffer (for the leak check)
         self._retained = set()     # persistent images the commands point into (MPS retains them)
-        self._scheduled_handlers = []
-        self._completed_handlers = []
-        self._leftover = ()
-        self.memory_stats = _NO_STATS
-        self.retained_references = True
-        self._encoder = None       # the Metal 4 pass encoder being encoded, if any (ml.py)
-        self._pass_log = None      # its passes' dispatches, for the hazard check (ml.py)
-        self._relocations = None   # while a pipeline records: [(set address, address)] (ml.py)
 
     def __repr__(self):
         return f"<CommandBuffer label={self.label!r} status={self.status.name}>"
@@ -140,13 +142,13 @@ class CommandBuffer:
         if self._native.status >= CommandBufferStatus.COMMITTED:
             raise CommandBufferStateError(
                 f"add_scheduled_handler on {self._name()} after commit: add handlers before commit()")
-        self._scheduled_handlers.append(handler)
+        self._scheduled_handlers = [*self._scheduled_handlers, handler]
 
     def add_completed_handler(self, handler):
         if self._native.status >= CommandBufferStatus.COMMITTED:
             raise CommandBufferStateError(
                 f"add_completed_handler on {self._name()} after commit: add handlers before commit()")
-        self._completed_handlers.append(handler)
+        self._completed_handlers = [*self._completed_handlers, handler]
 
     def _on_event(self, event):
         """On the executing thread, with the GIL: 0 = scheduled, 1 = completed."""
@@ -219,8 +221,9 @@ class CommandBuffer:
             raise CommandBufferStateError(
                 f"{what} on {self._name()}, which was never committed: it would never return; "
                 f"call commit() first")
-        if (not self._native.finished
-                and self.command_queue._handler_thread == threading.get_ident()):
+        handler_thread = self.command_queue._handler_thread   # None unless a handler runs
+        if (handler_thread is not None and handler_thread == threading.get_ident()
+                and not self._native.finished):
             raise CommandBufferStateError(
                 f"{what} on {self._name()} from inside a handler of its own queue would deadlock")
 

@@ -258,9 +258,19 @@ class _Encoding:
     """What unary and binary CNN kernels share: clip rect, allocator, padding, batches, replay."""
 
     # Kernels whose commands only read their arguments (elementwise) set this: their last
-    # encode on persistent images is kept and replayed while nothing has changed.
+    # encode on persistent images is kept and replayed until an attribute of the kernel is set.
     _replayable = False
-    _recorded = None   # (kernel state, weak references to the images, commands)
+    _recorded = None   # (weak references to the images, commands)
+
+    def __setattr__(self, name, value):
+        # Any change drops the recorded encode. (Comparing a snapshot of the attributes at
+        # every encode cost ~5 us when a large kernel had just evicted them from the caches.)
+        self.__dict__.pop("_recorded", None)
+        object.__setattr__(self, name, value)
+
+    def __delattr__(self, name):
+        self.__dict__.pop("_recorded", None)
+        object.__delattr__(self, name)
 
     def _init_encoding(self):
         self.clip_rect = RECT_NO_CLIP
@@ -278,37 +288,27 @@ class _Encoding:
     def clip_rect(self, value):
         self._clip_rect = as_region(value)
 
-    def _state(self):
-        state = self.__dict__.copy()
-        state.pop("_recorded", None)
-        return state
-
     def _replay(self, command_buffer, images):
         """Record what the last encode recorded, if it was on these same persistent images
-        with the kernel's attributes unchanged (the loop that re-encodes one kernel on the
-        same images then skips validation and geometry); returns whether it did."""
+        and no attribute of the kernel was set since (the loop that re-encodes one kernel on
+        the same images then skips validation and geometry); returns whether it did."""
         recorded = self._recorded
         if recorded is None:
             return False
-        state, refs, commands = recorded
+        refs, commands = recorded
         if len(refs) != len(images):
             return False
         for ref, image in zip(refs, images):
             if ref() is not image:
                 return False
-        try:
-            if state != self._state():
-                return False
-        except (TypeError, ValueError):   # e.g. an attribute holding an array was replaced
-            return False
         command_buffer._add_recorded(commands, images)
         return True
 
     def _record(self, command_buffer, first, images):
         """Keep the commands recorded since index `first`, when they can be replayed."""
         if self._replayable and not any(i._root._is_temporary for i in images):
-            self._recorded = (self._state(), [weakref.ref(i) for i in images],
-                              command_buffer._commands[first:])
+            self.__dict__["_recorded"] = ([weakref.ref(i) for i in images],
+                                          command_buffer._commands[first:])
 
     def _make_destination(self, command_buffer, sources):
         descriptor = self.destination_image_descriptor(sources)
