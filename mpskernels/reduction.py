@@ -73,6 +73,15 @@ def _check_index_format(kernel, destination, channels):
             f"up to 2048, BFLOAT16 up to 256)")
 
 
+def _whole_lines(axis, destination):
+    """Whether each channel result may be written as a whole 64-byte line (zeros after it,
+    non-temporal stores; mk_reduce_params.whole_lines): fp32, and the destination's storage
+    holds one channel, so the rest of every line is padding. Saves the read of each line
+    (1x256x56x56 channel sum: 79% -> 87% of the read probe's rate)."""
+    return (axis == FEATURE_CHANNELS and destination._format == F.FLOAT32
+            and destination._root.feature_channels == 1)
+
+
 def _region_property(name, doc):
     """A Region attribute; accepts anything as_region does."""
     attr = "_" + name
@@ -128,7 +137,8 @@ class NNReduceUnary(CNNKernel):
             return
         # the part of the region whose results fit
         extent = (n, rh if self._axis != COLUMN else h, rw if self._axis != ROW else w, channels)
-        command = _native.ReduceCommand(extent, self._op, self._axis, weight)
+        command = _native.ReduceCommand(extent, self._op, self._axis, weight,
+                                        whole_lines=_whole_lines(self._axis, destination))
         _record(command_buffer, self, command,
                 [(source, source._byte_offset(z, y, x, c0), source._strides)], destination, (dx, dy, dz))
 
@@ -249,7 +259,8 @@ class NNReduceBinary(CNNBinaryKernel):
         strides = (0 if sd == 1 else s_n, 0 if spread else s_y, 0 if spread else s_x, 1)
         weights = (secondary, secondary._byte_offset(sz, sy, sx, sc0), strides)
         command = _native.ReduceCommand((n, rh, rw, channels), self._op, FEATURE_CHANNELS, 1.0,
-                                        self._by_nonzero_weights(), True)
+                                        self._by_nonzero_weights(), True,
+                                        _whole_lines(FEATURE_CHANNELS, destination))
         _record(command_buffer, self, command,
                 [(primary, primary._byte_offset(z, y, x, pc0), primary._strides), weights],
                 destination, (dx, dy, dz))

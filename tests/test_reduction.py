@@ -327,6 +327,33 @@ def test_image_returning_encode(kernel, device, run, make_image, rng):
           2 * tolerance(op, axis, x[1:2, 1:4, 1:5]) + 2.0 ** -10 * np.abs(r), cls.__name__)
 
 
+@pytest.mark.parametrize("kernel", [k for k in KERNELS if k[1] == FC], ids=[i for k, i in zip(KERNELS, IDS) if k[1] == FC])
+def test_whole_line_results(kernel, device, run, rng):
+    """A one-channel fp32 destination gets each result as a whole 64-byte line (non-temporal
+    stores, zeros after the result: mk_reduce_params.whole_lines): its padding stays zero, and
+    a clip rect leaves the pixels outside it alone; a destination with more channels keeps them."""
+    cls, axis, op = kernel
+    x = random_values(rng, (2, 5, 37, 40))
+    src = mk.Image.from_numpy(device, x.astype(np.float32))
+    k = cls(device)
+    k.clip_rect = ((3, 1, 0), (30, 3, 2))
+    dst = mk.Image.from_numpy(device, np.full((2, 5, 37, 1), 7.0, np.float32))
+    run(device, lambda cb: k.encode(cb, src, dst))
+    lines = dst._root._storage.view(np.float32).reshape(2, 5, 37, 16)
+    expected = np.full((2, 5, 37, 1), 7.0)
+    r = ref.round_to_format(reduce_reference(op, axis, x), ref.FLOAT32)
+    expected[:, 1:4, 3:33] = r[:, :3, :30]
+    check(lines[..., :1].astype(np.float64), expected,
+          place(tolerance(op, axis, x), np.zeros(expected.shape), k.clip_rect), cls.__name__)
+    assert not lines[..., 1:].any()
+    wide = mk.Image.from_numpy(device, np.full((2, 5, 37, 3), 7.0, np.float32))
+    k.clip_rect = mk.RECT_NO_CLIP
+    run(device, lambda cb: k.encode(cb, src, wide))
+    got = wide.to_numpy()
+    assert (got[..., 1:] == 7.0).all()
+    check(got[..., :1].astype(np.float64), r, tolerance(op, axis, x), cls.__name__)
+
+
 def test_temporary_source_and_destination(device, run, make_image, read_image, rng):
     """Reductions read and write temporaries in the arena like any kernel."""
     x = random_values(rng, (1, 6, 5, 20))

@@ -52,9 +52,21 @@ RD_ALWAYS_INLINE float rd_pixel(const int op, const float *r, int64_t C) {
     return l_fold(op, acc);
 }
 
+/* Prefetch the pixel at r (its C channels) into L1. */
+RD_ALWAYS_INLINE void rd_prefetch_pixel(const float *r, int64_t C) {
+    for (int64_t c = 0; c < C; c += 16) __builtin_prefetch(r + c);
+}
+
+/* The pixel 8 ahead is prefetched: on a 64 MiB image (256 channels, from L3) max went from
+ * 68% to 78% of the read probe's rate, sum from 80% to 82%; no change on 3.2 MB. (Two pixels
+ * in two chains at a time, or a vminps / vmaxps chain with NaNs looked for on the side,
+ * gained nothing there and lost up to 10% without the prefetch.) */
 RD_ALWAYS_INLINE void rd_channels(const int op, const float *x, int64_t sx, int64_t C,
                                   int64_t P, float *out) {
-    for (int64_t p = 0; p < P; p++) out[p] = rd_pixel(op, x + p * sx, C);
+    for (int64_t p = 0; p < P; p++) {
+        rd_prefetch_pixel(x + (p + 8) * sx, C);
+        out[p] = rd_pixel(op, x + p * sx, C);
+    }
 }
 
 static void RDN(channels)(int op, const float *x, int64_t sx, int64_t C, int64_t P,
@@ -150,7 +162,7 @@ RD_ALWAYS_INLINE float rd_arg_pixel(const int op, const float *r, int64_t C) {
 RD_ALWAYS_INLINE void rd_channels_arg(const int op, const float *x, int64_t sx, int64_t C,
                                       int64_t P, float *out) {
     for (int64_t p = 0; p < P; p++) {
-        for (int64_t c = 0; c < C; c += 16) __builtin_prefetch(x + (p + 4) * sx + c);
+        rd_prefetch_pixel(x + (p + 4) * sx, C);
         out[p] = rd_arg_pixel(op, x + p * sx, C);
     }
 }
