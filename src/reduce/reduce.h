@@ -42,7 +42,8 @@ typedef struct mk_reduce_params {
     int32_t by_nonzero_weights;  /* weighted SUM: divide by the number of non-zero weights */
     /* FEATURE_CHANNELS, fp32 destination with a channel stride of 16 whose 64-byte lines
      * hold nothing but each result and padding: the kernel may write every line whole
-     * (zeros after the result) with non-temporal stores, saving the line's read. */
+     * (zeros after the result) with non-temporal stores, saving the line's read (it does
+     * from 2 MiB of lines on). */
     int32_t whole_lines;
 } mk_reduce_params;
 
