@@ -587,25 +587,23 @@ def test_fuzz_does_not_swap_the_allocator_while_a_watchdog_is_armed(fmt, monkeyp
     in onnx or hypothesis, were the main thread's, not the crash's). See _watched."""
     if fmt == "onnx":
         pytest.importorskip("onnx", reason="the ONNX fuzz needs the onnx package")
-    armed, swaps = [False], []
-    arm, cancel = faulthandler.dump_traceback_later, faulthandler.cancel_dump_traceback_later
-    start, stop = tracemalloc.start, tracemalloc.stop
+    calls = []
 
-    def recorded(name, fn, now_armed=None):
+    def recorded(name, real):
         def call(*args, **kwargs):
-            if now_armed is None:
-                swaps.append((name, armed[0]))
-            fn(*args, **kwargs)
-            if now_armed is not None:
-                armed[0] = now_armed
+            calls.append(name)
+            return real(*args, **kwargs)
         return call
-    monkeypatch.setattr(faulthandler, "dump_traceback_later", recorded("arm", arm, True))
-    monkeypatch.setattr(faulthandler, "cancel_dump_traceback_later", recorded("cancel", cancel, False))
-    monkeypatch.setattr(tracemalloc, "start", recorded("start", start))
-    monkeypatch.setattr(tracemalloc, "stop", recorded("stop", stop))
+    for module, name in [(faulthandler, "dump_traceback_later"), (faulthandler, "cancel_dump_traceback_later"),
+                         (tracemalloc, "start"), (tracemalloc, "stop")]:
+        monkeypatch.setattr(module, name, recorded(name, getattr(module, name)))
     added = run_fuzz(max_examples=5, steps=2, formats=(fmt,))
-    assert added["calls"] >= 10 and not armed[0], added
-    assert swaps and not [s for s in swaps if s[1]], f"tracemalloc started/stopped while a watchdog was armed: {swaps}"
+    assert added["calls"] >= 10, added
+    armed = False
+    for name in calls:
+        assert not (armed and name in ("start", "stop")), f"tracemalloc.{name}() while a watchdog was armed: {calls}"
+        armed = {"dump_traceback_later": True, "cancel_dump_traceback_later": False}.get(name, armed)
+    assert "start" in calls and not armed, calls
 
 
 def test_deeply_nested_header_is_a_package_error():
