@@ -13,7 +13,12 @@ At one thread the kernel alone (the recorded command run on this thread) and Num
 timed in this thread's CPU time, which time taken by other processes does not inflate.
 
 FMA peak: mk_gemm_fma_burn (12 independent FMA chains per thread in the active ISA's widest
-registers, the best of repeated bursts) on the same number of threads.
+registers, the best of repeated bursts) on the same number of threads. At one thread the probe
+is also sampled in the CPU-time rounds, alternately with ours and NumPy's, one burst doing the
+product's flops: our share of the peak then compares the same statistic (median with median,
+best with best) on the same clock under the same load from other jobs. (The best of 2 ms
+bursts at the start against the median of 0.1 s products that the other jobs interrupt asks a
+shared machine for more than a quiet one; the paired figure is the one to judge by.)
 
 The one-row product 1x4096x4096 reads 64 MiB of B per run: it is bound by the read bandwidth,
 so at one thread the read probe of bench/test_bench_reduction.py (AVX-512 loads of every word)
@@ -100,7 +105,9 @@ def test_sgemm_vs_numpy(benchmark, report, shape, threads):
             cb = queue.make_command_buffer()
             kernel.encode(cb, A, B, C)
             command = cb._commands[-1]
-            fns = [lambda: command.run(device._pool), lambda: np.matmul(a, b, out=c)]
+            burn_iters = max(1, round(2.0 * m * n * k / 384))   # 384 flops per round
+            fns = [lambda: command.run(device._pool), lambda: np.matmul(a, b, out=c),
+                   lambda: _native.fma_burn(device._pool, burn_iters)]
             if m == 1:   # bound by reading B: against the read probe over B's storage
                 fns.append(lambda: _native.read_probe(B._bytes, device._pool))
             cpu = paired_samples(seconds / 2, *fns, clock=time.thread_time)
@@ -116,11 +123,16 @@ def test_sgemm_vs_numpy(benchmark, report, shape, threads):
              f"; best/best ratio {times[0].min() / times[1].min():.2f}")
     if threads == 1:
         cpu_gflops = flops / cpu[0].min() / 1e9
+
+        def share(stat):   # our GFLOP/s over the probe's, by the same statistic
+            return flops / stat(cpu[0]) / (burn_iters * 384 / stat(cpu[2]))
         extra += (f"; CPU time: ratio {np.median(cpu[0]) / np.median(cpu[1]):.2f} (medians), "
                   f"{cpu[0].min() / cpu[1].min():.2f} (best), ours {cpu_gflops:.1f} GFLOP/s = "
-                  f"{100 * cpu_gflops / _peaks[threads]:.0f}% of peak")
+                  f"{100 * cpu_gflops / _peaks[threads]:.0f}% of peak; against the probe "
+                  f"sampled alternately: {100 * share(np.median):.0f}% (medians), "
+                  f"{100 * share(np.min):.0f}% (best)")
         if m == 1:
-            probe = np.median(cpu[2])
+            probe = np.median(cpu[3])
             extra += (f"; of the read bandwidth ({B._bytes.nbytes / probe / 1e9:.1f} GB/s): "
                       f"ours {100 * probe / np.median(cpu[0]):.0f}%, NumPy "
                       f"{100 * probe / np.median(cpu[1]):.0f}%")

@@ -12,16 +12,22 @@ cdef extern from "gemm/gemm.h" nogil:
                                         const float *const *a, intptr_t a_offset,
                                         const float *zero, const float *w, float *c, int64_t ldc,
                                         const mk_gemm_epilogue *ep)
+    enum: MK_GEMM_PACKED_LDA
+    ctypedef void (*mk_gemm_ukernel_packed_fn)(int mr, int nc, int64_t kc, const float *pa,
+                                               const float *w, float *c, int64_t ldc,
+                                               const mk_gemm_epilogue *ep)
     ctypedef struct mk_gemm_ukernel:
         int mr
         mk_gemm_ukernel_fn run
         const char *name
+        mk_gemm_ukernel_packed_fn run_packed
     const mk_gemm_ukernel *mk_gemm_ukernel_active()
     mk_status mk_gemm_packed_b_floats(int64_t k, int64_t n, int64_t *floats)
     void mk_gemm_pack_b(int64_t k, int64_t n, const void *b, int format, int64_t rs, int64_t cs,
                         float *packed)
 
 GEMM_NR = MK_GEMM_NR
+GEMM_PACKED_LDA = MK_GEMM_PACKED_LDA
 
 
 def gemm_ukernel_info():
@@ -89,6 +95,33 @@ def gemm_ukernel_run(int mr, int nc, int64_t kc, int64_t ks, float[::1] a_base, 
     free(ptrs)
 
 
+def gemm_ukernel_run_packed(int mr, int nc, int64_t kc, float[::1] pa, float[::1] w,
+                            float[::1] c, int64_t ldc, float alpha, float beta, bias, float lo,
+                            float hi):
+    """Test hook: one call of the active micro-kernel's run_packed (row i of A at
+    pa[i * GEMM_PACKED_LDA:]). Returns False when the active ISA has none."""
+    cdef const mk_gemm_ukernel *u = mk_gemm_ukernel_active()
+    if u.run_packed == NULL:
+        return False
+    if not (1 <= mr <= u.mr and 1 <= nc <= MK_GEMM_NR and 1 <= kc <= MK_GEMM_PACKED_LDA
+            and pa.shape[0] >= (mr - 1) * MK_GEMM_PACKED_LDA + kc
+            and w.shape[0] >= kc * MK_GEMM_NR and c.shape[0] >= (mr - 1) * ldc + nc):
+        raise ValueError("gemm_ukernel_run_packed: bad sizes")
+    cdef float[::1] b
+    cdef mk_gemm_epilogue ep
+    ep.alpha = alpha
+    ep.beta = beta
+    ep.lo = lo
+    ep.hi = hi
+    ep.bias = NULL
+    if bias is not None:
+        b = bias
+        ep.bias = &b[0]
+    with nogil:
+        u.run_packed(mr, nc, kc, &pa[0], &w[0], &c[0], ldc, &ep)
+    return True
+
+
 cdef extern from "gemm/gemm.h" nogil:
     ctypedef struct mk_gemm_matrix:
         void *data
@@ -123,6 +156,16 @@ def fma_peak_gflops(Pool pool, double seconds=0.2):
         best = max(best, flops / dt / 1e9)
         if time.perf_counter() > deadline:
             return best
+
+
+def fma_burn(Pool pool, int64_t iters):
+    """One burst of the FMA peak probe (`iters` rounds of 12 independent FMA chains) on the
+    calling thread when pool has one thread; returns the flops done (time it yourself: bench/
+    samples it alternately with a product, on the same clock)."""
+    cdef double flops
+    with nogil:
+        flops = mk_gemm_fma_burn(pool.pool, 1, iters)
+    return flops
 
 
 cdef mk_status run_gemm(void *p, mk_pool *pool) noexcept nogil:

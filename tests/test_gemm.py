@@ -122,3 +122,42 @@ def test_ukernel_keeps_nan(isa, rng):
         nan_rows = np.isnan(c.reshape(MR, NR)).all(axis=1)
         assert nan_rows.tolist() == [i == 1 for i in range(MR)], (lo, hi)
 
+
+
+@pytest.mark.parametrize("beta,with_bias,lo,hi", [(0.0, False, -np.inf, np.inf),
+                                                  (1.0, True, -np.inf, np.inf),
+                                                  (-0.5, True, 0.0, 6.0), (0.0, False, 0.0, np.inf)])
+def test_ukernel_packed(isa, rng, beta, with_bias, lo, hi):
+    """run_packed (A packed, rows GEMM_PACKED_LDA floats apart) gives the bits of run over the
+    same rows (the same FMAs in the same order) and matches the float64 reference."""
+    MR, _ = _native.gemm_ukernel_info()
+    lda = _native.GEMM_PACKED_LDA
+    for mr, nc, kc in itertools.product(range(1, MR + 1), (1, 16, 17, 32), (1, 19, lda)):
+        pa = rng.standard_normal(MR * lda).astype(np.float32)
+        w = np.zeros((kc, NR), np.float32)
+        w[:, :nc] = rng.standard_normal((kc, nc))
+        ldc = nc + 5
+        c_old = rng.standard_normal((MR, ldc)).astype(np.float32)
+        if beta == 0.0:
+            c_old[:mr, :nc] = np.nan   # must never be read
+        bias = rng.standard_normal(nc).astype(np.float32) if with_bias else None
+        c = c_old.copy().reshape(-1)
+        if not _native.gemm_ukernel_run_packed(mr, nc, kc, pa, w.reshape(-1), c, ldc, 0.75, beta,
+                                               bias, lo, hi):
+            pytest.skip(f"{isa} has no run_packed (the driver passes row pointers to run)")
+        rows = np.full(MR, -2)
+        rows[:mr] = np.arange(mr) * lda
+        c_rows = c_old.copy().reshape(-1)
+        _native.gemm_ukernel_run(mr, nc, kc, 1, pa, rows, 0, w.reshape(-1), c_rows, ldc, 0.75,
+                                 beta, bias, lo, hi)
+        np.testing.assert_array_equal(c.view(np.uint32), c_rows.view(np.uint32))
+        a = pa.reshape(MR, lda)[:mr, :kc].astype(np.float64)
+        acc = a @ w[:, :nc].astype(np.float64)
+        ref = 0.75 * acc + (beta * c_old[:mr, :nc] if beta != 0.0 else 0.0)
+        ref = np.minimum(np.maximum(ref + (bias if with_bias else 0.0), lo), hi)
+        c = c.reshape(MR, ldc)
+        tol = 1e-5 * np.sqrt(kc) * (np.abs(acc).max() + 1)
+        np.testing.assert_allclose(c[:mr, :nc], ref, rtol=0, atol=tol)
+        outside = np.ones_like(c, dtype=bool)
+        outside[:mr, :nc] = False
+        np.testing.assert_array_equal(c[outside], c_old[outside])

@@ -107,7 +107,8 @@ void mk_gemm_pack_b(int64_t k, int64_t n, const void *b, int format, int64_t rs,
  *   blocks of <= KC_THIN and slices of up to NB_THIN columns, read row by row in long runs.
  * Small products (k x n <= 16384) and one-tile products (m <= MR) read B in place. */
 
-#define KC_MAX 384                /* K block: fewer calls and passes over C per FMA */
+#define KC_MAX 384                /* K block: fewer calls and passes over C per FMA (and
+                                   * <= MK_GEMM_PACKED_LDA, the packed A tile's row stride) */
 #define KC_IN_PLACE 256           /* ... unless a shorter one lets A be read in place */
 #define TILE_WHOLE_BYTES (32 << 10) /* an A tile of whole adjacent rows up to this size: ... */
 #define KC_WHOLE 1024             /* ... (and K <= this) is read in place, K in one block */
@@ -116,6 +117,7 @@ void mk_gemm_pack_b(int64_t k, int64_t n, const void *b, int format, int64_t rs,
 #define PACK_PANELS 4             /* panels per packing task (256^3: two tasks) */
 #define C_BUFFER_FLOATS (256 << 10) /* fp32 block of an fp16 result per task (1 MiB) */
 #define MR_MAX 16
+_Static_assert(KC_MAX <= MK_GEMM_PACKED_LDA, "a packed A row holds a K block");
 #define THIN_TILES 8              /* B used by at most this many row tiles: ... */
 #define KC_THIN 192               /* ... K blocks of <= 192 and ... */
 #define NB_THIN 1024              /* ... tasks of up to 1024 columns (a 768 KiB slice of B) */
@@ -242,13 +244,14 @@ static void prefetch_part(const char *base, int64_t stride, int64_t rows, int64_
         for (int64_t l = 0; l < lines; l++) __builtin_prefetch(base + r * stride + l * 64, 0, 2);
 }
 
-/* The A rows [i, i + mr) of K block pc for the micro-kernel: in place, or packed at pa. */
+/* The A rows [i, i + mr) of K block pc for the micro-kernel: in place, or packed at pa, rows
+ * MK_GEMM_PACKED_LDA floats apart (kc <= KC_MAX when packed), for run_packed. */
 static void tile_rows(const sgemm_plan *g, const char *A, int64_t i, int mr, int64_t pc,
                       int64_t kc, float *pa, const float **rows) {
     const mk_sgemm_args *p = g->p;
     for (int r = 0; r < mr; r++) {
         const int64_t at = (i + r) * p->a.rs + pc * p->a.cs;
-        float *row = pa + r * kc;
+        float *row = pa + r * MK_GEMM_PACKED_LDA;
         if (g->a_in_place) {
             rows[r] = (const float *)A + at;
         } else if (p->a.format == MK_FMT_F32 && p->a.cs == 1) {
@@ -310,14 +313,17 @@ static void sgemm_task(const sgemm_plan *g, int64_t t, float *pb, float *pa, flo
                                   cdiv(kc * (int64_t)asz, 64), q, panels);
                 float *c = C + (i - i0) * ldc + (j - j0);
                 ep.bias = first && p->bias ? p->bias + j : NULL;
-                if (g->b_mode == B_IN_PLACE)
+                if (g->b_mode == B_IN_PLACE) {
                     u->run_strided(mr, nc, kc, rows, zeros, B + pc * p->b.rs + j, p->b.rs, c,
                                    ldc, &ep);
+                    continue;
+                }
+                const float *w = g->b_mode == B_SHARED ? shared_panel(g, pb, pc, kc, j)
+                                                       : pb + (j - j0) * kc;
+                if (!g->a_in_place && u->run_packed)
+                    u->run_packed(mr, nc, kc, pa, w, c, ldc, &ep);
                 else
-                    u->run(mr, nc, kc, 1, rows, 0, zeros,
-                           g->b_mode == B_SHARED ? shared_panel(g, pb, pc, kc, j)
-                                                 : pb + (j - j0) * kc,
-                           c, ldc, &ep);
+                    u->run(mr, nc, kc, 1, rows, 0, zeros, w, c, ldc, &ep);
             }
         }
     }
@@ -339,7 +345,7 @@ static void sgemm_tasks(void *ctx, int64_t begin, int64_t end) {
     const int64_t mb = (cdiv(g->p->m, g->u->mr) / g->row_blocks + 1) * g->u->mr;
     const int64_t nb = (cdiv(g->p->n, MK_GEMM_NR) / g->col_blocks + 1) * MK_GEMM_NR;
     const size_t pb_floats = g->b_mode == B_PRIVATE ? (size_t)(g->kc * nb) : 0;
-    const size_t pa_floats = g->a_in_place ? 0 : (size_t)(g->u->mr * g->kc);
+    const size_t pa_floats = g->a_in_place ? 0 : (size_t)g->u->mr * MK_GEMM_PACKED_LDA;
     const size_t c_floats = g->c_buffer ? (size_t)(mb * nb) : 0;
     const size_t bytes = (pb_floats + pa_floats + c_floats) * sizeof(float);
     float *scratch = bytes ? scratch_get(bytes) : NULL;

@@ -182,4 +182,4 @@ static void gemv__avx2(int rows, int64_t n, const float *x, const float *b, int6
 
 const mk_gemm_ukernel mk_gemm_ukernel__avx2 = {MR, gemm_6x32__avx2, "gemm_6x32__avx2",
                                               gemm_6x32_strided__avx2, fma_burn__avx2,
-                                              gemv__avx2};
+                                              gemv__avx2, NULL};

@@ -1,6 +1,6 @@
 /* AVX-512 GEMM micro-kernel: 12 rows x 32 columns (24 zmm accumulators, 2 for B, 1 for the
  * broadcast A value: 27 of 32 registers). Each k step issues 24 FMAs for 2 B loads and 12
- * broadcasts, so the two 256-bit FMA pipes of Zen 4 are the only bound. */
+ * broadcasts (folded into the FMAs when A is packed), so the two FMA units are the bound. */
 #include <immintrin.h>
 #include <math.h>
 
@@ -10,12 +10,24 @@
 #define NR MK_GEMM_NR
 
 #define REP12(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
+/* The same with the registers the packed loop pins each row's two accumulators to. */
+#define REP12R(X)                                                                            \
+    X(0, "zmm2", "zmm3") X(1, "zmm4", "zmm5") X(2, "zmm6", "zmm7") X(3, "zmm8", "zmm9")       \
+    X(4, "zmm10", "zmm11") X(5, "zmm12", "zmm13") X(6, "zmm14", "zmm15")                      \
+    X(7, "zmm16", "zmm17") X(8, "zmm18", "zmm19") X(9, "zmm20", "zmm21")                      \
+    X(10, "zmm22", "zmm23") X(11, "zmm24", "zmm25")
 
-/* `masked`: columns >= nc of w may hold anything (an unpacked B); else they are zeros. */
+/* acc += broadcast(*p) * b with the broadcast folded into the FMA ({1to16}: one instruction
+ * instead of two; GCC broadcasts into a register first when the value has two uses). */
+#define FMADD_BCAST(acc, p, b)                                                               \
+    __asm__("vfmadd231ps %1%{1to16%}, %2, %0" : "+v"(acc) : "m"(*(p)), "v"(b))
+
+/* `masked`: columns >= nc of w may hold anything (an unpacked B); else they are zeros.
+ * `pa` != NULL: A packed (rows MK_GEMM_PACKED_LDA floats apart; ks = 1), `a` unused. */
 static inline __attribute__((always_inline)) void
 tile_12x32(int mr, int nc, int64_t kc, int64_t ks, const float *const *a, intptr_t a_offset,
            const float *zero, const float *w, int64_t ldw, int masked, int half, float *c,
-           int64_t ldc, const mk_gemm_epilogue *ep) {
+           int64_t ldc, const mk_gemm_epilogue *ep, const float *pa) {
     __mmask16 m0 = (__mmask16)(nc >= 16 ? 0xffff : (1u << nc) - 1);
     __mmask16 m1 = (__mmask16)(nc >= 32 ? 0xffff : nc <= 16 ? 0 : (1u << (nc - 16)) - 1);
     const int use_beta = ep->beta != 0.0f;
@@ -27,7 +39,32 @@ tile_12x32(int mr, int nc, int64_t kc, int64_t ks, const float *const *a, intptr
 #define DECL(i) __m512 c##i##0 = _mm512_setzero_ps(), c##i##1 = _mm512_setzero_ps();
     REP12(DECL)
 #undef DECL
-    for (int64_t s = 0; s < ks; s++, a += MR) {
+    if (pa) {
+        /* 24 FMAs (broadcast folded in), 2 loads of B, 2 prefetches and the loop: 32
+         * instructions per k step instead of 42. The accumulators and B are pinned to
+         * registers: with asm operands GCC otherwise shuffles them with moves. */
+#define PIN(i, r0, r1)                                                                       \
+    register __m512 p##i##0 __asm__(r0) = c##i##0;                                           \
+    register __m512 p##i##1 __asm__(r1) = c##i##1;
+        REP12R(PIN)
+#undef PIN
+        for (int64_t k = 0; k < kc; k++, pa++, w += NR) {
+            _mm_prefetch((const char *)(w + 8 * NR), _MM_HINT_T0);
+            _mm_prefetch((const char *)(w + 8 * NR + 16), _MM_HINT_T0);
+            register __m512 b0 __asm__("zmm0") = _mm512_loadu_ps(w);
+            register __m512 b1 __asm__("zmm1") = half ? b0 : _mm512_loadu_ps(w + 16);
+#define FMA(i, r0, r1)                                                                       \
+    if (i < mr) {                                                                            \
+        FMADD_BCAST(p##i##0, pa + i * MK_GEMM_PACKED_LDA, b0);                               \
+        if (!half) FMADD_BCAST(p##i##1, pa + i * MK_GEMM_PACKED_LDA, b1);                    \
+    }
+            REP12R(FMA)
+#undef FMA
+        }
+#define UNPIN(i, r0, r1) c##i##0 = p##i##0, c##i##1 = p##i##1;
+        REP12R(UNPIN)
+#undef UNPIN
+    } else for (int64_t s = 0; s < ks; s++, a += MR) {
 #define ROW(i)                                                                               \
     const float *r##i = zero;                                                                \
     if (i < mr && a[i] != zero) r##i = (const float *)((uintptr_t)a[i] + (uintptr_t)a_offset);
@@ -112,14 +149,35 @@ static void gemm_12x32__avx512(int mr, int nc, int64_t kc, int64_t ks, const flo
     if (nc <= 16)
         switch (mr) {
 #define CASE(i)                                                                              \
-    case i + 1: tile_12x32(i + 1, nc, kc, ks, a, a_offset, zero, w, NR, 0, 1, c, ldc, ep); break;
+    case i + 1: tile_12x32(i + 1, nc, kc, ks, a, a_offset, zero, w, NR, 0, 1, c, ldc, ep, NULL); break;
             REP12(CASE)
 #undef CASE
         }
     else
         switch (mr) {
 #define CASE(i)                                                                              \
-    case i + 1: tile_12x32(i + 1, nc, kc, ks, a, a_offset, zero, w, NR, 0, 0, c, ldc, ep); break;
+    case i + 1: tile_12x32(i + 1, nc, kc, ks, a, a_offset, zero, w, NR, 0, 0, c, ldc, ep, NULL); break;
+            REP12(CASE)
+#undef CASE
+        }
+}
+
+/* A packed by the caller (rows MK_GEMM_PACKED_LDA floats apart). */
+static void gemm_12x32_packed__avx512(int mr, int nc, int64_t kc, const float *pa,
+                                     const float *w, float *c, int64_t ldc,
+                                     const mk_gemm_epilogue *ep) {
+    if (!pa) __builtin_unreachable();   /* so that the row-pointer loop is not compiled in */
+    if (nc <= 16)
+        switch (mr) {
+#define CASE(i)                                                                              \
+    case i + 1: tile_12x32(i + 1, nc, kc, 1, NULL, 0, NULL, w, NR, 0, 1, c, ldc, ep, pa); break;
+            REP12(CASE)
+#undef CASE
+        }
+    else
+        switch (mr) {
+#define CASE(i)                                                                              \
+    case i + 1: tile_12x32(i + 1, nc, kc, 1, NULL, 0, NULL, w, NR, 0, 0, c, ldc, ep, pa); break;
             REP12(CASE)
 #undef CASE
         }
@@ -130,7 +188,7 @@ static void gemm_12x32_strided__avx512(int mr, int nc, int64_t kc, const float *
                                        const float *zero, const float *w, int64_t ldw, float *c,
                                        int64_t ldc, const mk_gemm_epilogue *ep) {
     switch (mr) {
-#define CASE(i) case i + 1: tile_12x32(i + 1, nc, kc, 1, a, 0, zero, w, ldw, 1, 0, c, ldc, ep); break;
+#define CASE(i) case i + 1: tile_12x32(i + 1, nc, kc, 1, a, 0, zero, w, ldw, 1, 0, c, ldc, ep, NULL); break;
         REP12(CASE)
 #undef CASE
     }
@@ -184,4 +242,4 @@ static void gemv__avx512(int rows, int64_t n, const float *x, const float *b, in
 
 const mk_gemm_ukernel mk_gemm_ukernel__avx512 = {MR, gemm_12x32__avx512, "gemm_12x32__avx512",
                                                  gemm_12x32_strided__avx512, fma_burn__avx512,
-                                                 gemv__avx512};
+                                                 gemv__avx512, gemm_12x32_packed__avx512};

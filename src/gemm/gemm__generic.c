@@ -74,4 +74,4 @@ static void gemv__generic(int rows, int64_t n, const float *x, const float *b, i
 
 const mk_gemm_ukernel mk_gemm_ukernel__generic = {MR, gemm_4x32__generic, "gemm_4x32__generic",
                                                   gemm_4x32_strided__generic, fma_burn__generic,
-                                                  gemv__generic};
+                                                  gemv__generic, NULL};
