@@ -1,4 +1,3 @@
-cimport cython
 # The convolution family's binding (src/conv/conv.h): packed weights, per-geometry plans and
 # the recorded command. Included at the end of _native.pyx.
 from libc.stdint cimport int32_t, int64_t

@@ -1,6 +1,7 @@
 # cython: language_level=3
 """The binding: thin wrappers over the C API (src/mpskernels.h). No policy lives here: the
 Python object model validates, this module takes pointers, releases the GIL and calls C."""
+cimport cython
 from libc.stdint cimport int32_t, int64_t
 from libc.stdlib cimport malloc, free
 from libc.string cimport memset
@@ -366,6 +367,7 @@ cdef class Queue:
             mk_queue_destroy(self.queue)
 
 
+@cython.no_gc_clear   # __dealloc__ may take the buffer off its queue: the GC must not drop it first
 cdef class Buffer:
     cdef mk_buffer *buffer
     cdef Queue queue     # outlives the buffer
