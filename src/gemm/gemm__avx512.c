@@ -40,27 +40,36 @@ tile_12x32(int mr, int nc, int64_t kc, int64_t ks, const float *const *a, intptr
     REP12(DECL)
 #undef DECL
     if (pa) {
-        /* 24 FMAs (broadcast folded in), 2 loads of B, 2 prefetches and the loop: 32
-         * instructions per k step instead of 42. The accumulators and B are pinned to
-         * registers: with asm operands GCC otherwise shuffles them with moves. */
+        /* 24 FMAs (broadcast folded in), 2 loads of B, 2 prefetches and the loop (2 k steps
+         * per pass): 30.5 instructions per k step instead of 42. The accumulators and B are
+         * pinned to registers: with asm operands GCC otherwise shuffles them with moves. */
 #define PIN(i, r0, r1)                                                                       \
     register __m512 p##i##0 __asm__(r0) = c##i##0;                                           \
     register __m512 p##i##1 __asm__(r1) = c##i##1;
         REP12R(PIN)
 #undef PIN
-        for (int64_t k = 0; k < kc; k++, pa++, w += NR) {
-            _mm_prefetch((const char *)(w + 8 * NR), _MM_HINT_T0);
-            _mm_prefetch((const char *)(w + 8 * NR + 16), _MM_HINT_T0);
-            register __m512 b0 __asm__("zmm0") = _mm512_loadu_ps(w);
-            register __m512 b1 __asm__("zmm1") = half ? b0 : _mm512_loadu_ps(w + 16);
+#define STEP(d)                                                                              \
+    {                                                                                        \
+        const int64_t off = d;                                                               \
+        _mm_prefetch((const char *)(w + (8 + d) * NR), _MM_HINT_T0);                         \
+        _mm_prefetch((const char *)(w + (8 + d) * NR + 16), _MM_HINT_T0);                    \
+        register __m512 b0 __asm__("zmm0") = _mm512_loadu_ps(w + d * NR);                    \
+        register __m512 b1 __asm__("zmm1") = half ? b0 : _mm512_loadu_ps(w + d * NR + 16);   \
+        REP12R(FMA)                                                                          \
+    }
 #define FMA(i, r0, r1)                                                                       \
     if (i < mr) {                                                                            \
-        FMADD_BCAST(p##i##0, pa + i * MK_GEMM_PACKED_LDA, b0);                               \
-        if (!half) FMADD_BCAST(p##i##1, pa + i * MK_GEMM_PACKED_LDA, b1);                    \
+        FMADD_BCAST(p##i##0, pa + off + i * MK_GEMM_PACKED_LDA, b0);                         \
+        if (!half) FMADD_BCAST(p##i##1, pa + off + i * MK_GEMM_PACKED_LDA, b1);              \
     }
-            REP12R(FMA)
-#undef FMA
+        int64_t k = 0;
+        for (; k + 2 <= kc; k += 2, pa += 2, w += 2 * NR) {   /* 1024^3, 2048^3: 1.3% faster */
+            STEP(0)
+            STEP(1)
         }
+        if (k < kc) STEP(0)
+#undef FMA
+#undef STEP
 #define UNPIN(i, r0, r1) c##i##0 = p##i##0, c##i##1 = p##i##1;
         REP12R(UNPIN)
 #undef UNPIN
