@@ -126,7 +126,8 @@ def test_ukernel_keeps_nan(isa, rng):
 
 @pytest.mark.parametrize("beta,with_bias,lo,hi", [(0.0, False, -np.inf, np.inf),
                                                   (1.0, True, -np.inf, np.inf),
-                                                  (-0.5, True, 0.0, 6.0), (0.0, False, 0.0, np.inf)])
+                                                  (-0.5, True, 0.0, 6.0),
+                                                  (0.0, False, 0.0, np.inf)])
 def test_ukernel_packed(isa, rng, beta, with_bias, lo, hi):
     """run_packed (A packed, rows GEMM_PACKED_LDA floats apart) gives the bits of run over the
     same rows (the same FMAs in the same order) and matches the float64 reference."""

@@ -53,11 +53,11 @@ typedef void (*mk_gemm_gemv_fn)(int rows, int64_t n, const float *x, const float
 /* Addition: the same tile (ks = 1, no a_offset) with A packed by the caller: row i's kc floats
  * at pa + i * MK_GEMM_PACKED_LDA (kc <= MK_GEMM_PACKED_LDA). A stride known when compiling lets
  * one pointer with constant offsets address every row: the AVX-512 kernel folds each broadcast
- * into its FMA (32 instead of 42 instructions per k step, which counts when another thread
- * shares the core's front end). 388 floats (1552 bytes): the rows' cache-line boundaries fall
- * at 4 different k (a multiple of 16 floats put all 12 rows' misses at the same k step, and was
- * no faster than row pointers) and the rows spread over the L1's sets. NULL for ISAs without
- * it: the caller passes row pointers to `run` instead. */
+ * into its FMA (30.5 instead of 42 instructions per k step: faster while other jobs run on the
+ * machine; on a quiet core the FMA units bound both). 388 floats (1552 bytes): the rows' lines
+ * end at 4 different k (a multiple of 16 floats put all 12 rows' misses at the same k step, and
+ * was no faster than row pointers) and the rows spread over the L1's sets. NULL for ISAs
+ * without it: the caller passes row pointers to `run` instead. */
 #define MK_GEMM_PACKED_LDA 388
 typedef void (*mk_gemm_ukernel_packed_fn)(int mr, int nc, int64_t kc, const float *pa,
                                           const float *w, float *c, int64_t ldc,

@@ -158,14 +158,18 @@ static void gemm_12x32__avx512(int mr, int nc, int64_t kc, int64_t ks, const flo
     if (nc <= 16)
         switch (mr) {
 #define CASE(i)                                                                              \
-    case i + 1: tile_12x32(i + 1, nc, kc, ks, a, a_offset, zero, w, NR, 0, 1, c, ldc, ep, NULL); break;
+    case i + 1:                                                                              \
+        tile_12x32(i + 1, nc, kc, ks, a, a_offset, zero, w, NR, 0, 1, c, ldc, ep, NULL);     \
+        break;
             REP12(CASE)
 #undef CASE
         }
     else
         switch (mr) {
 #define CASE(i)                                                                              \
-    case i + 1: tile_12x32(i + 1, nc, kc, ks, a, a_offset, zero, w, NR, 0, 0, c, ldc, ep, NULL); break;
+    case i + 1:                                                                              \
+        tile_12x32(i + 1, nc, kc, ks, a, a_offset, zero, w, NR, 0, 0, c, ldc, ep, NULL);     \
+        break;
             REP12(CASE)
 #undef CASE
         }
@@ -197,7 +201,8 @@ static void gemm_12x32_strided__avx512(int mr, int nc, int64_t kc, const float *
                                        const float *zero, const float *w, int64_t ldw, float *c,
                                        int64_t ldc, const mk_gemm_epilogue *ep) {
     switch (mr) {
-#define CASE(i) case i + 1: tile_12x32(i + 1, nc, kc, 1, a, 0, zero, w, ldw, 1, 0, c, ldc, ep, NULL); break;
+#define CASE(i)                                                                              \
+    case i + 1: tile_12x32(i + 1, nc, kc, 1, a, 0, zero, w, ldw, 1, 0, c, ldc, ep, NULL); break;
         REP12(CASE)
 #undef CASE
     }
