@@ -7,9 +7,7 @@
 #ifndef DW_IN_REGISTER
 #define DW_IN_REGISTER(x) (void)0
 #endif
-#ifndef DW_RUN_PX
 #define DW_RUN_PX 8   /* pixels per block in a regular run (accumulators per lane slice) */
-#endif
 
 /* Output pixels [ox, ox + px) of a 3x3 row, taps read through xs (interior: no tap is
  * outside, so no per-tap test). px * NV independent sums hide the FMA latency that one
@@ -45,11 +43,10 @@
     }
 
 /* DW_RUN_PX output pixels [ox, ox + DW_RUN_PX) inside a regular run (mk_dw_row.run_*) of a row
- * whose three source rows are all inside, one
- * VL-lane slice of the block at a time: each source column of a kernel row is loaded once and
- * used by every pixel that reads it (3 at step 1, up to 2 at step 2), instead of once per tap
- * and pixel through the column table. A pixel's sum still runs over q, then p, in order, so the
- * bits are those of the paths above. */
+ * whose three source rows are all inside, one VL-lane slice of the block at a time: each source
+ * column of a kernel row is loaded once and used by every pixel that reads it (3 at step 1, up
+ * to 2 at step 2), instead of once per tap and pixel through the column table. A pixel's sum
+ * still runs over q, then p, in order, so the bits are those of the paths above. */
 #define DW_RUN_FN(NAME, CB, STEP)                                                              \
     static inline __attribute__((always_inline)) void NAME(const mk_dw_row *r,                 \
                                                            const VT wr[9][(CB) / VL], int32_t ox,\
@@ -79,7 +76,7 @@
         }                                                                                      \
     }
 
-#define DW_ROW_FN(NAME, PIXELS, RUN1, RUN2, CB)                                                            \
+#define DW_ROW_FN(NAME, PIXELS, RUN1, RUN2, CB)                                                \
     static void NAME(const mk_dw_row *r) {                                                     \
         enum { NV = (CB) / VL };                                                               \
         const VT lo = SET1(r->lo), hi = SET1(r->hi);                                           \
