@@ -598,3 +598,70 @@ def test_isa_agreement(kernel, select_isa, device, run, make_image, read_image, 
         assert np.array_equal(a, b, equal_nan=True), f"{cls.__name__}: {na} and {nb} differ"
         if op not in ("min", "max"):
             assert np.array_equal(np.signbit(a), np.signbit(b)), f"{cls.__name__}: {na} and {nb} zero signs"
+
+
+# ---- the documented accumulation order (docs/reduction.md) ------------------------------
+
+ORDER_CHANNELS = [1, 5, 16, 17, 33, 63, 65, 200, 4097]
+
+
+def channel_sum_in_order(terms):
+    """Sums over the last axis of float32 terms in the documented order, in float32: 64 lanes,
+    lane k holding terms k, k+64, ... in increasing order (padding: -0), then the tree lane k
+    with k+32, k+16, k+8, k+4, k+2, k+1."""
+    c = terms.shape[-1]
+    lanes = np.full(terms.shape[:-1] + (-(-c // 64) * 64,), -0.0, np.float32)
+    lanes[..., :c] = terms
+    lanes = lanes.reshape(terms.shape[:-1] + (-1, 64))
+    acc = lanes[..., 0, :]
+    for g in range(1, lanes.shape[-2]):
+        acc = acc + lanes[..., g, :]
+    while acc.shape[-1] > 1:
+        half = acc.shape[-1] // 2
+        acc = acc[..., :half] + acc[..., half:]
+    return acc
+
+
+@pytest.mark.parametrize("channels", ORDER_CHANNELS)
+def test_channel_sum_order(channels, isa, device, run, make_image, read_image, rng):
+    """Sums and weighted sums across channels follow the documented order bit for bit, in
+    every ISA (values of mixed magnitudes, so another order would round differently)."""
+    shape = (1, 3, 5, channels)
+    x = (rng.uniform(-1, 1, shape) * 2.0 ** rng.integers(-12, 12, shape)).astype(np.float32)
+    w = rng.uniform(-2, 2, shape).astype(np.float32)
+    got, _ = run_kernel(run, device, make_image, read_image, mk.NNReduceFeatureChannelsSum, x)
+    assert np.array_equal(got.astype(np.float32), channel_sum_in_order(x)), "sum"
+    dst = make_image(device, np.zeros(shape[:3] + (1,)))
+    encode_run(run, device, mk.NNReduceFeatureChannelsAndWeightsSum(device), make_image(device, x),
+               dst, make_image(device, w))
+    assert np.array_equal(read_image(dst).astype(np.float32), channel_sum_in_order(x * w)), "weighted"
+
+
+FC_KERNELS = [k for k in KERNELS if k[1] == FC]
+FC_IDS = [i for i, k in zip(IDS, KERNELS) if k[1] == FC]
+
+
+@pytest.mark.parametrize("channels", ORDER_CHANNELS)
+@pytest.mark.parametrize("kernel", FC_KERNELS, ids=FC_IDS)
+def test_channel_counts_bitwise(kernel, channels, select_isa, device, device1, run, make_image, rng):
+    """Every ISA and 1 or 2 threads give bitwise identical results (min and max up to the sign
+    of a zero between ISAs) for channel counts below, at and past the 4 chains of 16 lanes;
+    at least 3 chunks of pixels."""
+    cls, axis, op = kernel
+    shape = (1, -(-3 * 65536 // channels // 64), 64, channels)
+    x = random_values(rng, shape, ties=op not in ("sum", "mean"))   # sums of ties: exact
+    x.reshape(-1)[rng.choice(x.size, 5, replace=False)] = np.nan
+    outs = {}
+    for name in ("generic", "avx2", "avx512"):
+        try:
+            select_isa(name)
+        except pytest.skip.Exception:
+            continue
+        for dev in (device1, device):
+            dst = make_image(dev, np.zeros(shape[:3] + (1,)))
+            encode_run(run, dev, cls(dev), make_image(dev, x), dst)
+            outs[name, dev] = dst.to_numpy()
+    for (na, a), (nb, b) in itertools.combinations(outs.items(), 2):
+        assert np.array_equal(a, b, equal_nan=True), f"{na} and {nb} differ"
+        if op not in ("min", "max"):
+            assert np.array_equal(np.signbit(a), np.signbit(b)), f"{na} and {nb}: zero signs"

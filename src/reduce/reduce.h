@@ -8,8 +8,9 @@
  * for any thread count, and for sums, means and argument reductions also for any ISA.
  *
  * Accumulation order (see docs/reduction.md):
- *  - across feature channels: 16 lanes; lane k accumulates channels k, k+16, k+32, ... in
- *    increasing order; then lanes combine as a tree: k with k+8, then k with k+4, k+2, k+1.
+ *  - across feature channels: 64 lanes; lane k accumulates channels k, k+64, k+128, ... in
+ *    increasing order; then lanes combine as a tree: k with k+32, then k with k+16, k+8, k+4,
+ *    k+2, k+1.
  *  - along a row or a column: sequentially, in increasing x or y.
  * Mean = sum / count (one correctly rounded division). Sum with weight = sum * weight.
  * NaN: min, max, sum and mean return NaN if any input is NaN; argmin / argmax return the index

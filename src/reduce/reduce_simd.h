@@ -35,38 +35,68 @@ RD_ALWAYS_INLINE V v_op(const int op, V a, V b) {
     return op == MK_REDUCE_SUM ? v_add(a, b) : op == MK_REDUCE_MIN ? v_min(a, b) : v_max(a, b);
 }
 
-/* The neutral value of SUM, MIN or MAX: what pads a partial group of 16 channels. */
+/* The neutral value of SUM, MIN or MAX: what pads a partial group of channels. -0 (not +0)
+ * for SUM: x + -0 is x for every x, so a lane of padding changes nothing. */
 static inline float rd_fill(int op) {
-    return op == MK_REDUCE_SUM ? 0.0f : op == MK_REDUCE_MIN ? INFINITY : -INFINITY;
+    return op == MK_REDUCE_SUM ? -0.0f : op == MK_REDUCE_MIN ? INFINITY : -INFINITY;
 }
 
 /* ---- across channels ---------------------------------------------------------------- */
 
-/* The lanes of one pixel's C channels, folded: SUM, MIN or MAX. */
-RD_ALWAYS_INLINE float rd_pixel(const int op, const float *r, int64_t C) {
-    const float fill = rd_fill(op);
-    L acc = C >= 16 ? l_load(r) : l_load_n(r, (int)C, fill);
-    int64_t c = 16;
-    for (; c + 16 <= C; c += 16) acc = l_op(op, acc, l_load(r + c));
-    if (c < C) acc = l_op(op, acc, l_load_n(r + c, (int)(C - c), fill));
-    return l_fold(op, acc);
+/* 16 channels from c on, the lanes past C (if any) = fill. */
+RD_ALWAYS_INLINE L rd_block_vector(const float *r, int64_t C, int64_t c, float fill) {
+    const int64_t left = C - c;
+    return left >= 16 ? l_load(r + c) : l_load_n(r + c, left > 0 ? (int)left : 0, fill);
 }
 
-/* Prefetch the pixel at r (its C channels) into L1. */
-RD_ALWAYS_INLINE void rd_prefetch_pixel(const float *r, int64_t C) {
-    for (int64_t c = 0; c < C; c += 16) __builtin_prefetch(r + c);
+/* 16 channels from c on of one pixel, or (weighted) their products with the weights at q;
+ * lanes past C hold the neutral value (-0 for the products: -0 * 0). */
+RD_ALWAYS_INLINE L rd_vector(const int op, const int weighted, const float *r, const float *q,
+                             int64_t C, int64_t c) {
+    if (weighted) return l_mul(rd_block_vector(r, C, c, -0.0f), rd_block_vector(q, C, c, 0.0f));
+    return rd_block_vector(r, C, c, rd_fill(op));
 }
 
-/* The pixel 8 ahead is prefetched: on a 64 MiB image (256 channels, from L3) max went from
- * 68% to 78% of the read probe's rate, sum from 80% to 82%; no change on 3.2 MB. (Two pixels
- * in two chains at a time, or a vminps / vmaxps chain with NaNs looked for on the side,
- * gained nothing there and lost up to 10% without the prefetch.) */
+/* One pixel's C channels (SUM, MIN or MAX; weighted: the sum of x[c] * w[c]) in 4 chains of
+ * 16 lanes, 64 logical lanes: lane k holds channels k, k+64, k+128, ... in increasing order;
+ * then the tree, lane k with k+32, k+16, k+8, k+4, k+2, k+1. (One chain per pixel held a
+ * 1.6 MB source in L2 to 44-48% of the read probe's rate: 16 dependent adds, or compares and
+ * max, per 256 channels, which the out-of-order window could not overlap with enough pixels.) */
+RD_ALWAYS_INLINE float rd_pixel(const int op, const int weighted, const float *r,
+                                const float *q, int64_t C) {
+    /* with C <= 16 the other chains hold the neutral value only, which changes nothing */
+    if (C <= 16) return l_fold(op, rd_vector(op, weighted, r, q, C, 0));
+    L a0 = rd_vector(op, weighted, r, q, C, 0), a1 = rd_vector(op, weighted, r, q, C, 16);
+    L a2 = rd_vector(op, weighted, r, q, C, 32), a3 = rd_vector(op, weighted, r, q, C, 48);
+    int64_t c = 64;
+    for (; c + 64 <= C; c += 64) {
+        if (weighted) {
+            a0 = l_add(a0, l_mul(l_load(r + c), l_load(q + c)));
+            a1 = l_add(a1, l_mul(l_load(r + c + 16), l_load(q + c + 16)));
+            a2 = l_add(a2, l_mul(l_load(r + c + 32), l_load(q + c + 32)));
+            a3 = l_add(a3, l_mul(l_load(r + c + 48), l_load(q + c + 48)));
+        } else {
+            a0 = l_op(op, a0, l_load(r + c));
+            a1 = l_op(op, a1, l_load(r + c + 16));
+            a2 = l_op(op, a2, l_load(r + c + 32));
+            a3 = l_op(op, a3, l_load(r + c + 48));
+        }
+    }
+    if (c < C) {
+        a0 = l_op(op, a0, rd_vector(op, weighted, r, q, C, c));
+        a1 = l_op(op, a1, rd_vector(op, weighted, r, q, C, c + 16));
+        a2 = l_op(op, a2, rd_vector(op, weighted, r, q, C, c + 32));
+        a3 = l_op(op, a3, rd_vector(op, weighted, r, q, C, c + 48));
+    }
+    return l_fold(op, l_op(op, l_op(op, a0, a2), l_op(op, a1, a3)));
+}
+
+/* No software prefetch: with the 4 chains, a 64 MiB image (256 channels, from L3) reads at
+ * 92-94% of the probe's rate with or without the prefetch of the pixel 8 ahead (which one
+ * chain needed: 68% -> 78%), and the prefetch cost 5-10 points on an L2-resident source. */
 RD_ALWAYS_INLINE void rd_channels(const int op, const float *x, int64_t sx, int64_t C,
                                   int64_t P, float *out) {
-    for (int64_t p = 0; p < P; p++) {
-        rd_prefetch_pixel(x + (p + 8) * sx, C);
-        out[p] = rd_pixel(op, x + p * sx, C);
-    }
+    for (int64_t p = 0; p < P; p++) out[p] = rd_pixel(op, 0, x + p * sx, NULL, C);
 }
 
 static void RDN(channels)(int op, const float *x, int64_t sx, int64_t C, int64_t P,
@@ -76,26 +106,17 @@ static void RDN(channels)(int op, const float *x, int64_t sx, int64_t C, int64_t
     else rd_channels(MK_REDUCE_SUM, x, sx, C, P, out);
 }
 
+/* count: the number of non-zero weights (exact in any order) */
 static void RDN(channels_weighted)(const float *x, int64_t sx, const float *w, int64_t sw,
                                    int64_t C, int64_t P, float *out, float *count) {
     for (int64_t p = 0; p < P; p++) {
         const float *r = x + p * sx, *q = w + p * sw;
-        L wv = C >= 16 ? l_load(q) : l_load_n(q, (int)C, 0.0f);
-        L acc = l_mul(C >= 16 ? l_load(r) : l_load_n(r, (int)C, 0.0f), wv);
-        L cnt = l_ne0(wv);
-        int64_t c = 16;
-        for (; c + 16 <= C; c += 16) {
-            wv = l_load(q + c);
-            acc = l_add(acc, l_mul(l_load(r + c), wv));
-            if (count) cnt = l_add(cnt, l_ne0(wv));
+        out[p] = rd_pixel(MK_REDUCE_SUM, 1, r, q, C);
+        if (count) {
+            L cnt = l_ne0(rd_block_vector(q, C, 0, 0.0f));
+            for (int64_t c = 16; c < C; c += 16) cnt = l_add(cnt, l_ne0(rd_block_vector(q, C, c, 0.0f)));
+            count[p] = l_fold(MK_REDUCE_SUM, cnt);
         }
-        if (c < C) {
-            wv = l_load_n(q + c, (int)(C - c), 0.0f);
-            acc = l_add(acc, l_mul(l_load_n(r + c, (int)(C - c), 0.0f), wv));
-            cnt = l_add(cnt, l_ne0(wv));
-        }
-        out[p] = l_fold(MK_REDUCE_SUM, acc);
-        if (count) count[p] = l_fold(MK_REDUCE_SUM, cnt);
     }
 }
 
@@ -108,11 +129,6 @@ static void RDN(channels_weighted)(const float *x, int64_t sx, const float *w, i
  * which no channel beats unless it is better, and which comes after every real channel of
  * its block. Comparisons ignore NaNs, so NaNs are looked for on the side: any NaN makes the
  * answer the first NaN. */
-RD_ALWAYS_INLINE L rd_block_vector(const float *r, int64_t C, int64_t c, float fill) {
-    const int64_t left = C - c;
-    return left >= 16 ? l_load(r + c) : l_load_n(r + c, left > 0 ? (int)left : 0, fill);
-}
-
 static int64_t rd_first_nan(const float *r, int64_t C) {
     for (int64_t c = 0;; c += 16) {
         const unsigned k = l_nanmask(rd_block_vector(r, C, c, 0.0f));
@@ -153,6 +169,11 @@ RD_ALWAYS_INLINE float rd_arg_pixel(const int op, const float *r, int64_t C) {
     for (int j = 0; j < 4; j++)
         hits |= (uint64_t)l_eqmask(rd_block_vector(r, C, first + 16 * j, fill), vm) << (16 * j);
     return (float)(first + __builtin_ctzll(hits));
+}
+
+/* Prefetch the pixel at r (its C channels) into L1. */
+RD_ALWAYS_INLINE void rd_prefetch_pixel(const float *r, int64_t C) {
+    for (int64_t c = 0; c < C; c += 16) __builtin_prefetch(r + c);
 }
 
 /* The pixel 4 ahead is prefetched: the epilogue of each pixel (horizontal min / max, the scan
