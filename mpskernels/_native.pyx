@@ -367,72 +367,7 @@ cdef class Queue:
             mk_queue_destroy(self.queue)
 
 
-@cython.no_gc_clear   # __dealloc__ may take the buffer off its queue: the GC must not drop it first
-cdef class Buffer:
-    cdef mk_buffer *buffer
-    cdef Queue queue     # outlives the buffer
-
-    def __cinit__(self, Queue queue):
-        self.queue = queue
-        self.buffer = mk_buffer_create(queue.queue)
-        if self.buffer == NULL:
-            raise MemoryError("cannot create a command buffer")
-
-    def __dealloc__(self):
-        # The Python CommandBuffer keeps itself alive until the C buffer has finished.
-        if self.buffer != NULL:
-            if mk_buffer_status(self.buffer) == 1:   # enqueued, never committed
-                mk_buffer_dequeue(self.buffer)
-            mk_buffer_free(self.buffer)
-
-    @property
-    def status(self):
-        return mk_buffer_status(self.buffer)
-
-    @property
-    def finished(self):
-        return bool(mk_buffer_finished(self.buffer))
-
-    @property
-    def failed_command(self):
-        return mk_buffer_failed_command(self.buffer)
-
-    @property
-    def failure(self):
-        return int(mk_buffer_failure(self.buffer))
-
-    def enqueue(self):
-        mk_buffer_enqueue(self.buffer)
-
-    def commit(self, list commands, Pool pool, BlockCache cache=None, Block block=None,
-               owner=None):
-        """Hand the commands to the queue. `owner` (if given) gets _on_event(event) calls on
-        the executing thread, with the GIL; it must stay alive until the buffer finishes."""
-        cdef int32_t n = len(commands)
-        cdef mk_command *cmds = <mk_command *>malloc(max(n, 1) * sizeof(mk_command))
-        cdef Command c
-        cdef mk_status s
-        if cmds == NULL:
-            raise MemoryError("cannot record the command list")
-        for i in range(n):
-            c = commands[i]
-            cmds[i] = c.command
-        if block is not None:
-            mk_buffer_set_arena(self.buffer, cache.cache, block.block)
-            block.block = NULL        # the buffer gives it back
-        if owner is not None:
-            mk_buffer_set_notify(self.buffer, notify, <void *>owner)
-        s = mk_buffer_commit(self.buffer, cmds, n, pool.pool)
-        free(cmds)
-        check(s, "commit")
-
-    def wait_scheduled(self):
-        with nogil:
-            mk_buffer_wait_scheduled(self.buffer)
-
-    def wait_completed(self):
-        with nogil:
-            mk_buffer_wait_completed(self.buffer)
+include "_command_buffer.pxi"
 include "_gemm.pxi"
 include "_conv.pxi"
 include "_reduce.pxi"

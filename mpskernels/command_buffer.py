@@ -1,5 +1,7 @@
 """CommandBuffer (MTLCommandBuffer): records kernels; commit() plans the arena and hands the
-commands to the queue's worker; the kernels run in C with the GIL released."""
+commands to the queue's worker; the kernels run in C with the GIL released. The per-call path
+(the recorded lists, commit, wait, the state checks) is CommandBufferCore in
+mpskernels/_command_buffer.pxi; the rest is here."""
 import functools
 import threading
 import warnings
@@ -8,11 +10,6 @@ from dataclasses import dataclass
 from mpskernels import _native
 from mpskernels.enums import CommandBufferError, CommandBufferStatus
 from mpskernels.errors import CommandBufferExecutionError, CommandBufferStateError
-
-# Committed buffers not yet finished: the C worker holds raw pointers into their commands,
-# so they must stay alive even if the user drops them (fire and forget). Pruned at commit.
-_in_flight = set()
-_in_flight_lock = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -26,30 +23,18 @@ class MemoryStats:
 
 
 _NO_STATS = MemoryStats(0, 0, 0, 0, 0)
-_COMMITTED = int(CommandBufferStatus.COMMITTED)
 
 
-class CommandBuffer:
+class CommandBuffer(_native.CommandBufferCore):
+    """Made by CommandQueue.make_command_buffer(queue): the core's constructor takes the queue."""
+
     # Defaults that most buffers keep, on the class: a buffer is made for every kernel call,
     # and each attribute set costs (most when a large kernel has just evicted the caches).
     label = None
     memory_stats = _NO_STATS
     retained_references = True
-    _scheduled_handlers = _completed_handlers = ()   # replaced by lists on the first add
-    _leftover = ()
-    _encoder = None       # the Metal 4 pass encoder being encoded, if any (ml.py)
-    _pass_log = None      # its passes' dispatches, for the hazard check (ml.py)
+    _pass_log = None      # the pass encoder's dispatches, for the hazard check (ml.py)
     _relocations = None   # while a pipeline records: [(set address, address)] (ml.py)
-
-    def __init__(self, queue):
-        self.command_queue = queue
-        self.device = queue.device
-        self._native = _native.Buffer(queue._native)
-        self._commands = []        # _native.Command objects, in order
-        self._bindings = []        # (command, operand index, root temporary, byte offset)
-        self._roots = []           # root temporaries that took storage, in first-use order
-        self._temporaries = []     # every temporary made on this buffer (for the leak check)
-        self._retained = set()     # persistent images the commands point into (MPS retains them)
 
     def __repr__(self):
         return f"<CommandBuffer label={self.label!r} status={self.status.name}>"
@@ -58,15 +43,15 @@ class CommandBuffer:
 
     @property
     def status(self):
-        return CommandBufferStatus(self._native.status)
+        return CommandBufferStatus(self._status_code)
 
     @property
     def error(self):
-        if self._native.status != CommandBufferStatus.ERROR:
+        if self._status_code != CommandBufferStatus.ERROR:
             return None
-        index = self._native.failed_command
+        index = self._failed_command
         command = self._commands[index]
-        out_of_memory = self._native.failure == 1
+        out_of_memory = self._out_of_memory
         reason = "out of memory" if out_of_memory else "invalid arguments"
         code = CommandBufferError.OUT_OF_MEMORY if out_of_memory else CommandBufferError.INTERNAL
         return CommandBufferExecutionError(
@@ -75,12 +60,6 @@ class CommandBuffer:
 
     def _name(self):
         return f"command buffer {self.label!r}" if self.label else "the command buffer"
-
-    def _check_encodable(self):
-        if self._native.status >= _COMMITTED:
-            raise CommandBufferStateError(
-                f"cannot encode onto {self._name()}: it is already committed "
-                f"(status {self.status.name}); make a new command buffer")
 
     # ---- recording (called by kernels) ------------------------------------------------------
 
@@ -102,13 +81,6 @@ class CommandBuffer:
             command.set_operand(k, address, image._format, sn, sy, sx, sc)
         command.description = description
         self._commands.append(command)
-
-    def _add_recorded(self, commands, images):
-        """Record commands made by an earlier encode on these persistent images (kernel.py
-        _Encoding._replay): their operands already hold the images' addresses."""
-        for image in images:
-            self._retained.add(image._root)
-        self._commands.extend(commands)
 
     def _take_storage(self, root):
         self._roots.append(root)
@@ -139,16 +111,16 @@ class CommandBuffer:
     # ---- handlers -------------------------------------------------------------------------
 
     def add_scheduled_handler(self, handler):
-        if self._native.status >= CommandBufferStatus.COMMITTED:
+        if self._status_code >= CommandBufferStatus.COMMITTED:
             raise CommandBufferStateError(
                 f"add_scheduled_handler on {self._name()} after commit: add handlers before commit()")
-        self._scheduled_handlers = [*self._scheduled_handlers, handler]
+        self._scheduled_handlers = (*self._scheduled_handlers, handler)
 
     def add_completed_handler(self, handler):
-        if self._native.status >= CommandBufferStatus.COMMITTED:
+        if self._status_code >= CommandBufferStatus.COMMITTED:
             raise CommandBufferStateError(
                 f"add_completed_handler on {self._name()} after commit: add handlers before commit()")
-        self._completed_handlers = [*self._completed_handlers, handler]
+        self._completed_handlers = (*self._completed_handlers, handler)
 
     def _on_event(self, event):
         """On the executing thread, with the GIL: 0 = scheduled, 1 = completed."""
@@ -175,29 +147,7 @@ class CommandBuffer:
         finally:
             queue._handler_thread = previous
 
-    # ---- life cycle ------------------------------------------------------------------------
-
-    def enqueue(self):
-        if self._native.status >= CommandBufferStatus.COMMITTED:
-            raise CommandBufferStateError(f"enqueue on {self._name()} after commit")
-        self._native.enqueue()
-
-    def commit(self):
-        if self._native.status >= CommandBufferStatus.COMMITTED:
-            raise CommandBufferStateError(f"{self._name()} is already committed: commit() may be called once")
-        if self._encoder is not None:
-            raise CommandBufferStateError(f"commit on {self._name()} while {self._encoder._name} is "
-                                          f"still encoding: call its end_encoding() first")
-        block = self._plan_arena() if self._roots else None
-        if self._temporaries:
-            self._leftover = tuple(t for t in self._temporaries if t._read_count > 0)
-        needs_python = self._scheduled_handlers or self._completed_handlers or self._leftover
-        with _in_flight_lock:
-            if len(_in_flight) >= 16:   # prune what finished unwaited-for, now and then
-                _in_flight.difference_update([cb for cb in _in_flight if cb._native.finished])
-            _in_flight.add(self)
-        self._native.commit(self._commands, self.device._pool, self.device._blocks, block,
-                            self if needs_python else None)
+    # ---- life cycle (enqueue, commit and the waits: CommandBufferCore) ------------------------
 
     def _plan_arena(self):
         roots = self._roots
@@ -215,24 +165,3 @@ class CommandBuffer:
         self.memory_stats = MemoryStats(allocations=len(roots), system_allocations=int(block.fresh),
                                         **stats)
         return block
-
-    def _check_waitable(self, what):
-        if self._native.status < CommandBufferStatus.COMMITTED:
-            raise CommandBufferStateError(
-                f"{what} on {self._name()}, which was never committed: it would never return; "
-                f"call commit() first")
-        handler_thread = self.command_queue._handler_thread   # None unless a handler runs
-        if (handler_thread is not None and handler_thread == threading.get_ident()
-                and not self._native.finished):
-            raise CommandBufferStateError(
-                f"{what} on {self._name()} from inside a handler of its own queue would deadlock")
-
-    def wait_until_scheduled(self):
-        self._check_waitable("wait_until_scheduled")
-        self._native.wait_scheduled()
-
-    def wait_until_completed(self):
-        self._check_waitable("wait_until_completed")
-        self._native.wait_completed()
-        with _in_flight_lock:
-            _in_flight.discard(self)

@@ -288,26 +288,12 @@ class _Encoding:
     def clip_rect(self, value):
         self._clip_rect = as_region(value)
 
-    def _replay(self, command_buffer, images):
-        """Record what the last encode recorded, if it was on these same persistent images
-        and no attribute of the kernel was set since (the loop that re-encodes one kernel on
-        the same images then skips validation and geometry); returns whether it did."""
-        recorded = self._recorded
-        if recorded is None:
-            return False
-        refs, commands = recorded
-        if len(refs) != len(images):
-            return False
-        for ref, image in zip(refs, images):
-            if ref() is not image:
-                return False
-        command_buffer._add_recorded(commands, images)
-        return True
-
     def _record(self, command_buffer, first, images):
-        """Keep the commands recorded since index `first`, when they can be replayed."""
+        """Keep the commands recorded since index `first`, when they can be replayed: the
+        loop that encodes one kernel on the same persistent images again, with no attribute
+        of the kernel set since, then skips validation and geometry (CommandBuffer._replay)."""
         if self._replayable and not any(i._root._is_temporary for i in images):
-            self.__dict__["_recorded"] = ([weakref.ref(i) for i in images],
+            self.__dict__["_recorded"] = (tuple([weakref.ref(i) for i in images]),
                                           command_buffer._commands[first:])
 
     def _make_destination(self, command_buffer, sources):
@@ -389,14 +375,16 @@ class CNNKernel(Kernel, _Encoding):
         """With a destination: uses offset and clip_rect as set, ignores padding. Without:
         sizes the result by `padding` (setting offset), makes it with
         destination_image_allocator (a TemporaryImage by default) and returns it."""
+        recorded = self._recorded
+        if (recorded is not None and destination is not None
+                and command_buffer._replay(recorded, (source, destination))):
+            return destination
         command_buffer._check_encodable()
         source._check_use(command_buffer, reading=True)
         if destination is None:
             destination = self._make_destination(command_buffer, [source])
         destination._check_use(command_buffer, reading=False)
         images = (source, destination)
-        if self._replay(command_buffer, images):
-            return destination
         _check_no_alias(destination, source)
         first = len(command_buffer._commands)
         self._encode(command_buffer, source, destination)
@@ -500,6 +488,10 @@ class CNNBinaryKernel(Kernel, _Encoding):
         return self._custom_padding(descriptor, source_images, source_states)
 
     def encode(self, command_buffer, primary, secondary, destination=None, destination_state=None):
+        recorded = self._recorded
+        if (recorded is not None and destination is not None
+                and command_buffer._replay(recorded, (primary, secondary, destination))):
+            return destination
         command_buffer._check_encodable()
         primary._check_use(command_buffer, reading=True)
         secondary._check_use(command_buffer, reading=True)
@@ -511,8 +503,6 @@ class CNNBinaryKernel(Kernel, _Encoding):
             destination = self._make_destination(command_buffer, [primary, secondary])
         destination._check_use(command_buffer, reading=False)
         images = (primary, secondary, destination)
-        if self._replay(command_buffer, images):
-            return destination
         _check_no_alias(destination, primary, secondary)
         first = len(command_buffer._commands)
         self._encode(command_buffer, primary, secondary, destination)

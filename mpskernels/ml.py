@@ -1746,7 +1746,7 @@ class _Recording:
         with self.lock:
             for ref in self.users:
                 user = ref()
-                if user is not None and not user._native.finished:
+                if user is not None and not user._finished:
                     return False
             self.users = [weakref.ref(cb)]
             old, bases = [r0 for r0, _ in self.spans], [r0 for r0, _ in regions]
