@@ -105,19 +105,26 @@ static inline int32_t li_min(LI a, unsigned k) {
     return best;
 }
 
-static inline __m128 h_op(int op, __m128 a, __m128 b) {
+/* a OP b on 4 / 8 lanes; min / max keep a NaN in a (unless v is known to hold none) */
+static inline __attribute__((always_inline)) __m128 h_op(int op, int nan, __m128 a, __m128 b) {
     if (op == MK_REDUCE_SUM) return _mm_add_ps(a, b);
-    __m128 ord = _mm_cmpord_ps(a, a);
-    return _mm_blendv_ps(a, op == MK_REDUCE_MIN ? _mm_min_ps(a, b) : _mm_max_ps(a, b), ord);
+    const __m128 m = op == MK_REDUCE_MIN ? _mm_min_ps(a, b) : _mm_max_ps(a, b);
+    return nan ? _mm_blendv_ps(a, m, _mm_cmpord_ps(a, a)) : m;
 }
-/* lanes k with k+8, k+4, k+2, k+1 */
-static inline float l_fold(int op, L v) {
+static inline __attribute__((always_inline)) float fold(int op, int nan, L v) {
     __m256 a = op == MK_REDUCE_SUM ? _mm256_add_ps(v.lo, v.hi)
-             : op == MK_REDUCE_MIN ? v_min(v.lo, v.hi) : v_max(v.lo, v.hi);
-    __m128 b = h_op(op, _mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    b = h_op(op, b, _mm_movehl_ps(b, b));
-    b = h_op(op, b, _mm_shuffle_ps(b, b, 1));
+             : op == MK_REDUCE_MIN ? _mm256_min_ps(v.lo, v.hi) : _mm256_max_ps(v.lo, v.hi);
+    if (op != MK_REDUCE_SUM && nan) a = _mm256_blendv_ps(v.lo, a, _mm256_cmp_ps(v.lo, v.lo, _CMP_ORD_Q));
+    __m128 b = h_op(op, nan, _mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    b = h_op(op, nan, b, _mm_movehl_ps(b, b));
+    b = h_op(op, nan, b, _mm_shuffle_ps(b, b, 1));
     return _mm_cvtss_f32(b);
+}
+/* lanes k with k+8, k+4, k+2, k+1; without a NaN in v, min / max without the blends (as in
+ * reduce__avx512.c) */
+static inline float l_fold(int op, L v) {
+    if (op != MK_REDUCE_SUM && l_nanmask(v)) return fold(op, 1, v);
+    return fold(op, 0, v);
 }
 
 static uint64_t read_or__avx2(const uint64_t *x, int64_t n) {

@@ -32,28 +32,31 @@ static inline __m512 l_max(__m512 a, __m512 b) {
 #define l_eqmask(v, m) ((unsigned)_mm512_cmp_ps_mask((v), (m), _CMP_EQ_OQ))
 #define l_nanmask(v) ((unsigned)_mm512_cmp_ps_mask((v), (v), _CMP_UNORD_Q))
 
-static inline __m128 h_min(__m128 a, __m128 b) {
-    return _mm_blendv_ps(a, _mm_min_ps(a, b), _mm_cmpord_ps(a, a));
+/* a OP b on 4 / 8 lanes; min / max keep a NaN in a (unless v is known to hold none) */
+static inline __attribute__((always_inline)) __m128 h_op(int op, int nan, __m128 a, __m128 b) {
+    if (op == MK_REDUCE_SUM) return _mm_add_ps(a, b);
+    const __m128 m = op == MK_REDUCE_MIN ? _mm_min_ps(a, b) : _mm_max_ps(a, b);
+    return nan ? _mm_blendv_ps(a, m, _mm_cmpord_ps(a, a)) : m;
 }
-static inline __m128 h_max(__m128 a, __m128 b) {
-    return _mm_blendv_ps(a, _mm_max_ps(a, b), _mm_cmpord_ps(a, a));
-}
-static inline __m128 h_op(int op, __m128 a, __m128 b) {
-    return op == MK_REDUCE_SUM ? _mm_add_ps(a, b) : op == MK_REDUCE_MIN ? h_min(a, b) : h_max(a, b);
-}
-static inline __m256 h_op8(int op, __m256 a, __m256 b) {
+static inline __attribute__((always_inline)) __m256 h_op8(int op, int nan, __m256 a, __m256 b) {
     if (op == MK_REDUCE_SUM) return _mm256_add_ps(a, b);
-    __m256 ord = _mm256_cmp_ps(a, a, _CMP_ORD_Q);
-    return _mm256_blendv_ps(a, op == MK_REDUCE_MIN ? _mm256_min_ps(a, b) : _mm256_max_ps(a, b), ord);
+    const __m256 m = op == MK_REDUCE_MIN ? _mm256_min_ps(a, b) : _mm256_max_ps(a, b);
+    return nan ? _mm256_blendv_ps(a, m, _mm256_cmp_ps(a, a, _CMP_ORD_Q)) : m;
 }
-/* lanes k with k+8, k+4, k+2, k+1 */
-static inline float l_fold(int op, __m512 v) {
-    __m256 a = h_op8(op, _mm512_castps512_ps256(v),
+static inline __attribute__((always_inline)) float fold(int op, int nan, __m512 v) {
+    __m256 a = h_op8(op, nan, _mm512_castps512_ps256(v),
                      _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
-    __m128 b = h_op(op, _mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    b = h_op(op, b, _mm_movehl_ps(b, b));
-    b = h_op(op, b, _mm_shuffle_ps(b, b, 1));
+    __m128 b = h_op(op, nan, _mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    b = h_op(op, nan, b, _mm_movehl_ps(b, b));
+    b = h_op(op, nan, b, _mm_shuffle_ps(b, b, 1));
     return _mm_cvtss_f32(b);
+}
+/* lanes k with k+8, k+4, k+2, k+1. Without a NaN in v, min / max are the plain vminps /
+ * vmaxps (a < b ? a : b, as l_min / l_max then), without a compare and blend at each level:
+ * channel max of 1.6 MB in L2 77-79% -> 80-82% of the read probe's rate. */
+static inline float l_fold(int op, __m512 v) {
+    if (op != MK_REDUCE_SUM && _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q)) return fold(op, 1, v);
+    return fold(op, 0, v);
 }
 
 /* argmin / argmax: plain vminps / vmaxps (NaNs are looked for apart) */
