@@ -365,6 +365,10 @@ def _check_no_overlap(result, sources, what):
 
 def _record(command_buffer, command, kernel, keep):
     command_buffer._check_encodable()
+    for operand in keep:
+        if operand.device is not None and operand.device is not command_buffer.device:
+            raise ValidationError(f"{operand!r} belongs to another device than the command buffer: "
+                                  f"encode it on a command buffer of its own device")
     command.keep = keep
     command.description = kernel
     command_buffer._commands.append(command)

@@ -404,6 +404,15 @@ def test_multiplication_validation(device):
         _encode(device, mk.MatrixMultiplication(device, 4, 5, 5), A, mat(5, 5), A)
     with pytest.raises(TypeError, match="Matrix"):
         _encode(device, mk.MatrixMultiplication(device, 4, 6, 5), np.ones((4, 5)), B, C)
+    # a matrix of another device, also after the same encode was accepted on its own device
+    other = mk.Device(num_threads=1)
+    kernel = mk.MatrixMultiplication(device, 4, 6, 5)
+    _encode(device, kernel, A, B, C)
+    foreign = mk.Matrix.with_device(other, mk.MatrixDescriptor(4, 6))
+    with pytest.raises(ValueError, match="another device"):
+        _encode(device, kernel, A, B, foreign)
+    with pytest.raises(ValueError, match="another device"):
+        _encode(other, kernel, A, B, C)
 
 
 def test_vector_and_kernel_validation(device):
