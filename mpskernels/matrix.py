@@ -208,6 +208,12 @@ class _Storage:
         return self._address(), self._address() + self._needed
 
 
+def _device_of(buffer, device):
+    """The Device a matrix or vector belongs to: its Buffer's, else the one given (None for
+    other Python buffers; a NumPy 2 array's .device is the string "cpu")."""
+    return buffer.device if isinstance(buffer, Buffer) else device
+
+
 class Matrix(_Storage):
     """MPSMatrix: Matrix(buffer, descriptor, offset=0) over a Buffer (device.make_buffer) or any
     writable Python buffer, or
@@ -217,7 +223,7 @@ class Matrix(_Storage):
         if not isinstance(descriptor, MatrixDescriptor):
             raise TypeError(f"expected a MatrixDescriptor, got {descriptor!r}")
         d = descriptor
-        self.device = getattr(buffer, "device", device)
+        self.device = _device_of(buffer, device)
         self._data_type = d.data_type
         self._rows, self._columns, self._matrices = d.rows, d.columns, d.matrices
         self._row_bytes, self._matrix_bytes = d.row_bytes, d.matrix_bytes
@@ -283,7 +289,7 @@ class Vector(_Storage):
         if not isinstance(descriptor, VectorDescriptor):
             raise TypeError(f"expected a VectorDescriptor, got {descriptor!r}")
         d = descriptor
-        self.device = getattr(buffer, "device", device)
+        self.device = _device_of(buffer, device)
         self._data_type = d.data_type
         self._length, self._vectors, self._vector_bytes = d.length, d.vectors, d.vector_bytes
         self._esize = _ESIZE[d.data_type]
@@ -365,8 +371,9 @@ def _check_no_overlap(result, sources, what):
 
 def _record(command_buffer, command, kernel, keep):
     command_buffer._check_encodable()
-    for operand in keep:
-        if operand.device is not None and operand.device is not command_buffer.device:
+    for operand in keep:   # matrices, vectors and private copies (NumPy arrays)
+        device = operand.device if isinstance(operand, _Storage) else None
+        if device is not None and device is not command_buffer.device:
             raise ValidationError(f"{operand!r} belongs to another device than the command buffer: "
                                   f"encode it on a command buffer of its own device")
     command.keep = keep

@@ -413,6 +413,10 @@ def test_multiplication_validation(device):
         _encode(device, kernel, A, B, foreign)
     with pytest.raises(ValueError, match="another device"):
         _encode(other, kernel, A, B, C)
+    # a matrix over NumPy memory belongs to no device (a NumPy 2 array's .device is "cpu")
+    on_numpy = mk.Matrix(np.zeros(64, np.float32), mk.MatrixDescriptor(4, 6))
+    assert on_numpy.device is None
+    _encode(device, kernel, A, B, on_numpy)
 
 
 def test_vector_and_kernel_validation(device):
