@@ -60,8 +60,12 @@ static const rd_isa *rd_kernels(void) {
 #define RD_SCRATCH 4096   /* fp32 elements of decoded source (and of weights) per block */
 #define RD_OUT 256        /* pixels per output block (across channels) */
 #define RD_SPAN 4096      /* channels (or merged column elements) per row / column item */
-#define RD_ROWS 4         /* steps of the reduced axis per accumulator pass (fp32 source):
-                           * few concurrent streams; 8 was 4x slower on a 64 MiB column sum */
+#define RD_ROWS 16        /* steps of the reduced axis per accumulator pass (fp32 source):
+                           * 4 -> 16 took row / column sums of 1.6 MB in L2 from 77-81% /
+                           * 67-69% to 84-90% / 80-84% of the read probe's rate, 3.2 MB and
+                           * 64 MiB 90-97% -> 95-99% (one thread; two threads on 64 MiB:
+                           * no change through the noise; in session 2, 8 steps were 4x
+                           * slower than 4 there, on a machine then loaded to 6-8) */
 #define RD_GRAIN 65536    /* about this many source elements per chunk */
 /* Whole-line non-temporal stores from this many bytes of result lines on, which would not
  * stay in a 2 MiB L2 anyway: 64 MiB image (4 MiB of lines), sum 77% -> 81% and max 77% ->
