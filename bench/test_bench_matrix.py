@@ -7,8 +7,11 @@ Run: PYTHONPATH=$PWD python -m pytest bench/test_bench_matrix.py -q -p no:random
 Shapes are M x K x N: C (M x N) = A (M x K) B (K x N), float32, row-major. Our time is
 encode + commit + wait of one command buffer; NumPy's is np.matmul(a, b, out=c) with
 OpenBLAS limited to the same thread count. The machine may be shared, so the two are sampled
-alternately (ROUNDS rounds) and each side's median is taken over all its samples; the ratio
-(ours / NumPy) compares medians of the same stretch of time. "best" compares the fastest runs.
+alternately (ROUNDS rounds, a block of each per round). The ratio (ours / NumPy) is the median
+over rounds of each round's ratio of block medians: the two blocks of a round are a second or
+less apart, while the shared host's speed moves by up to 2x between minutes (the same build's
+ratio of whole-run medians moved by 0.2 between runs). Also printed: the ratio of the medians
+over the whole run and its range over rounds; "best" compares the fastest runs.
 At one thread the kernel alone (the recorded command run on this thread) and NumPy are also
 timed in this thread's CPU time, which time taken by other processes does not inflate.
 
@@ -100,7 +103,10 @@ def test_sgemm_vs_numpy(benchmark, report, shape, threads):
     seconds = min(8.0, max(2.0, 2 * m * n * k / 2e10))
     _set_blas_threads(threads)
     try:
-        times = paired_samples(seconds, ours, lambda: np.matmul(a, b, out=c))
+        rounds = [timing.paired_samples(seconds / ROUNDS, ours, lambda: np.matmul(a, b, out=c),
+                                        rounds=1) for _ in range(ROUNDS)]
+        times = [np.concatenate([r[i] for r in rounds]) for i in range(2)]
+        round_ratios = [np.median(r[0]) / np.median(r[1]) for r in rounds]
         if threads == 1:   # CPU time of this thread: what other processes take does not count
             cb = queue.make_command_buffer()
             kernel.encode(cb, A, B, C)
@@ -114,13 +120,16 @@ def test_sgemm_vs_numpy(benchmark, report, shape, threads):
     finally:
         _set_blas_threads(1)
     ours_s, numpy_s = np.median(times[0]), np.median(times[1])
+    ratio = np.median(round_ratios)
     benchmark.group = f"sgemm {m}x{k}x{n}"
     benchmark.pedantic(ours, rounds=3, warmup_rounds=0)
     flops = 2.0 * m * n * k
     gflops, best = flops / ours_s / 1e9, flops / times[0].min() / 1e9
     extra = (f"{gflops:.1f} GFLOP/s ({100 * gflops / _peaks[threads]:.0f}% of peak; best run "
              f"{best:.1f} = {100 * best / _peaks[threads]:.0f}%); NumPy {flops / numpy_s / 1e9:.1f}"
-             f"; best/best ratio {times[0].min() / times[1].min():.2f}")
+             f"; ratio of the run's medians {ours_s / numpy_s:.2f}, rounds "
+             f"{min(round_ratios):.2f}-{max(round_ratios):.2f}; best/best ratio "
+             f"{times[0].min() / times[1].min():.2f}")
     if threads == 1:
         cpu_gflops = flops / cpu[0].min() / 1e9
 
@@ -136,9 +145,9 @@ def test_sgemm_vs_numpy(benchmark, report, shape, threads):
             extra += (f"; of the read bandwidth ({B._bytes.nbytes / probe / 1e9:.1f} GB/s): "
                       f"ours {100 * probe / np.median(cpu[0]):.0f}%, NumPy "
                       f"{100 * probe / np.median(cpu[1]):.0f}%")
-    benchmark.extra_info.update(numpy_us=numpy_s * 1e6, ours_us=ours_s * 1e6,
-                                ratio=ours_s / numpy_s, gflops=gflops)
-    report((f"sgemm {m}x{k}x{n}", threads, ours_s * 1e6, numpy_s * 1e6, ours_s / numpy_s, extra))
+    benchmark.extra_info.update(numpy_us=numpy_s * 1e6, ours_us=ours_s * 1e6, ratio=ratio,
+                                gflops=gflops)
+    report((f"sgemm {m}x{k}x{n}", threads, ours_s * 1e6, numpy_s * 1e6, ratio, extra))
 
 
 def test_small_multiplication_latency(report):
