@@ -15,8 +15,9 @@ command buffer; "kernel alone" runs the recorded command directly (no encode, co
 queue hand-off): what the C kernel costs.
 
 Timing: the machine may be shared, so all contenders are sampled alternately (ROUNDS rounds of
-a few runs each) and each one's median is taken over all its samples; the ratio ours / NumPy
-compares medians from the same stretch of time. Each NumPy way runs in its own block after a
+a few runs each); the ratio ours / NumPy is the median over rounds of each round's ratio of
+medians (samples of one round are a second or less apart; the shared host's speed moves by up
+to 2x between minutes). The times shown are medians over all samples. Each NumPy way runs in its own block after a
 pause (its OpenBLAS threads spin on after a call). On the 64 MiB image, ours, the kernel alone
 and the probe (all three read the same storage) take turns call by call within a round; on
 1x256x56x56 each has its own block too, like NumPy's: at 2 threads each thread's half (1.6 MB)
@@ -211,6 +212,8 @@ def test_reduction_vs_numpy(benchmark, report, case, shape, threads):
     median = {k: np.median(t) for k, t in times.items()}
     peer = min(peers, key=median.get)
     ours_s, numpy_s, alone_s = median["ours"], median[peer], median["alone"]
+    p = list(peers).index(peer)
+    ratio = np.median([np.median(r[0][0]) / np.median(r[2][p]) for r in per_round])
     # our read rate as a share of the probe's in the same stretch of time
     share = np.median(np.concatenate([r[1] for r in per_round]))
     round_shares = [np.median(r[1]) for r in per_round]
@@ -219,7 +222,8 @@ def test_reduction_vs_numpy(benchmark, report, case, shape, threads):
     benchmark.group = f"{name} {shape}"
     benchmark.pedantic(ours, rounds=5 if shape == LARGE else 50, warmup_rounds=1)
     others = ", ".join(f"{k} {median[k] * 1e6:.0f}us" for k in peers if k != peer)
-    extra = (f"numpy = {peer}{f' (also {others})' if others else ''}; kernel alone "
+    extra = (f"numpy = {peer}{f' (also {others})' if others else ''}; ratio of the run's "
+             f"medians {ours_s / numpy_s:.2f}; kernel alone "
              f"{alone_s * 1e6:.0f}us (ratio {alone_s / numpy_s:.2f}); "
              f"read {gbps(x.nbytes, ours_s):.1f} GB/s, probe {gbps(x.nbytes, median['probe']):.1f} "
              f"GB/s: {100 * share:.0f}% of the probe's rate (median; rounds "
@@ -228,7 +232,6 @@ def test_reduction_vs_numpy(benchmark, report, case, shape, threads):
     if shape == LARGE:
         extra += "; must hold: >= 80%"
     benchmark.extra_info.update(numpy_us=numpy_s * 1e6, ours_us=ours_s * 1e6, peer=peer,
-                                ratio=ours_s / numpy_s, GBps=gbps(x.nbytes, ours_s),
-                                read_share=share)
+                                ratio=ratio, GBps=gbps(x.nbytes, ours_s), read_share=share)
     report((f"{name} {'x'.join(map(str, shape))}", threads, ours_s * 1e6, numpy_s * 1e6,
-            ours_s / numpy_s, extra))
+            ratio, extra))
