@@ -425,8 +425,12 @@ static mk_status sgemm(const mk_sgemm_args *p, mk_pool *pool, int serial) {
 #define THIN_CHUNK 256   /* rows per dot_tasks task */
 #define GEMV_MAX 4096    /* columns per gemv_tasks task: B rows read in long runs (few pages) */
 
-static int64_t gemv_chunk(int64_t n) {   /* up to 2 tasks per row, by shape */
-    int64_t c = cdiv(cdiv(n, 2), 64) * 64;
+/* Columns per task: one task per thread (at most GEMV_MAX columns). The cut may follow the
+ * thread count: each sum is taken in the same order whoever computes it. On one thread, whole
+ * rows of 1 x 4096 x 4096 instead of two halves read B 2.5% faster (C harness, alternating
+ * builds call by call, three runs of 150 calls: medians 0.972-0.976). */
+static int64_t gemv_chunk(int64_t n, int threads) {
+    int64_t c = cdiv(cdiv(n, threads), 64) * 64;
     return c < 256 ? 256 : c > GEMV_MAX ? GEMV_MAX : c;
 }
 
@@ -440,12 +444,14 @@ static void store_out(const mk_sgemm_args *p, char *c, int64_t at, float acc, fl
     else ((float *)c)[at] = v;
 }
 
+typedef struct gemv_plan { const mk_sgemm_args *p; int64_t chunk; } gemv_plan;
+
 /* m == 1, B fp32 with unit column stride: C[0, j] for a chunk of columns, B row by row. */
 static void gemv_tasks(void *ctx, int64_t begin, int64_t end) {
-    const mk_sgemm_args *p = ctx;
+    const mk_sgemm_args *p = ((gemv_plan *)ctx)->p;
+    const int64_t chunk = ((gemv_plan *)ctx)->chunk;
     const mk_gemm_ukernel *u = mk_gemm_ukernel_active();
     for (int64_t t = begin; t < end; t++) {
-        int64_t chunk = gemv_chunk(p->n);
         int64_t bi = t / cdiv(p->n, chunk), j0 = t % cdiv(p->n, chunk) * chunk;
         int64_t nc = p->n - j0 < chunk ? p->n - j0 : chunk;
         const char *A = (const char *)p->a.data + (size_t)(bi * p->a.bs) * mk_format_size(p->a.format);
@@ -501,8 +507,8 @@ mk_status mk_sgemm(const mk_sgemm_args *p, mk_pool *pool) {
     double fmas = (double)p->batch * (double)p->m * (double)p->n * (double)p->k;
     int64_t grain_all = fmas < SERIAL_FMAS ? INT64_MAX / 2 : 1;
     if (p->m == 1 && p->b.format == MK_FMT_F32 && p->b.cs == 1) {
-        mk_parallel_for(pool, p->batch * cdiv(p->n, gemv_chunk(p->n)), grain_all, gemv_tasks,
-                        (void *)p);
+        gemv_plan g = {p, gemv_chunk(p->n, grain_all == 1 ? mk_pool_num_threads(pool) : 1)};
+        mk_parallel_for(pool, p->batch * cdiv(p->n, g.chunk), grain_all, gemv_tasks, &g);
         return MK_OK;
     }
     if (p->n == 1 && p->a.format == MK_FMT_F32 && p->a.cs == 1) {
