@@ -74,7 +74,9 @@ static inline unsigned l_better(int op, L a, L b) {
         return bits(_mm256_cmp_ps(a.lo, b.lo, _CMP_GT_OQ), _mm256_cmp_ps(a.hi, b.hi, _CMP_GT_OQ));
     return bits(_mm256_cmp_ps(a.lo, b.lo, _CMP_LT_OQ), _mm256_cmp_ps(a.hi, b.hi, _CMP_LT_OQ));
 }
-static inline unsigned l_unord(L a, L b) {
+typedef unsigned LM;
+static inline LM lm_or(LM a, LM b) { return a | b; }
+static inline LM l_unord(L a, L b) {
     return bits(_mm256_cmp_ps(a.lo, b.lo, _CMP_UNORD_Q), _mm256_cmp_ps(a.hi, b.hi, _CMP_UNORD_Q));
 }
 
@@ -114,7 +116,8 @@ static inline __attribute__((always_inline)) __m128 h_op(int op, int nan, __m128
 static inline __attribute__((always_inline)) float fold(int op, int nan, L v) {
     __m256 a = op == MK_REDUCE_SUM ? _mm256_add_ps(v.lo, v.hi)
              : op == MK_REDUCE_MIN ? _mm256_min_ps(v.lo, v.hi) : _mm256_max_ps(v.lo, v.hi);
-    if (op != MK_REDUCE_SUM && nan) a = _mm256_blendv_ps(v.lo, a, _mm256_cmp_ps(v.lo, v.lo, _CMP_ORD_Q));
+    if (op != MK_REDUCE_SUM && nan)
+        a = _mm256_blendv_ps(v.lo, a, _mm256_cmp_ps(v.lo, v.lo, _CMP_ORD_Q));
     __m128 b = h_op(op, nan, _mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     b = h_op(op, nan, b, _mm_movehl_ps(b, b));
     b = h_op(op, nan, b, _mm_shuffle_ps(b, b, 1));

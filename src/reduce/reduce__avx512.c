@@ -66,7 +66,10 @@ static inline __m512 l_pick(int op, __m512 a, __m512 b) {
 static inline unsigned l_better(int op, __m512 a, __m512 b) {
     return op == MK_REDUCE_MAX ? _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ) : _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ);
 }
-#define l_unord(a, b) ((unsigned)_mm512_cmp_ps_mask((a), (b), _CMP_UNORD_Q))
+/* NaN masks stay in mask registers (kor): argmax in L2 +3 points of the probe's rate */
+typedef __mmask16 LM;
+#define lm_or _kor_mask16
+#define l_unord(a, b) _mm512_cmp_ps_mask((a), (b), _CMP_UNORD_Q)
 /* every lane = the least / greatest lane of v (no NaNs) */
 static inline __m512 l_all(int op, __m512 v) {
     v = l_pick(op, v, _mm512_shuffle_f32x4(v, v, 0x4E));

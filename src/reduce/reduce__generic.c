@@ -68,7 +68,9 @@ static inline unsigned l_better(int op, L a, L b) {
         k |= (unsigned)(op == MK_REDUCE_MAX ? a.v[i] > b.v[i] : a.v[i] < b.v[i]) << i;
     return k;
 }
-static inline unsigned l_unord(L a, L b) {
+typedef unsigned LM;
+static inline LM lm_or(LM a, LM b) { return a | b; }
+static inline LM l_unord(L a, L b) {
     unsigned k = 0;
     for (int i = 0; i < 16; i++) k |= (unsigned)(a.v[i] != a.v[i] || b.v[i] != b.v[i]) << i;
     return k;
