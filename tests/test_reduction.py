@@ -579,6 +579,24 @@ def test_threads_bitwise_weighted(isa, device, device1, run, make_image, rng):
     assert np.array_equal(outs[0], outs[1])
 
 
+def each_isa(select_isa):
+    """Switches to each ISA this CPU has, in turn, yielding its name."""
+    for name in ("generic", "avx2", "avx512"):
+        try:
+            select_isa(name)
+        except pytest.skip.Exception:
+            continue
+        yield name
+
+
+def assert_identical(outs, op, what):
+    """All results in outs (a dict) bitwise equal; for min and max up to the sign of a zero."""
+    for (na, a), (nb, b) in itertools.combinations(outs.items(), 2):
+        assert np.array_equal(a, b, equal_nan=True), f"{what}: {na} and {nb} differ"
+        if op not in ("min", "max"):
+            assert np.array_equal(np.signbit(a), np.signbit(b)), f"{what}: {na} and {nb} zero signs"
+
+
 @pytest.mark.parametrize("kernel", KERNELS, ids=IDS)
 def test_isa_agreement(kernel, select_isa, device, run, make_image, read_image, rng):
     """The accumulation order is the same in every ISA: sums, means and indices are bitwise
@@ -586,18 +604,9 @@ def test_isa_agreement(kernel, select_isa, device, run, make_image, read_image, 
     cls, axis, op = kernel
     x = random_values(rng, (2, 9, 11, 53))
     x.reshape(-1)[rng.choice(x.size, 20, replace=False)] = np.nan
-    outs = {}
-    for name in ("generic", "avx2", "avx512"):
-        try:
-            select_isa(name)
-        except pytest.skip.Exception:
-            continue
-        got, _ = run_kernel(run, device, make_image, read_image, cls, x)
-        outs[name] = got
-    for (na, a), (nb, b) in itertools.combinations(outs.items(), 2):
-        assert np.array_equal(a, b, equal_nan=True), f"{cls.__name__}: {na} and {nb} differ"
-        if op not in ("min", "max"):
-            assert np.array_equal(np.signbit(a), np.signbit(b)), f"{cls.__name__}: {na} and {nb} zero signs"
+    outs = {name: run_kernel(run, device, make_image, read_image, cls, x)[0]
+            for name in each_isa(select_isa)}
+    assert_identical(outs, op, cls.__name__)
 
 
 # ---- the documented accumulation order (docs/reduction.md) ------------------------------
@@ -652,16 +661,9 @@ def test_channel_counts_bitwise(kernel, channels, select_isa, device, device1, r
     x = random_values(rng, shape, ties=op not in ("sum", "mean"))   # sums of ties: exact
     x.reshape(-1)[rng.choice(x.size, 5, replace=False)] = np.nan
     outs = {}
-    for name in ("generic", "avx2", "avx512"):
-        try:
-            select_isa(name)
-        except pytest.skip.Exception:
-            continue
+    for name in each_isa(select_isa):
         for dev in (device1, device):
             dst = make_image(dev, np.zeros(shape[:3] + (1,)))
             encode_run(run, dev, cls(dev), make_image(dev, x), dst)
-            outs[name, dev] = dst.to_numpy()
-    for (na, a), (nb, b) in itertools.combinations(outs.items(), 2):
-        assert np.array_equal(a, b, equal_nan=True), f"{na} and {nb} differ"
-        if op not in ("min", "max"):
-            assert np.array_equal(np.signbit(a), np.signbit(b)), f"{na} and {nb}: zero signs"
+            outs[name, dev.num_threads] = dst.to_numpy()
+    assert_identical(outs, op, cls.__name__)
