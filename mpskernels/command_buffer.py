@@ -26,7 +26,7 @@ _NO_STATS = MemoryStats(0, 0, 0, 0, 0)
 
 
 class CommandBuffer(_native.CommandBufferCore):
-    """Made by CommandQueue.make_command_buffer(queue): the core's constructor takes the queue."""
+    """MTLCommandBuffer, made by CommandQueue.make_command_buffer()."""
 
     # Defaults that most buffers keep, on the class: a buffer is made for every kernel call,
     # and each attribute set costs (most when a large kernel has just evicted the caches).
