@@ -27,9 +27,6 @@ The one-row product 1x4096x4096 reads 64 MiB of B per run: it is bound by the re
 so at one thread the read probe of bench/test_bench_reduction.py (AVX-512 loads of every word)
 is sampled over B's own storage alternately with ours and NumPy's, and each is reported as a
 fraction of it (probe median / kernel median, in thread CPU time)."""
-import ctypes
-import glob
-import os
 import time
 
 import numpy as np
@@ -38,25 +35,13 @@ import pytest
 import mpskernels as mk
 import timing
 from mpskernels import _native
+from mpskernels.bench import set_blas_threads
 
 ROUNDS = 7
 SHAPES = [(256, 256, 256), (512, 512, 512), (1024, 1024, 1024), (2048, 2048, 2048),
           (3136, 576, 64), (64, 4096, 1024), (1, 4096, 4096)]   # M x K x N
 
 
-def _openblas():
-    """NumPy's OpenBLAS, to set its thread count (None if not found)."""
-    libs = glob.glob(os.path.join(os.path.dirname(np.__file__), "..", "numpy.libs", "*openblas*"))
-    for path in libs:
-        lib = ctypes.CDLL(path)
-        for name in ("scipy_openblas_set_num_threads64_", "openblas_set_num_threads64_",
-                     "openblas_set_num_threads"):
-            if hasattr(lib, name):
-                return getattr(lib, name)
-    return None
-
-
-_set_blas_threads = _openblas()
 _devices, _peaks = {}, {}
 
 
@@ -81,7 +66,7 @@ def test_fma_peak(report, threads):
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("shape", SHAPES, ids=["x".join(map(str, s)) for s in SHAPES])
 def test_sgemm_vs_numpy(benchmark, report, shape, threads):
-    if _set_blas_threads is None:
+    if set_blas_threads is None:
         pytest.skip("cannot set NumPy's OpenBLAS thread count")
     m, k, n = shape
     device = _device(threads)
@@ -101,7 +86,7 @@ def test_sgemm_vs_numpy(benchmark, report, shape, threads):
         cb.wait_until_completed()
 
     seconds = min(8.0, max(2.0, 2 * m * n * k / 2e10))
-    _set_blas_threads(threads)
+    set_blas_threads(threads)
     try:
         rounds = [timing.paired_samples(seconds / ROUNDS, ours, lambda: np.matmul(a, b, out=c),
                                         rounds=1) for _ in range(ROUNDS)]
@@ -118,7 +103,7 @@ def test_sgemm_vs_numpy(benchmark, report, shape, threads):
                 fns.append(lambda: _native.read_probe(B._bytes, device._pool))
             cpu = paired_samples(seconds / 2, *fns, clock=time.thread_time)
     finally:
-        _set_blas_threads(1)
+        set_blas_threads(1)
     ours_s, numpy_s = np.median(times[0]), np.median(times[1])
     ratio = np.median(round_ratios)
     benchmark.group = f"sgemm {m}x{k}x{n}"

@@ -11,7 +11,7 @@ import pytest
 import mpskernels as mk
 import timing
 from mpskernels import ops
-from test_bench_matrix import _set_blas_threads   # NumPy's OpenBLAS thread count
+from mpskernels.bench import set_blas_threads   # NumPy's OpenBLAS thread count
 
 SECONDS, ROUNDS = 2.0, 5
 
@@ -110,8 +110,8 @@ CASES = [_conv(8, 16), _conv(56, 64), _matmul(0, 8), _matmul(0, 256), _matmul(16
 
 @pytest.mark.parametrize("index", range(len(CASES)))
 def test_ops_per_call(report, index):
-    if _set_blas_threads is not None:
-        _set_blas_threads(1)
+    if set_blas_threads is not None:
+        set_blas_threads(1)
     device = mk.Device(num_threads=1)
     name, fns = CASES[index](device, _torch(), np.random.default_rng(0))
     for fn in fns.values():

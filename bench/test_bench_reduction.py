@@ -42,7 +42,7 @@ import mpskernels as mk
 import timing
 from mpskernels import _native
 from mpskernels.bench import SETTLE_SECONDS
-from test_bench_matrix import _set_blas_threads
+from mpskernels.bench import set_blas_threads   # NumPy's OpenBLAS thread count
 
 F32 = mk.ImageFeatureChannelFormat.FLOAT32
 SMALL = (1, 56, 56, 256)     # 3.2 MB: 1x256x56x56 in MPS terms
@@ -139,11 +139,11 @@ def gbps(nbytes, seconds):
 @pytest.fixture(params=[1, 2], ids=["1", "2"])
 def threads(request):
     """Our pool and NumPy's OpenBLAS (matmul) get the same thread count."""
-    if _set_blas_threads is None:
+    if set_blas_threads is None:
         pytest.skip("cannot set NumPy's OpenBLAS thread count")
-    _set_blas_threads(request.param)
+    set_blas_threads(request.param)
     yield request.param
-    _set_blas_threads(1)
+    set_blas_threads(1)
 
 
 def test_read_bandwidth(benchmark, report, threads):
@@ -165,8 +165,8 @@ def test_read_probe_is_the_fastest_read(report):
     thread each), in GB/s: if NumPy read faster, the probe would understate the bandwidth."""
     x = np.random.default_rng(0).standard_normal((256 << 20) // 4).astype(np.float32)
     pool = mk.Device(num_threads=1)._pool
-    if _set_blas_threads is not None:
-        _set_blas_threads(1)
+    if set_blas_threads is not None:
+        set_blas_threads(1)
     ones = np.ones(x.size // 1024, np.float32)
     ways = {"probe": lambda: _native.read_probe(x.view(np.uint8), pool),
             "np.sum": x.sum, "np.max": x.max,
