@@ -8,7 +8,6 @@ cdef extern from "reduce/reduce.h" nogil:
         int32_t axis
         float weight
         int32_t by_nonzero_weights
-        int32_t whole_lines
     mk_status mk_reduce(const mk_reduce_params *p, const mk_operand *src,
                         const mk_operand *weights, const mk_operand *dst, mk_extent e,
                         mk_pool *pool)
@@ -31,11 +30,11 @@ cdef mk_status run_reduce(void *p, mk_pool *pool) noexcept nogil:
 
 cdef class ReduceCommand(Command):
     """mk_reduce over a source region of `extent` (n, h, w, c); operands: source, weights
-    (when weighted), destination. whole_lines: see mk_reduce_params (reduce.h)."""
+    (when weighted), destination."""
     cdef rd_args args
 
     def __cinit__(self, extent, int op, int axis, float weight=1.0,
-                  bint by_nonzero_weights=False, bint weighted=False, bint whole_lines=False):
+                  bint by_nonzero_weights=False, bint weighted=False):
         n, h, w, ch = extent
         if n <= 0 or h <= 0 or w <= 0 or ch <= 0 or max(n, h, w, ch) > 0x7fffffff:
             raise ValueError(f"bad extent {extent}")
@@ -44,7 +43,6 @@ cdef class ReduceCommand(Command):
         self.args.params.axis = axis
         self.args.params.weight = weight
         self.args.params.by_nonzero_weights = by_nonzero_weights
-        self.args.params.whole_lines = whole_lines
         self.args.weighted = weighted
         self.args.extent.n = n
         self.args.extent.h = h

@@ -1,8 +1,8 @@
 """ImageDescriptor, Image (MPSImage), TemporaryImage (MPSTemporaryImage) and allocators.
 
 Storage: every image is NHWC with the channel stride padded to 16 elements (the CPU analogue
-of MPS's 4-channel texture slices, sized for one AVX-512 register of fp32), 64-byte aligned.
-Channels past `feature_channels` are zero in persistent images; in temporaries they are
+of MPS's 4-channel texture slices, sized for one AVX-512 register of fp32), 64-byte aligned;
+images of 1-4 channels take 1, 2 or 4 elements a pixel (`_channel_stride`). Channels past `feature_channels` are zero in persistent images; in temporaries they are
 undefined, so kernels never read them. Conversion to the user's layout happens only in
 read_bytes / write_bytes / from_numpy / to_numpy."""
 import abc
@@ -18,6 +18,15 @@ from mpskernels.geometry import as_region
 from mpskernels.texture import Texture, TextureDescriptor
 
 CHANNEL_ALIGNMENT = 16
+
+
+def _channel_stride(channels):
+    """Elements from one pixel to the next: up to 4 channels what MPS's one texture holds (R,
+    RG, RGBA: 1, 2 or 4), so small images (inputs, masks, one-channel results) take no more
+    memory than on the GPU; more channels padded to a multiple of 16 (one AVX-512 register)."""
+    if channels <= 4:
+        return (1, 2, 4, 4)[channels - 1]
+    return -(-channels // CHANNEL_ALIGNMENT) * CHANNEL_ALIGNMENT
 _MAX_DIM = (1 << 31) - 1
 _MAX_BYTES = 1 << 48
 
@@ -126,7 +135,7 @@ class _Geometry:
         self._c0 = 0
         self._texture = None
         self._esize = _FORMATS[self._format][0]
-        self._cs = -(-self.feature_channels // CHANNEL_ALIGNMENT) * CHANNEL_ALIGNMENT
+        self._cs = _channel_stride(self.feature_channels)
         self._nbytes = self.number_of_images * self.height * self.width * self._cs * self._esize
         row = self.width * self._cs
         self._strides = (self.height * row, row, self._cs, 1)  # elements: image, row, column, channel

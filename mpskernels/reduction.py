@@ -73,14 +73,6 @@ def _check_index_format(kernel, destination, channels):
             f"up to 2048, BFLOAT16 up to 256)")
 
 
-def _whole_lines(axis, destination):
-    """Whether each channel result may be written as a whole 64-byte line (zeros after it,
-    non-temporal stores; mk_reduce_params.whole_lines, used from 2 MiB of lines on): fp32,
-    and the destination's storage holds one channel, so the rest of every line is padding."""
-    return (axis == FEATURE_CHANNELS and destination._format == F.FLOAT32
-            and destination._root.feature_channels == 1)
-
-
 def _region_property(name, doc):
     """A Region attribute; accepts anything as_region does."""
     attr = "_" + name
@@ -136,8 +128,7 @@ class NNReduceUnary(CNNKernel):
             return
         # the part of the region whose results fit
         extent = (n, rh if self._axis != COLUMN else h, rw if self._axis != ROW else w, channels)
-        command = _native.ReduceCommand(extent, self._op, self._axis, weight,
-                                        whole_lines=_whole_lines(self._axis, destination))
+        command = _native.ReduceCommand(extent, self._op, self._axis, weight)
         _record(command_buffer, self, command,
                 [(source, source._byte_offset(z, y, x, c0), source._strides)], destination, (dx, dy, dz))
 
@@ -258,8 +249,7 @@ class NNReduceBinary(CNNBinaryKernel):
         strides = (0 if sd == 1 else s_n, 0 if spread else s_y, 0 if spread else s_x, 1)
         weights = (secondary, secondary._byte_offset(sz, sy, sx, sc0), strides)
         command = _native.ReduceCommand((n, rh, rw, channels), self._op, FEATURE_CHANNELS, 1.0,
-                                        self._by_nonzero_weights(), True,
-                                        _whole_lines(FEATURE_CHANNELS, destination))
+                                        self._by_nonzero_weights(), True)
         _record(command_buffer, self, command,
                 [(primary, primary._byte_offset(z, y, x, pc0), primary._strides), weights],
                 destination, (dx, dy, dz))

@@ -137,6 +137,16 @@ def test_properties(device):
     assert Image(device, ImageDescriptor(F.BFLOAT16, 1, 1, 4)).pixel_format == mk.PixelFormat.RGBA16_UNORM
 
 
+@pytest.mark.parametrize("channels, stride", [(1, 1), (2, 2), (3, 4), (4, 4), (5, 16), (16, 16), (17, 32)])
+def test_storage_per_pixel(device, channels, stride):
+    """Up to 4 channels an image stores what MPS's one texture would (R, RG, RGBA: 1, 2 or 4
+    elements a pixel); more channels are padded to a multiple of 16 (one AVX-512 register)."""
+    image = Image(device, ImageDescriptor(F.FLOAT32, 5, 3, channels, 2))
+    assert image.pixel_size == stride * 4
+    assert image.resource_size() == 2 * 3 * 5 * stride * 4
+    x = np.arange(2 * 3 * 5 * channels, dtype=np.float32).reshape(2, 3, 5, channels)
+    np.testing.assert_array_equal(Image.from_numpy(device, x).to_numpy(), x)
+
 def test_views_share_storage(device):
     x = random((3, 4, 5, 6), np.float32)
     image = Image.from_numpy(device, x)

@@ -16,9 +16,6 @@
 
 #include "elementwise/elementwise.h"
 #include "reduce.h"
-#if MK_X86
-#include <immintrin.h>   /* SSE2 (x86-64 baseline): non-temporal stores */
-#endif
 
 /* ---- dispatch ------------------------------------------------------------------------ */
 
@@ -67,11 +64,6 @@ static const rd_isa *rd_kernels(void) {
                            * no change through the noise; in session 2, 8 steps were 4x
                            * slower than 4 there, on a machine then loaded to 6-8) */
 #define RD_GRAIN 65536    /* about this many source elements per chunk */
-/* Whole-line non-temporal stores from this many bytes of result lines on, which would not
- * stay in a 2 MiB L2 anyway: 64 MiB image (4 MiB of lines), sum 77% -> 81% and max 77% ->
- * 83% of the read probe's rate; on 1x256x56x56 (200 KB of lines, read from L3 when written
- * normally) 2-4% slower, and the result would then be read from DRAM. */
-#define RD_WHOLE_LINES_MIN (2 << 20)
 _Static_assert(RD_SPAN <= RD_SCRATCH, "a decoded row of a span must fit the scratch");
 
 typedef struct rd_ctx {
@@ -84,7 +76,6 @@ typedef struct rd_ctx {
     /* rows / columns: B outputs per image along the kept axis, L steps of stride S; the C
      * channels (or merged column elements) in nspan spans of `span` (the last may be short) */
     int64_t B, L, S, sb_src, sb_dst, dst_sc, nspan, span;
-    int whole_lines;   /* params whole_lines, and the destination allows it */
     atomic_int failed;
 } rd_ctx;
 
@@ -96,25 +87,6 @@ static inline const char *rd_at(const mk_operand *o, size_t es, int64_t n, int64
 static void rd_store(const rd_ctx *c, const float *v, char *d, int64_t stride, int64_t m) {
     if (c->dst->format == MK_FMT_F32 && stride == 1) memcpy(d, v, (size_t)m * sizeof(float));
     else mk_ew_store_strided(c->dst->format, v, d, stride, m);
-}
-
-/* Results as whole 64-byte lines, zeros after each result (params whole_lines): with
- * non-temporal stores, the lines are not read first. d is 64-byte aligned, stride % 16 == 0. */
-static void rd_store_lines(const float *v, float *d, int64_t stride, int64_t m) {
-    for (int64_t i = 0; i < m; i++, d += stride) {
-#if MK_X86
-        _mm_stream_ps(d, _mm_set_ss(v[i]));
-        _mm_stream_ps(d + 4, _mm_setzero_ps());
-        _mm_stream_ps(d + 8, _mm_setzero_ps());
-        _mm_stream_ps(d + 12, _mm_setzero_ps());
-#else
-        d[0] = v[i];
-        memset(d + 1, 0, 15 * sizeof(float));
-#endif
-    }
-#if MK_X86
-    _mm_sfence();   /* the stores are weakly ordered: done before the job is */
-#endif
 }
 
 /* Scratch for decoded pixels: the stack block, or (more channels than it holds) the heap. */
@@ -189,9 +161,7 @@ static void rd_channels_task(void *vctx, int64_t begin, int64_t end) {
             if (by_count) for (int64_t i = 0; i < r; i++) out[i] /= cnt[i];
             else if (!weighted) for (int64_t i = 0; i < r; i++) out[i] *= c->p.weight;
         }
-        char *d = (char *)rd_at(c->dst, c->des, n, y, x);
-        if (c->whole_lines && ((uintptr_t)d & 63) == 0) rd_store_lines(out, (float *)d, c->dst->stride_x, r);
-        else rd_store(c, out, d, c->dst->stride_x, r);
+        rd_store(c, out, (char *)rd_at(c->dst, c->des, n, y, x), c->dst->stride_x, r);
         p += r;
     }
 done:
@@ -282,8 +252,6 @@ mk_status mk_reduce(const mk_reduce_params *p, const mk_operand *src, const mk_o
     atomic_init(&c.failed, 0);
 
     if (p->axis == MK_REDUCE_FEATURE_CHANNELS) {
-        c.whole_lines = p->whole_lines && dst->format == MK_FMT_F32 && dst->stride_x % 16 == 0 &&
-                        (int64_t)e.n * e.h * e.w * 64 >= RD_WHOLE_LINES_MIN;
         const int64_t P = (int64_t)e.n * e.h * e.w;
         mk_parallel_for(pool, P, rd_grain(P, e.c), rd_channels_task, &c);
     } else {

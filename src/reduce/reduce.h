@@ -41,11 +41,6 @@ typedef struct mk_reduce_params {
     int32_t axis;                /* mk_reduce_axis */
     float weight;                /* FEATURE_CHANNELS SUM: the result is multiplied by it */
     int32_t by_nonzero_weights;  /* weighted SUM: divide by the number of non-zero weights */
-    /* FEATURE_CHANNELS, fp32 destination with a channel stride of 16 whose 64-byte lines
-     * hold nothing but each result and padding: the kernel may write every line whole
-     * (zeros after the result) with non-temporal stores, saving the line's read (it does
-     * from 2 MiB of lines on). */
-    int32_t whole_lines;
 } mk_reduce_params;
 
 /* Reduce the source region of extent e (images, rows, columns, channels). The destination
