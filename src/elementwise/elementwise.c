@@ -52,6 +52,7 @@ size_t mk_format_size(int format) {
 /* ---- geometry ------------------------------------------------------------------------ */
 
 #define EW_MAXOP 3 /* operand 0 is the destination */
+#define EW_SHORT 16 /* runs shorter than this go in blocks (ew_geom.block) */
 
 typedef struct ew_geom {
     int nd;                      /* merged dims, dim nd-1 is the run */
@@ -59,6 +60,7 @@ typedef struct ew_geom {
     int64_t st[EW_MAXOP][4];     /* element strides */
     int chan_dim;                /* PRELU: outer dim that is the channel axis alone, or -1 */
     int chan_inner;              /* PRELU: the channel axis is the run's innermost part */
+    int64_t block;               /* short runs: at most this many runs per block, 0: none */
     int64_t total;
 } ew_geom;
 
@@ -72,6 +74,7 @@ static void ew_geom_build(ew_geom *g, mk_extent e, const mk_operand *const *ops,
     g->total = E[0] * E[1] * E[2] * E[3];
     g->chan_dim = -1;
     g->chan_inner = 0;
+    g->block = 0;
     if (na == 0) { /* a single element */
         g->nd = 1;
         g->ext[0] = 1;
@@ -136,6 +139,11 @@ static void ew_geom_build(ew_geom *g, mk_extent e, const mk_operand *const *ops,
             else g->chan_dim = d;
         }
     }
+    /* Runs of a few channels of padded pixels (3 of 4): one microkernel call per run costs
+     * ~20 ns, 10-20x the work, so blocks of whole runs are gathered and scattered instead.
+     * PRELU's slopes follow the run only when the channels are its innermost part. */
+    if (nd >= 2 && g->ext[nd - 1] < EW_SHORT && (!prelu || g->chan_inner))
+        g->block = MK_EW_BLOCK / g->ext[nd - 1];
 }
 
 /* Walks the runs of [begin, end): calls run(ctx, off[], L, run_off, outer_idx[]) */
@@ -165,6 +173,52 @@ static inline void ew_iter_next(const ew_geom *g, int nops, ew_iter *it) {
     }
 }
 
+/* At the start of a run: how many whole runs of the next dim (at most `rem` elements) the
+ * short-run path takes as one block; 0 for the run alone. */
+static inline int64_t ew_block_runs(const ew_geom *g, const ew_iter *it, int64_t rem) {
+    if (g->block == 0) return 0;
+    const int d = g->nd - 2;
+    int64_t P = g->ext[d] - it->idx[d], L = g->ext[d + 1];
+    if (P > rem / L) P = rem / L;
+    if (P > g->block) P = g->block;
+    return P >= 2 ? P : 0;
+}
+
+/* Moves the odometer P - 1 runs on along the next dim (no carry: ew_block_runs stays in it). */
+static inline void ew_iter_skip(const ew_geom *g, int nops, ew_iter *it, int64_t P) {
+    const int d = g->nd - 2;
+    it->idx[d] += P - 1;
+    for (int k = 0; k < nops; k++) it->off[k] += (P - 1) * g->st[k][d];
+}
+
+/* P runs of L elements of es bytes, pixel strides ss / ds in elements (0: the same run each
+ * time): the sizes of 1-4 channel pixels as fixed-size moves, which the compiler inlines. */
+static void ew_runs_copy(char *d, int64_t ds, const char *s, int64_t ss, int64_t L, int64_t P,
+                         size_t es) {
+    const size_t rb = (size_t)L * es;
+    const int64_t db = ds * (int64_t)es, sb = ss * (int64_t)es;
+#define EW_RUNS(RB)                                                                       \
+    for (int64_t p = 0; p < P; p++) { /* through t: no libc call, in-place safe */        \
+        char t[RB];                                                                        \
+        memcpy(t, s + p * sb, RB);                                                         \
+        memcpy(d + p * db, t, RB);                                                         \
+    }                                                                                      \
+    return;
+    switch (rb) {
+    case 1: EW_RUNS(1)
+    case 2: EW_RUNS(2)
+    case 3: EW_RUNS(3)
+    case 4: EW_RUNS(4)
+    case 6: EW_RUNS(6)
+    case 8: EW_RUNS(8)
+    case 12: EW_RUNS(12)
+    case 16: EW_RUNS(16)
+    default:
+        for (int64_t p = 0; p < P; p++) memmove(d + p * db, s + p * sb, rb);
+    }
+#undef EW_RUNS
+}
+
 static inline char *ew_ptr(const mk_operand *o, size_t es, int64_t off) {
     return (char *)o->data + off * (int64_t)es;
 }
@@ -174,6 +228,43 @@ static int ew_valid_operand(const mk_operand *o) {
 }
 
 static int ew_valid_extent(mk_extent e) { return e.n >= 0 && e.h >= 0 && e.w >= 0 && e.c >= 0; }
+
+/* P runs of L elements of a `fmt` operand at p (element stride si, run stride sr) as P * L
+ * contiguous fp32: in place if they already are, else converted into buf (tmp: scratch). */
+static const float *ew_block_load(const mk_ew_kernels *K, int fmt, const char *p, int64_t si,
+                                  int64_t sr, int64_t L, int64_t P, float *buf, char *tmp) {
+    const size_t es = mk_format_size(fmt);
+    if (si != 1) {
+        for (int64_t q = 0; q < P; q++)
+            mk_ew_load_strided(fmt, p + q * sr * (int64_t)es, si, buf + q * L, L);
+        return buf;
+    }
+    if (sr == L && fmt == MK_FMT_F32) return (const float *)p;
+    if (sr != L) {
+        ew_runs_copy(fmt == MK_FMT_F32 ? (char *)buf : tmp, L, p, sr, L, P, es);
+        if (fmt == MK_FMT_F32) return buf;
+        p = tmp;
+    }
+    K->load[fmt](p, buf, P * L);
+    return buf;
+}
+
+/* The inverse: P * L contiguous fp32 y into the P runs at p (y may be p when contiguous). */
+static void ew_block_store(const mk_ew_kernels *K, int fmt, char *p, int64_t si, int64_t sr,
+                           int64_t L, int64_t P, const float *y, char *tmp) {
+    const size_t es = mk_format_size(fmt);
+    if (si != 1) {
+        for (int64_t q = 0; q < P; q++)
+            mk_ew_store_strided(fmt, y + q * L, p + q * sr * (int64_t)es, si, L);
+    } else if (sr == L) {
+        K->store[fmt](y, p, P * L);
+    } else if (fmt == MK_FMT_F32) {
+        ew_runs_copy(p, sr, (const char *)y, L, L, P, es);
+    } else {
+        K->store[fmt](y, tmp, P * L);
+        ew_runs_copy(p, sr, tmp, L, L, P, es);
+    }
+}
 
 /* grain in elements: ~64 KiB of fp32 output for cheap work, a quarter for transcendentals */
 #define EW_GRAIN_CHEAP 16384
@@ -253,12 +344,38 @@ static void ew_unary_run(const ew_unary_ctx *c, const char *sp, int64_t ss, char
     }
 }
 
+/* P whole runs from the odometer's position (ew_geom.block). */
+static void ew_unary_block(const ew_unary_ctx *c, const ew_iter *it, int64_t P, float *xb,
+                           float *yb, char *tmp) {
+    const ew_geom *g = &c->g;
+    const int r = g->nd - 1;
+    const int64_t L = g->ext[r], n = P * L;
+    const int64_t si = g->st[1][r], sr = g->st[1][r - 1], di = g->st[0][r], dr = g->st[0][r - 1];
+    const char *sp = ew_ptr(c->src, c->ses, it->off[1]);
+    char *dp = ew_ptr(c->dst, c->des, it->off[0]);
+    if (c->fn == NULL && c->sfmt == c->dfmt) { /* a plain copy moves the bits */
+        if (si == 1 && di == 1) ew_runs_copy(dp, dr, sp, sr, L, P, c->des);
+        else
+            for (int64_t q = 0; q < P; q++)
+                ew_copy_same(dp + q * dr * (int64_t)c->des, di, sp + q * sr * (int64_t)c->ses, si,
+                             L, c->des);
+        return;
+    }
+    const float *x = ew_block_load(c->K, c->sfmt, sp, si, sr, L, P, xb, tmp);
+    const int out_direct = c->dfmt == MK_FMT_F32 && di == 1 && dr == L;
+    float *y = out_direct ? (float *)dp : yb;
+    if (c->fn) c->fn(&c->p, x, y, n, c->pat); /* PRELU: runs start at channel 0 */
+    else y = (float *)x;
+    if (y != (float *)dp) ew_block_store(c->K, c->dfmt, dp, di, dr, L, P, y, tmp);
+}
+
 static void ew_unary_task(void *vctx, int64_t begin, int64_t end) {
     const ew_unary_ctx *c = (const ew_unary_ctx *)vctx;
     const ew_geom *g = &c->g;
     _Alignas(64) float xb[MK_EW_BLOCK];
     _Alignas(64) float yb[MK_EW_BLOCK];
     _Alignas(64) float cb[MK_EW_BLOCK];
+    _Alignas(64) char tmp[MK_EW_BLOCK * sizeof(float)];
     const float *cslope = NULL;
     int64_t cslope_ch = -1;
     const int64_t L = g->ext[g->nd - 1];
@@ -267,6 +384,14 @@ static void ew_unary_task(void *vctx, int64_t begin, int64_t end) {
     ew_iter_start(g, 2, &it, begin / L);
     int64_t i = begin;
     while (i < end) {
+        const int64_t P = off == 0 ? ew_block_runs(g, &it, end - i) : 0;
+        if (P) {
+            ew_unary_block(c, &it, P, xb, yb, tmp);
+            i += P * L;
+            ew_iter_skip(g, 2, &it, P);
+            if (i < end) ew_iter_next(g, 2, &it);
+            continue;
+        }
         int64_t len = L - off;
         if (len > end - i) len = end - i;
         const int64_t s_in = g->st[1][g->nd - 1], s_out = g->st[0][g->nd - 1];
@@ -457,7 +582,18 @@ static void ew_fill_task(void *vctx, int64_t begin, int64_t end) {
     ew_iter it;
     int64_t off = begin % L;
     ew_iter_start(g, 1, &it, begin / L);
+    uint32_t run[EW_SHORT]; /* a short run of the value, copied to every run of a block */
+    c->K->fill(run, EW_SHORT, c->bits, (int)c->es);
     for (int64_t i = begin; i < end;) {
+        const int64_t P = off == 0 ? ew_block_runs(g, &it, end - i) : 0;
+        if (P && s == 1) {
+            ew_runs_copy(ew_ptr(c->dst, c->es, it.off[0]), g->st[0][g->nd - 2], (const char *)run,
+                         0, L, P, c->es);
+            i += P * L;
+            ew_iter_skip(g, 1, &it, P);
+            if (i < end) ew_iter_next(g, 1, &it);
+            continue;
+        }
         int64_t len = L - off;
         if (len > end - i) len = end - i;
         char *dp = ew_ptr(c->dst, c->es, it.off[0] + off * s);
@@ -517,12 +653,37 @@ static inline const float *ew_arith_input(const ew_arith_ctx *c, int k, const ch
     return buf;
 }
 
+/* P whole runs from the odometer's position (ew_geom.block). */
+static void ew_arith_block(const ew_arith_ctx *c, const ew_iter *it, int64_t P, float *ab,
+                           float *bb, float *yb, char *tmp) {
+    const ew_geom *g = &c->g;
+    const int r = g->nd - 1;
+    const int64_t L = g->ext[r];
+    const float *in[3];
+    int bc[3];
+    float *buf[3] = {yb, ab, bb};
+    for (int k = 1; k < 3; k++) {
+        const char *p = ew_ptr(c->op[k], c->es[k], it->off[k]);
+        bc[k] = g->st[k][r] == 0 && g->st[k][r - 1] == 0;
+        if (bc[k]) mk_ew_load_strided(c->fmt[k], p, 0, buf[k], 1);
+        in[k] = bc[k] ? buf[k]
+                      : ew_block_load(c->K, c->fmt[k], p, g->st[k][r], g->st[k][r - 1], L, P,
+                                      buf[k], tmp);
+    }
+    char *dp = ew_ptr(c->op[0], c->es[0], it->off[0]);
+    const int64_t di = g->st[0][r], dr = g->st[0][r - 1];
+    float *y = c->fmt[0] == MK_FMT_F32 && di == 1 && dr == L ? (float *)dp : yb;
+    c->fn(&c->p, in[1], bc[1], in[2], bc[2], y, P * L);
+    if (y != (float *)dp) ew_block_store(c->K, c->fmt[0], dp, di, dr, L, P, y, tmp);
+}
+
 static void ew_arith_task(void *vctx, int64_t begin, int64_t end) {
     const ew_arith_ctx *c = (const ew_arith_ctx *)vctx;
     const ew_geom *g = &c->g;
     _Alignas(64) float ab[MK_EW_BLOCK];
     _Alignas(64) float bb[MK_EW_BLOCK];
     _Alignas(64) float yb[MK_EW_BLOCK];
+    _Alignas(64) char tmp[MK_EW_BLOCK * sizeof(float)];
     const int r = g->nd - 1;
     const int64_t L = g->ext[r];
     const int64_t sd = g->st[0][r], sa = g->st[1][r], sb = g->st[2][r];
@@ -533,6 +694,14 @@ static void ew_arith_task(void *vctx, int64_t begin, int64_t end) {
     int64_t off = begin % L;
     ew_iter_start(g, 3, &it, begin / L);
     for (int64_t i = begin; i < end;) {
+        const int64_t P = off == 0 ? ew_block_runs(g, &it, end - i) : 0;
+        if (P) {
+            ew_arith_block(c, &it, P, ab, bb, yb, tmp);
+            i += P * L;
+            ew_iter_skip(g, 3, &it, P);
+            if (i < end) ew_iter_next(g, 3, &it);
+            continue;
+        }
         int64_t len = L - off;
         if (len > end - i) len = end - i;
         char *dp = ew_ptr(c->op[0], c->es[0], it.off[0] + off * sd);
