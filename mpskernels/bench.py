@@ -18,6 +18,25 @@ F32 = mk.ImageFeatureChannelFormat.FLOAT32
 SETTLE_SECONDS = 0.3
 
 
+def cpu_ticks():
+    """(ticks stolen by the hypervisor, all ticks) of every CPU so far, from /proc/stat (None
+    where there is none): on a shared VM the host takes cores away for whole rounds."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    return fields[7], sum(fields)
+
+
+def steal_since(start):
+    """Share of all CPU time the host took since `start` (a cpu_ticks()), or None."""
+    end = cpu_ticks()
+    if start is None or end is None or end[1] == start[1]:
+        return None
+    return (end[0] - start[0]) / (end[1] - start[1])
+
+
 def _openblas_thread_setter():
     """NumPy's OpenBLAS set_num_threads (None if not found)."""
     libs = glob.glob(os.path.join(os.path.dirname(np.__file__), "..", "numpy.libs", "*openblas*"))
