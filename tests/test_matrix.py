@@ -66,6 +66,32 @@ def test_multiplication(device, run, rng, isa, m, n, k, tl, tr):
     _check_product(C.to_numpy(), exact, bound, k)
 
 
+@pytest.mark.parametrize("k", [1, 15, 16, 17, 100, 333])
+def test_one_column_order(device, run, rng, select_isa, k):
+    """One-column products (n = 1) sum in the order gemm.h documents for every ISA: 16 partial
+    sums, sum l taking the terms q = l, l + 16, ... in turn, then folded by 8, 4, 2, 1. The
+    portable kernel multiplies and adds separately, so float32 NumPy in that order gives the
+    same bits; the AVX kernels fuse each multiply-add, so they may differ from it in the last
+    bit only (a term rounded once, not twice)."""
+    a, x = _stored(rng, (9, k)).astype(np.float32), _stored(rng, (k, 1)).astype(np.float32)
+    s = np.zeros((9, 16), np.float32)
+    for q in range(k):
+        s[:, q % 16] += a[:, q] * x[q, 0]
+    for w in (8, 4, 2, 1):
+        s[:, :w] += s[:, w:2 * w]
+    for isa in ("generic", "avx2", "avx512"):
+        select_isa(isa)
+        C = _matrix(device, np.zeros((9, 1)))
+        kernel = mk.MatrixMultiplication(device, 9, 1, k)
+        run(device, lambda cb: kernel.encode(cb, _matrix(device, a), _matrix(device, x), C))
+        got = C.to_numpy()[:, 0]
+        if isa == "generic":
+            np.testing.assert_array_equal(got, s[:, 0])
+        else:
+            bound = (k // 16 + 5) * np.finfo(np.float32).eps * (np.abs(a) @ np.abs(x[:, 0]))
+            assert np.all(np.abs(got - s[:, 0]) <= bound), isa
+
+
 def test_multiplication_beta_zero_ignores_nan(device, run, rng):
     a, b = _stored(rng, (20, 30)), _stored(rng, (30, 40))
     C = _matrix(device, np.full((20, 40), np.nan))

@@ -469,11 +469,12 @@ static void gemv_tasks(void *ctx, int64_t begin, int64_t end) {
 }
 
 /* n == 1, A fp32 with unit column stride: C[i, 0] = dot(A row i, B column) for a chunk of
- * rows; 16 partial sums added in a fixed order. */
+ * rows, MK_GEMM_DOT_ROWS rows per call of the micro-kernel's `dot` (its order is fixed). */
 typedef struct dot_plan { const mk_sgemm_args *p; _Atomic int failed; } dot_plan;
 
 static void dot_tasks(void *ctx, int64_t begin, int64_t end) {
     const mk_sgemm_args *p = ((dot_plan *)ctx)->p;
+    const mk_gemm_ukernel *u = mk_gemm_ukernel_active();
     float *x = malloc((size_t)p->k * sizeof(float));
     if (!x) { atomic_store(&((dot_plan *)ctx)->failed, 1); return; }
     for (int64_t t = begin; t < end; t++) {
@@ -483,16 +484,12 @@ static void dot_tasks(void *ctx, int64_t begin, int64_t end) {
         const char *B = (const char *)p->b.data + (size_t)(bi * p->b.bs) * mk_format_size(p->b.format);
         char *C = (char *)p->c.data + (size_t)(bi * p->c.bs) * mk_format_size(p->c.format);
         for (int64_t q = 0; q < p->k; q++) x[q] = load_elem(B, p->b.format, q * p->b.rs);
-        for (int64_t i = 0; i < mc; i++) {
-            const float *a = A + i * p->a.rs;
-            float s[16] = {0};
-            int64_t q = 0;
-            for (; q + 16 <= p->k; q += 16)
-                for (int l = 0; l < 16; l++) s[l] += a[q + l] * x[q + l];
-            for (int l = 0; q < p->k; q++, l++) s[l] += a[q] * x[q];
-            for (int w = 8; w >= 1; w /= 2)
-                for (int l = 0; l < w; l++) s[l] += s[l + w];
-            store_out(p, C, (i0 + i) * p->c.rs, s[0], p->bias ? p->bias[0] : 0.0f);
+        for (int64_t i = 0; i < mc; i += MK_GEMM_DOT_ROWS) {
+            const int rows = (int)min64(MK_GEMM_DOT_ROWS, mc - i);
+            float s[MK_GEMM_DOT_ROWS];
+            u->dot(rows, p->k, A + i * p->a.rs, p->a.rs, x, s);
+            for (int r = 0; r < rows; r++)
+                store_out(p, C, (i0 + i + r) * p->c.rs, s[r], p->bias ? p->bias[0] : 0.0f);
         }
     }
     free(x);

@@ -50,6 +50,15 @@ typedef void (*mk_gemm_ukernel_strided_fn)(int mr, int nc, int64_t kc, const flo
 typedef void (*mk_gemm_gemv_fn)(int rows, int64_t n, const float *x, const float *b,
                                 int64_t ldb, float *y);
 
+/* Addition: the inner loop of one-column products (n = 1, bound by reading A):
+ *   out[r] = a[r * lda + 0] * x[0] + ... + a[r * lda + k - 1] * x[k - 1]
+ * for r < rows <= MK_GEMM_DOT_ROWS, in one order for every ISA: 16 partial sums, sum l adding
+ * the terms q = l, l + 16, l + 32, ... in turn (fused multiply-adds where the ISA has them),
+ * then folded s[l] += s[l + w] for w = 8, 4, 2, 1; out[r] = s[0]. */
+#define MK_GEMM_DOT_ROWS 4
+typedef void (*mk_gemm_dot_fn)(int rows, int64_t k, const float *a, int64_t lda,
+                               const float *x, float *out);
+
 /* Addition: the same tile (ks = 1, no a_offset) with A packed by the caller: row i's kc floats
  * at pa + i * MK_GEMM_PACKED_LDA (kc <= MK_GEMM_PACKED_LDA). A stride known when compiling lets
  * one pointer with constant offsets address every row: the AVX-512 kernel folds each broadcast
@@ -73,6 +82,7 @@ typedef struct mk_gemm_ukernel {
     double (*fma_burn)(int64_t iters);
     mk_gemm_gemv_fn gemv;   /* addition */
     mk_gemm_ukernel_packed_fn run_packed;   /* addition, may be NULL */
+    mk_gemm_dot_fn dot;     /* addition */
 } mk_gemm_ukernel;
 
 /* The micro-kernel of the ISA mk_select_isa chose (filled by mk_gemm_select_isa). */

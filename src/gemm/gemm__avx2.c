@@ -180,6 +180,44 @@ static void gemv__avx2(int rows, int64_t n, const float *x, const float *b, int6
     else gemv_pass(rows, n, x, b, ldb, y);
 }
 
+/* Two ymm of partial sums per row: lanes 0-7 and 8-15 of the documented order. */
+static inline __attribute__((always_inline)) void
+dot_pass(int rows, int64_t k, const float *a, int64_t lda, const float *x, float *out) {
+    __m256 lo[MK_GEMM_DOT_ROWS], hi[MK_GEMM_DOT_ROWS];
+    for (int r = 0; r < rows; r++) lo[r] = hi[r] = _mm256_setzero_ps();
+    int64_t q = 0;
+    for (; q + 16 <= k; q += 16) {
+        const __m256 x0 = _mm256_loadu_ps(x + q), x1 = _mm256_loadu_ps(x + q + 8);
+        for (int r = 0; r < rows; r++) {
+            lo[r] = _mm256_fmadd_ps(_mm256_loadu_ps(a + r * lda + q), x0, lo[r]);
+            hi[r] = _mm256_fmadd_ps(_mm256_loadu_ps(a + r * lda + q + 8), x1, hi[r]);
+        }
+    }
+    if (q < k) {   /* the lanes past k keep their sums */
+        const int t = (int)(k - q);
+        const __m256i m0 = lanes(t < 8 ? t : 8), m1 = lanes(t > 8 ? t - 8 : 0);
+        const __m256 x0 = _mm256_maskload_ps(x + q, m0), x1 = _mm256_maskload_ps(x + q + 8, m1);
+        for (int r = 0; r < rows; r++) {
+            const __m256 f0 = _mm256_fmadd_ps(_mm256_maskload_ps(a + r * lda + q, m0), x0, lo[r]);
+            const __m256 f1 = _mm256_fmadd_ps(_mm256_maskload_ps(a + r * lda + q + 8, m1), x1, hi[r]);
+            lo[r] = _mm256_blendv_ps(lo[r], f0, _mm256_castsi256_ps(m0));
+            hi[r] = _mm256_blendv_ps(hi[r], f1, _mm256_castsi256_ps(m1));
+        }
+    }
+    for (int r = 0; r < rows; r++) {
+        const __m256 h = _mm256_add_ps(lo[r], hi[r]);
+        __m128 v = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+        v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+        out[r] = _mm_cvtss_f32(_mm_add_ss(v, _mm_movehdup_ps(v)));
+    }
+}
+
+static void dot__avx2(int rows, int64_t k, const float *a, int64_t lda, const float *x,
+                      float *out) {
+    if (rows == MK_GEMM_DOT_ROWS) dot_pass(MK_GEMM_DOT_ROWS, k, a, lda, x, out);
+    else dot_pass(rows, k, a, lda, x, out);
+}
+
 const mk_gemm_ukernel mk_gemm_ukernel__avx2 = {MR, gemm_6x32__avx2, "gemm_6x32__avx2",
                                               gemm_6x32_strided__avx2, fma_burn__avx2,
-                                              gemv__avx2, NULL};
+                                              gemv__avx2, NULL, dot__avx2};

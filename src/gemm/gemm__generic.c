@@ -72,6 +72,20 @@ static void gemv__generic(int rows, int64_t n, const float *x, const float *b, i
     }
 }
 
+static void dot__generic(int rows, int64_t k, const float *a, int64_t lda, const float *x,
+                         float *out) {
+    for (int r = 0; r < rows; r++, a += lda) {
+        float s[16] = {0};
+        int64_t q = 0;
+        for (; q + 16 <= k; q += 16)
+            for (int l = 0; l < 16; l++) s[l] += a[q + l] * x[q + l];
+        for (int l = 0; q < k; q++, l++) s[l] += a[q] * x[q];
+        for (int w = 8; w >= 1; w /= 2)
+            for (int l = 0; l < w; l++) s[l] += s[l + w];
+        out[r] = s[0];
+    }
+}
+
 const mk_gemm_ukernel mk_gemm_ukernel__generic = {MR, gemm_4x32__generic, "gemm_4x32__generic",
                                                   gemm_4x32_strided__generic, fma_burn__generic,
-                                                  gemv__generic, NULL};
+                                                  gemv__generic, NULL, dot__generic};
