@@ -623,21 +623,29 @@ class MatrixSum(_NeuronMixin, Kernel):
             a, fmt, rs, cs, bs = sources[i]._operand(start, *offsets[i], self._transpose)
             return (a, fmt, bs, rs, cs, 0)
 
-        first = _native.ElementwiseCommand.neuron(extent, int(CNNNeuronType.LINEAR),
-                                                  float(scales[0]), 0.0, 0.0)
-        first.set_operand(0, *src(0))
-        first.set_operand(1, dst[0], dst[1], *dst_strides)
-        _record(command_buffer, first, self, (sources[0], result_matrix))
-        for i in range(1, self._count):   # result = result + scale[i] * source_i
-            add = _native.ElementwiseCommand.arithmetic(extent, 0, 1.0, float(scales[i]), 0.0,
-                                                        -np.inf, np.inf)
-            add.set_operand(0, dst[0], dst[1], *dst_strides)
+        # One pass per source after the first two (scale[0] * s0 + scale[1] * s1 in one), the
+        # summing order unchanged; a clamp neuron rides on the last pass when no bias follows.
+        clamp = _clamp_of(*self._neuron[:3]) if bias is None and self._count > 1 else None
+        lo, hi = clamp or (-np.inf, np.inf)
+        if self._count == 1:
+            first = _native.ElementwiseCommand.neuron(extent, int(CNNNeuronType.LINEAR),
+                                                      float(scales[0]), 0.0, 0.0)
+            first.set_operand(0, *src(0))
+            first.set_operand(1, dst[0], dst[1], *dst_strides)
+            _record(command_buffer, first, self, (sources[0], result_matrix))
+        for i in range(1, self._count):   # result = (scale[0] * s0 or result) + scale[i] * s_i
+            last = i == self._count - 1
+            add = _native.ElementwiseCommand.arithmetic(
+                extent, 0, float(scales[0]) if i == 1 else 1.0, float(scales[i]), 0.0,
+                lo if last else -np.inf, hi if last else np.inf)
+            add.set_operand(0, *(src(0) if i == 1 else (dst[0], dst[1], *dst_strides)))
             add.set_operand(1, *src(i))
             add.set_operand(2, dst[0], dst[1], *dst_strides)
-            _record(command_buffer, add, self, (sources[i], result_matrix))
+            _record(command_buffer, add, self,
+                    (sources[0], sources[1], result_matrix) if i == 1 else (sources[i], result_matrix))
         if bias is not None:
             _add_bias(command_buffer, self, result_matrix, dst, dst_strides, extent, bias)
-        if self._neuron[0] != CNNNeuronType.NONE:
+        if self._neuron[0] != CNNNeuronType.NONE and clamp is None:
             self._neuron_command(command_buffer, result_matrix, (start, size), rows, columns, co)
 
 
@@ -729,12 +737,30 @@ class MatrixNeuron(_MatrixUnary):
             _check_no_overlap(result_matrix, (input_matrix,), "MatrixNeuron")
         # read (and checked) before anything is recorded: a refused encode records nothing
         bias = None if bias_vector is None else bias_vector._values(0, columns, "bias_vector")
-        scale = _native.ElementwiseCommand.neuron(extent, int(CNNNeuronType.LINEAR),
-                                                  float(self.alpha), 0.0, 0.0)
-        scale.set_operand(0, a, fmt, bs, rs, cs, 0)
-        scale.set_operand(1, dst[0], dst[1], *dst_strides)
-        _record(command_buffer, scale, self, (input_matrix, result_matrix))
+        # One pass where it can be: alpha * x + bias with a clamp neuron in it, or the neuron
+        # alone reading x when alpha is 1 and there is no bias; else a pass per step.
+        t, na, nb, nc = self._neuron
+        clamp = _clamp_of(t, na, nb)
         if bias is not None:
-            _add_bias(command_buffer, self, result_matrix, dst, dst_strides, extent, bias)
-        if self._neuron[0] != CNNNeuronType.NONE:
+            lo, hi = clamp or (-np.inf, np.inf)
+            add = _native.ElementwiseCommand.arithmetic(extent, 0, float(self.alpha), 1.0, 0.0, lo, hi)
+            add.set_operand(0, a, fmt, bs, rs, cs, 0)
+            add.set_operand(1, bias.ctypes.data, 4, 0, 0, 1, 0)
+            add.set_operand(2, dst[0], dst[1], *dst_strides)
+            _record(command_buffer, add, self, (input_matrix, bias, result_matrix))
+            if clamp is not None:
+                return
+        elif self.alpha != 1.0 or t == CNNNeuronType.NONE:
+            scale = _native.ElementwiseCommand.neuron(extent, int(CNNNeuronType.LINEAR),
+                                                      float(self.alpha), 0.0, 0.0)
+            scale.set_operand(0, a, fmt, bs, rs, cs, 0)
+            scale.set_operand(1, dst[0], dst[1], *dst_strides)
+            _record(command_buffer, scale, self, (input_matrix, result_matrix))
+        else:
+            neuron = _native.ElementwiseCommand.neuron(extent, int(t), na, nb, nc)
+            neuron.set_operand(0, a, fmt, bs, rs, cs, 0)
+            neuron.set_operand(1, dst[0], dst[1], *dst_strides)
+            _record(command_buffer, neuron, self, (input_matrix, result_matrix))
+            return
+        if t != CNNNeuronType.NONE:
             self._neuron_command(command_buffer, result_matrix, (start, size), rows, columns, co)

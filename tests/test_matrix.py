@@ -327,15 +327,47 @@ def test_fully_connected_feature_vector_counts(device, run, rng):
     np.testing.assert_allclose(out.to_numpy(), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_matrix_neuron(device, run, rng):
-    x, bias = _stored(rng, (12, 9)), _stored(rng, 9)
-    out = mk.Matrix.with_device(device, mk.MatrixDescriptor(12, 9))
+NEURONS = {(mk.CNNNeuronType.NONE, 0.0, 0.0): lambda y: y,
+           (mk.CNNNeuronType.RELU, 0.0, 0.0): lambda y: np.maximum(y, 0),
+           (mk.CNNNeuronType.RELU, 0.25, 0.0): lambda y: np.where(y >= 0, y, 0.25 * y),
+           (mk.CNNNeuronType.RELUN, 0.0, 0.5): lambda y: np.clip(y, 0, 0.5),
+           (mk.CNNNeuronType.TANH, 1.0, 1.0): np.tanh}   # a * tanh(b * x)
+
+
+@pytest.mark.parametrize("neuron", NEURONS, ids=lambda n: f"{n[0].name}-{n[1]}")
+@pytest.mark.parametrize("alpha", [1.0, 2.0])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_matrix_neuron(device, run, rng, neuron, alpha, with_bias):
+    """y = neuron(alpha x + bias), whichever passes the kernel fuses (a clamp neuron rides on
+    the bias pass; with alpha 1 and no bias the neuron reads x itself)."""
+    x, bias = _stored(rng, (2, 12, 9)), _stored(rng, 9)
+    out = mk.Matrix.with_device(device, mk.MatrixDescriptor(12, 9, 2))
     kernel = mk.MatrixNeuron(device)
-    kernel.alpha = 2.0
-    kernel.set_neuron_type(mk.CNNNeuronType.TANH, 1.0, 1.0)   # a * tanh(b * x)
-    run(device, lambda cb: kernel.encode(cb, _matrix(device, x),
-                                         mk.Vector.from_numpy(device, bias.astype(np.float32)), out))
-    np.testing.assert_allclose(out.to_numpy(), np.tanh(2 * x + bias), rtol=1e-6, atol=1e-6)
+    kernel.alpha = alpha
+    kernel.set_neuron_type(*neuron)
+    bv = mk.Vector.from_numpy(device, bias.astype(np.float32)) if with_bias else None
+    X = _matrix(device, x)
+    run(device, lambda cb: kernel.encode(cb, X, bv, out))
+    expected = NEURONS[neuron](alpha * x + (bias if with_bias else 0))
+    np.testing.assert_allclose(out.to_numpy(), expected, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(X.to_numpy(), x)   # the input is only read
+
+
+@pytest.mark.parametrize("neuron", NEURONS, ids=lambda n: f"{n[0].name}-{n[1]}")
+@pytest.mark.parametrize("count", [1, 2, 4])
+def test_matrix_sum_counts_and_neurons(device, run, rng, neuron, count):
+    """The first two sources are summed in one pass and a clamp neuron rides on the last one
+    when there is no bias: every count and neuron still gives neuron(sum scale_i s_i)."""
+    srcs = [_stored(rng, (7, 11)) for _ in range(count)]
+    scales = np.array([0.5, -2.0, 1.25, 3.0][:count])
+    out = _matrix(device, np.full((7, 11), np.nan))
+    kernel = mk.MatrixSum(device, count, 7, 11, False)
+    kernel.set_neuron_type(*neuron)
+    run(device, lambda cb: kernel.encode(
+        cb, [_matrix(device, m) for m in srcs], out,
+        scale_vector=mk.Vector.from_numpy(device, scales.astype(np.float32))))
+    expected = NEURONS[neuron](sum(s * m for s, m in zip(scales, srcs)))
+    np.testing.assert_allclose(out.to_numpy(), expected, rtol=1e-6, atol=1e-6)
 
 
 # ---- storage ----------------------------------------------------------------------------------
