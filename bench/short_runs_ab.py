@@ -3,8 +3,8 @@ two builds of mpskernels compared in paired blocks: each block is a child proces
 (old, new, old, new, ...), each case timed as the median of its calls, one thread; the figure
 is the median over the blocks. Nothing else differs, so the ratio new/old is the change.
 
-Run: python bench/short_runs_ab.py OLD_DIR NEW_DIR [--blocks 5]   (each DIR holds a built
-mpskernels package; the figures are in docs/elementwise.md)."""
+Run: python bench/short_runs_ab.py OLD_DIR NEW_DIR [--blocks 5] [--isa avx2]   (each DIR
+holds a built mpskernels package; the figures are in docs/elementwise.md)."""
 import argparse
 import json
 import os
@@ -13,9 +13,11 @@ import sys
 import time
 
 
-def cases():
+def cases(isa):
     import numpy as np
     import mpskernels as mk
+    if isa:
+        assert mk._native.select_isa(isa) == isa
     F = mk.ImageFeatureChannelFormat
     device = mk.Device(num_threads=1)
     queue = device.make_command_queue()
@@ -57,9 +59,9 @@ def cases():
     return out
 
 
-def child(calls):
+def child(calls, isa):
     res = {}
-    for name, fn in cases().items():
+    for name, fn in cases(isa).items():
         for _ in range(5):
             fn()
         ts = []
@@ -78,16 +80,17 @@ def main():
     ap.add_argument("new")
     ap.add_argument("--blocks", type=int, default=5)
     ap.add_argument("--calls", type=int, default=200)
+    ap.add_argument("--isa", default="", help="generic, avx2 or avx512 (default: the best)")
     ap.add_argument("--child", action="store_true")
     args = ap.parse_args()
     if args.child:
-        return child(args.calls)
+        return child(args.calls, args.isa)
     runs = {"old": [], "new": []}
     for _ in range(args.blocks):
         for which in ("old", "new"):
             env = dict(os.environ, PYTHONPATH=getattr(args, which), MPSKERNELS_NUM_THREADS="1")
             p = subprocess.run([sys.executable, __file__, args.old, args.new, "--child",
-                                "--calls", str(args.calls)], env=env, capture_output=True,
+                                "--calls", str(args.calls), "--isa", args.isa], env=env, capture_output=True,
                                text=True, check=True)
             runs[which].append(json.loads(p.stdout))
     med = lambda v: sorted(v)[len(v) // 2]

@@ -191,32 +191,12 @@ static inline void ew_iter_skip(const ew_geom *g, int nops, ew_iter *it, int64_t
     for (int k = 0; k < nops; k++) it->off[k] += (P - 1) * g->st[k][d];
 }
 
-/* P runs of L elements of es bytes, pixel strides ss / ds in elements (0: the same run each
- * time): the sizes of 1-4 channel pixels as fixed-size moves, which the compiler inlines. */
-static void ew_runs_copy(char *d, int64_t ds, const char *s, int64_t ss, int64_t L, int64_t P,
-                         size_t es) {
-    const size_t rb = (size_t)L * es;
-    const int64_t db = ds * (int64_t)es, sb = ss * (int64_t)es;
-#define EW_RUNS(RB)                                                                       \
-    for (int64_t p = 0; p < P; p++) { /* through t: no libc call, in-place safe */        \
-        char t[RB];                                                                        \
-        memcpy(t, s + p * sb, RB);                                                         \
-        memcpy(d + p * db, t, RB);                                                         \
-    }                                                                                      \
-    return;
-    switch (rb) {
-    case 1: EW_RUNS(1)
-    case 2: EW_RUNS(2)
-    case 3: EW_RUNS(3)
-    case 4: EW_RUNS(4)
-    case 6: EW_RUNS(6)
-    case 8: EW_RUNS(8)
-    case 12: EW_RUNS(12)
-    case 16: EW_RUNS(16)
-    default:
-        for (int64_t p = 0; p < P; p++) memmove(d + p * db, s + p * sb, rb);
-    }
-#undef EW_RUNS
+/* P runs of L elements of es bytes, run starts ds / ss elements apart (ss 0: the same run
+ * each time). d and s never overlap: a same-format block copy onto itself is skipped. */
+static inline void ew_runs_copy(const mk_ew_kernels *K, char *d, int64_t ds, const char *s,
+                                int64_t ss, int64_t L, int64_t P, size_t es) {
+    const int64_t e = (int64_t)es;
+    K->runs(d, ds * e, s, ss * e, L * e, P);
 }
 
 static inline char *ew_ptr(const mk_operand *o, size_t es, int64_t off) {
@@ -241,7 +221,7 @@ static const float *ew_block_load(const mk_ew_kernels *K, int fmt, const char *p
     }
     if (sr == L && fmt == MK_FMT_F32) return (const float *)p;
     if (sr != L) {
-        ew_runs_copy(fmt == MK_FMT_F32 ? (char *)buf : tmp, L, p, sr, L, P, es);
+        ew_runs_copy(K, fmt == MK_FMT_F32 ? (char *)buf : tmp, L, p, sr, L, P, es);
         if (fmt == MK_FMT_F32) return buf;
         p = tmp;
     }
@@ -259,10 +239,10 @@ static void ew_block_store(const mk_ew_kernels *K, int fmt, char *p, int64_t si,
     } else if (sr == L) {
         K->store[fmt](y, p, P * L);
     } else if (fmt == MK_FMT_F32) {
-        ew_runs_copy(p, sr, (const char *)y, L, L, P, es);
+        ew_runs_copy(K, p, sr, (const char *)y, L, L, P, es);
     } else {
         K->store[fmt](y, tmp, P * L);
-        ew_runs_copy(p, sr, tmp, L, L, P, es);
+        ew_runs_copy(K, p, sr, tmp, L, L, P, es);
     }
 }
 
@@ -354,7 +334,8 @@ static void ew_unary_block(const ew_unary_ctx *c, const ew_iter *it, int64_t P, 
     const char *sp = ew_ptr(c->src, c->ses, it->off[1]);
     char *dp = ew_ptr(c->dst, c->des, it->off[0]);
     if (c->fn == NULL && c->sfmt == c->dfmt) { /* a plain copy moves the bits */
-        if (si == 1 && di == 1) ew_runs_copy(dp, dr, sp, sr, L, P, c->des);
+        if (sp == dp && si == di && sr == dr) return;
+        if (si == 1 && di == 1) ew_runs_copy(c->K, dp, dr, sp, sr, L, P, c->des);
         else
             for (int64_t q = 0; q < P; q++)
                 ew_copy_same(dp + q * dr * (int64_t)c->des, di, sp + q * sr * (int64_t)c->ses, si,
@@ -587,7 +568,7 @@ static void ew_fill_task(void *vctx, int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end;) {
         const int64_t P = off == 0 ? ew_block_runs(g, &it, end - i) : 0;
         if (P && s == 1) {
-            ew_runs_copy(ew_ptr(c->dst, c->es, it.off[0]), g->st[0][g->nd - 2], (const char *)run,
+            ew_runs_copy(c->K, ew_ptr(c->dst, c->es, it.off[0]), g->st[0][g->nd - 2], (const char *)run,
                          0, L, P, c->es);
             i += P * L;
             ew_iter_skip(g, 1, &it, P);

@@ -44,6 +44,11 @@ typedef void (*mk_ew_arith_fn)(const mk_ew_arith *p, const float *a, int a_bc, c
 /* Store the element `bits` (esize = 1, 2 or 4 bytes) n times contiguously. */
 typedef void (*mk_ew_fill_fn)(void *dst, int64_t n, uint32_t bits, int esize);
 
+/* Copy P runs of rb bytes from s to d, their starts sb / db bytes apart (sb 0: the same
+ * run each time); d and s do not overlap. Gathers and scatters pixels of a few channels. */
+typedef void (*mk_ew_runs_fn)(char *d, int64_t db, const char *s, int64_t sb, int64_t rb,
+                              int64_t P);
+
 /* d[3i + k] = plane k's element i (4-byte elements) for i < n: three planes interleaved
  * (NCHW -> NHWC of an RGB image). */
 typedef void (*mk_ew_interleave3_fn)(const uint32_t *a, const uint32_t *b, const uint32_t *c,
@@ -71,6 +76,7 @@ typedef struct mk_ew_kernels {
     mk_ew_neuron_fn neuron[MK_EW_NUM_NEURONS];
     mk_ew_arith_fn arith[4];
     mk_ew_fill_fn fill;
+    mk_ew_runs_fn runs;
     mk_ew_interleave3_fn interleave3;
 } mk_ew_kernels;
 
@@ -90,6 +96,9 @@ uint8_t mk_ew_f32_to_unorm8(float f);
 uint16_t mk_ew_f32_to_unorm16(float f);
 /* Element `bits` (in the low esize bytes) that encodes v in format fmt. */
 uint32_t mk_ew_encode_bits(int fmt, float v);
+
+/* The portable runs copy (AVX2's too: per pixel, the compiler's moves are as good). */
+void mk_ew_runs__generic(char *d, int64_t db, const char *s, int64_t sb, int64_t rb, int64_t P);
 
 /* Strided (any stride, 0 = broadcast) decode / encode of n elements. */
 void mk_ew_load_strided(int fmt, const void *src, int64_t stride, float *dst, int64_t n);

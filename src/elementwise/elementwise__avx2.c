@@ -126,6 +126,7 @@ const mk_ew_kernels mk_ew_kernels__avx2 = {
     .neuron = EW_TABLE_NEURONS,
     .arith = EW_TABLE_ARITH,
     .fill = fill__avx2,
+    .runs = mk_ew_runs__generic,
     .interleave3 = interleave3__avx2,
 };
 

@@ -121,6 +121,51 @@ static void fill__avx512(void *dst, int64_t n, uint32_t bits, int esize) {
     }
 }
 
+/* RGB in RGBA pixels of 1- or 2-byte elements: 16 bytes of pixels (4 or 2) <-> 12 bytes of
+ * runs with one byte shuffle. */
+static void runs_rgb__avx512(char *d, const char *s, int pack, int es, int64_t steps) {
+    const __m128i pk = es == 1 ? _mm_setr_epi8(0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 14, -1, -1, -1, -1)
+                               : _mm_setr_epi8(0, 1, 2, 3, 4, 5, 8, 9, 10, 11, 12, 13, -1, -1, -1, -1);
+    const __m128i up = es == 1 ? _mm_setr_epi8(0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1)
+                               : _mm_setr_epi8(0, 1, 2, 3, 4, 5, -1, -1, 6, 7, 8, 9, 10, 11, -1, -1);
+    const __mmask16 px = es == 1 ? 0x7777 : 0x3f3f, run = 0x0fff;
+    for (int64_t i = 0; i < steps; i++) {
+        if (pack)
+            _mm_mask_storeu_epi8(d + 12 * i, run, _mm_shuffle_epi8(_mm_maskz_loadu_epi8(px, s + 16 * i), pk));
+        else
+            _mm_mask_storeu_epi8(d + 16 * i, px, _mm_shuffle_epi8(_mm_maskz_loadu_epi8(run, s + 12 * i), up));
+    }
+}
+
+/* One masked load and store a run (up to 64 bytes); RGB in RGBA pixels (runs of 3 elements
+ * 4 apart, to or from 3 apart) 16 bytes of pixels at a time: compress / expand for 4-byte
+ * elements, a byte shuffle for 1 and 2. */
+static void runs__avx512(char *d, int64_t db, const char *s, int64_t sb, int64_t rb, int64_t P) {
+    int64_t p = 0;
+    const int es = (int)(rb / 3), rgb = rb == 3 || rb == 6 || rb == 12;
+    const int64_t k = es == 4 ? 4 : 4 / es; /* pixels a step */
+    if (rgb && db == rb && sb == 4 * es) {
+        p = P - P % k;
+        if (es == 4)
+            for (int64_t q = 0; q < p; q += 4)
+                _mm512_mask_storeu_ps(d + q * 12, 0x0fff, _mm512_maskz_compress_ps(
+                                      0x7777, _mm512_maskz_loadu_ps(0x7777, s + q * 16)));
+        else runs_rgb__avx512(d, s, 1, es, p * rb / 12);
+    } else if (rgb && db == 4 * es && sb == rb) {
+        p = P - P % k;
+        if (es == 4)
+            for (int64_t q = 0; q < p; q += 4)
+                _mm512_mask_storeu_ps(d + q * 16, 0x7777, _mm512_maskz_expandloadu_ps(0x7777, s + q * 12));
+        else runs_rgb__avx512(d, s, 0, es, p * rb / 12);
+    }
+    if (rb > 64) {
+        mk_ew_runs__generic(d + p * db, db, s + p * sb, sb, rb, P - p);
+        return;
+    }
+    const __mmask64 m = rb == 64 ? ~0ULL : (1ULL << rb) - 1ULL;
+    for (; p < P; p++) _mm512_mask_storeu_epi8(d + p * db, m, _mm512_maskz_loadu_epi8(m, s + p * sb));
+}
+
 static void interleave3__avx512(const uint32_t *a, const uint32_t *b, const uint32_t *c,
                               uint32_t *d, int64_t n) {
     mk_ew_interleave3_loop(a, b, c, d, n);
@@ -135,6 +180,7 @@ const mk_ew_kernels mk_ew_kernels__avx512 = {
     .neuron = EW_TABLE_NEURONS,
     .arith = EW_TABLE_ARITH,
     .fill = fill__avx512,
+    .runs = runs__avx512,
     .interleave3 = interleave3__avx512,
 };
 
