@@ -23,6 +23,10 @@ best with best) on the same clock under the same load from other jobs. (The best
 bursts at the start against the median of 0.1 s products that the other jobs interrupt asks a
 shared machine for more than a quiet one; the paired figure is the one to judge by.)
 
+The other matrix kernels (MatrixVectorMultiplication both ways, MatrixSum, MatrixNeuron,
+MatrixFullyConnected) are timed against the NumPy calls a user would write instead, in
+alternating blocks, as GB/s moved or GFLOP/s.
+
 The one-row product 1x4096x4096 reads 64 MiB of B per run: it is bound by the read bandwidth,
 so at one thread the read probe of bench/test_bench_reduction.py (AVX-512 loads of every word)
 is sampled over B's own storage alternately with ours and NumPy's, and each is reported as a
@@ -156,3 +160,75 @@ def test_small_multiplication_latency(report):
     ours_s, numpy_s = np.median(times[0]), np.median(times[1])
     report(("MatrixMultiplication 64x64x64 latency", 1, ours_s * 1e6, numpy_s * 1e6,
             ours_s / numpy_s, f"must hold: median <= 15 us (best {times[0].min() * 1e6:.1f} us)"))
+
+
+def _other_kernels(device, rng):
+    """(name, encode(cb), NumPy's way, (amount, unit)) for the matrix kernels besides
+    MatrixMultiplication, each against what a NumPy user would write; the amount is GB read
+    and written, or GFLOP."""
+    def mat(*shape):
+        x = rng.standard_normal(shape).astype(np.float32)
+        return x, mk.Matrix.from_numpy(device, x)
+
+    def vec(n):
+        x = rng.standard_normal(n).astype(np.float32)
+        return x, mk.Vector.from_numpy(device, x)
+
+    out = []
+    a, A = mat(4096, 4096)
+    x, X = vec(4096)
+    y, Y = vec(4096)
+    for transpose in (False, True):
+        mv = mk.MatrixVectorMultiplication(device, 4096, 4096, transpose)
+        at = a.T if transpose else a
+        out.append((f"MatrixVectorMultiplication 4096x4096{' transposed' if transpose else ''}",
+                    lambda cb, mv=mv: mv.encode(cb, A, X, Y),
+                    lambda at=at: np.matmul(at, x, out=y), (a.nbytes / 1e9, "GB/s")))
+    srcs = [mat(1024, 1024) for _ in range(4)]
+    r, R = mat(1024, 1024)
+    msum = mk.MatrixSum(device, 4, 1024, 1024)
+
+    def numpy_sum():
+        np.add(srcs[0][0], srcs[1][0], out=r)
+        for s, _ in srcs[2:]:
+            np.add(r, s, out=r)
+    out.append(("MatrixSum 4 x 1024x1024", lambda cb: msum.encode(cb, [s for _, s in srcs], R),
+                numpy_sum, (5 * r.nbytes / 1e9, "GB/s")))
+    bias, Bias = vec(1024)
+    neuron = mk.MatrixNeuron(device)
+    neuron.set_neuron_type(mk.CNNNeuronType.RELU)
+    m0, M0 = srcs[0]
+    out.append(("MatrixNeuron 1024x1024 bias + ReLU", lambda cb: neuron.encode(cb, M0, Bias, R),
+                lambda: np.maximum(np.add(m0, bias, out=r), 0, out=r), (2 * r.nbytes / 1e9, "GB/s")))
+    f, F = mat(256, 1024)
+    h, H = mat(256, 1024)
+    fc = mk.MatrixFullyConnected(device)
+    fc.set_neuron_type(mk.CNNNeuronType.RELU)
+    out.append(("MatrixFullyConnected 256x1024x1024 bias + ReLU",
+                lambda cb: fc.encode(cb, F, M0, Bias, H),
+                lambda: np.maximum(np.add(np.matmul(f, m0, out=h), bias, out=h), 0, out=h),
+                (2 * 256 * 1024 * 1024 / 1e9, "GFLOP/s")))
+    return out
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_other_matrix_kernels_vs_numpy(report, threads):
+    """MatrixVectorMultiplication, MatrixSum, MatrixNeuron and MatrixFullyConnected against
+    NumPy (OpenBLAS at our thread count): ratio of the medians of alternating blocks."""
+    if set_blas_threads is None:
+        pytest.skip("cannot set NumPy's OpenBLAS thread count")
+    device = _device(threads)
+    queue = device.make_command_queue()
+    set_blas_threads(threads)
+    try:
+        for name, encode, theirs, (amount, unit) in _other_kernels(device, np.random.default_rng(0)):
+            def ours():
+                cb = queue.make_command_buffer()
+                encode(cb)
+                cb.commit()
+                cb.wait_until_completed()
+            t_ours, t_np = (np.median(t) for t in paired_samples(2.0, ours, theirs))
+            report((name, threads, t_ours * 1e6, t_np * 1e6, t_ours / t_np,
+                    f"{amount / t_ours:.1f} {unit} (NumPy {amount / t_np:.1f})"))
+    finally:
+        set_blas_threads(1)
