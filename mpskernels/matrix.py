@@ -425,12 +425,32 @@ class _NeuronMixin:
 
     def _neuron_command(self, command_buffer, matrix, batch, rows, columns, origin):
         """Apply the neuron in place on rows x columns of `matrix` from origin."""
-        t, a, b, c = self._neuron
-        command = _native.ElementwiseCommand.neuron((batch[1], rows, columns, 1), int(t), a, b, c)
         address, fmt, rs, cs, bs = matrix._operand(batch[0], origin.x, origin.y)
-        for k in (0, 1):
-            command.set_operand(k, address, fmt, bs, rs, cs, 0)
-        _record(command_buffer, command, self, (matrix,))
+        window = (address, fmt, bs, rs, cs, 0)
+        _neuron_pass(command_buffer, self, (matrix,), (batch[1], rows, columns, 1), self._neuron,
+                     window, window)
+
+
+def _neuron_pass(command_buffer, kernel, keep, extent, neuron, source, destination):
+    """destination = neuron(source), one elementwise pass; source and destination are
+    operands (address, format, then the strides of the extent's axes)."""
+    t, a, b, c = neuron
+    command = _native.ElementwiseCommand.neuron(extent, int(t), a, b, c)
+    command.set_operand(0, *source)
+    command.set_operand(1, *destination)
+    _record(command_buffer, command, kernel, keep)
+
+
+def _bias_pass(command_buffer, kernel, keep, extent, bias, source, destination, alpha=1.0,
+               clamp=None):
+    """destination = clamp(alpha * source + bias), bias one float32 per column (the same for
+    every row and batch item), one elementwise pass."""
+    lo, hi = clamp or (-np.inf, np.inf)
+    add = _native.ElementwiseCommand.arithmetic(extent, 0, float(alpha), 1.0, 0.0, lo, hi)
+    add.set_operand(0, *source)
+    add.set_operand(1, bias.ctypes.data, 4, 0, 0, 1, 0)
+    add.set_operand(2, *destination)
+    _record(command_buffer, add, kernel, keep)
 
 
 def _origin_property(which):
@@ -625,37 +645,26 @@ class MatrixSum(_NeuronMixin, Kernel):
 
         # One pass per source after the first two (scale[0] * s0 + scale[1] * s1 in one), the
         # summing order unchanged; a clamp neuron rides on the last pass when no bias follows.
+        out = (dst[0], dst[1], *dst_strides)
         clamp = _clamp_of(*self._neuron[:3]) if bias is None and self._count > 1 else None
         lo, hi = clamp or (-np.inf, np.inf)
         if self._count == 1:
-            first = _native.ElementwiseCommand.neuron(extent, int(CNNNeuronType.LINEAR),
-                                                      float(scales[0]), 0.0, 0.0)
-            first.set_operand(0, *src(0))
-            first.set_operand(1, dst[0], dst[1], *dst_strides)
-            _record(command_buffer, first, self, (sources[0], result_matrix))
+            _neuron_pass(command_buffer, self, (sources[0], result_matrix), extent,
+                         (CNNNeuronType.LINEAR, float(scales[0]), 0.0, 0.0), src(0), out)
         for i in range(1, self._count):   # result = (scale[0] * s0 or result) + scale[i] * s_i
             last = i == self._count - 1
             add = _native.ElementwiseCommand.arithmetic(
                 extent, 0, float(scales[0]) if i == 1 else 1.0, float(scales[i]), 0.0,
                 lo if last else -np.inf, hi if last else np.inf)
-            add.set_operand(0, *(src(0) if i == 1 else (dst[0], dst[1], *dst_strides)))
+            add.set_operand(0, *(src(0) if i == 1 else out))
             add.set_operand(1, *src(i))
-            add.set_operand(2, dst[0], dst[1], *dst_strides)
+            add.set_operand(2, *out)
             _record(command_buffer, add, self,
                     (sources[0], sources[1], result_matrix) if i == 1 else (sources[i], result_matrix))
         if bias is not None:
-            _add_bias(command_buffer, self, result_matrix, dst, dst_strides, extent, bias)
+            _bias_pass(command_buffer, self, (bias, result_matrix), extent, bias, out, out)
         if self._neuron[0] != CNNNeuronType.NONE and clamp is None:
             self._neuron_command(command_buffer, result_matrix, (start, size), rows, columns, co)
-
-
-def _add_bias(command_buffer, kernel, matrix, dst, dst_strides, extent, bias):
-    """matrix window += bias (float32, one value per column, the same for every row and batch)."""
-    add = _native.ElementwiseCommand.arithmetic(extent, 0, 1.0, 1.0, 0.0, -np.inf, np.inf)
-    add.set_operand(0, dst[0], dst[1], *dst_strides)
-    add.set_operand(1, bias.ctypes.data, 4, 0, 0, 1, 0)
-    add.set_operand(2, dst[0], dst[1], *dst_strides)
-    _record(command_buffer, add, kernel, (bias, matrix))
 
 
 class _MatrixUnary(_NeuronMixin, Kernel):
@@ -739,28 +748,20 @@ class MatrixNeuron(_MatrixUnary):
         bias = None if bias_vector is None else bias_vector._values(0, columns, "bias_vector")
         # One pass where it can be: alpha * x + bias with a clamp neuron in it, or the neuron
         # alone reading x when alpha is 1 and there is no bias; else a pass per step.
-        t, na, nb, nc = self._neuron
-        clamp = _clamp_of(t, na, nb)
+        x, out = (a, fmt, bs, rs, cs, 0), (dst[0], dst[1], *dst_strides)
+        t = self._neuron[0]
+        clamp = _clamp_of(*self._neuron[:3])
         if bias is not None:
-            lo, hi = clamp or (-np.inf, np.inf)
-            add = _native.ElementwiseCommand.arithmetic(extent, 0, float(self.alpha), 1.0, 0.0, lo, hi)
-            add.set_operand(0, a, fmt, bs, rs, cs, 0)
-            add.set_operand(1, bias.ctypes.data, 4, 0, 0, 1, 0)
-            add.set_operand(2, dst[0], dst[1], *dst_strides)
-            _record(command_buffer, add, self, (input_matrix, bias, result_matrix))
+            _bias_pass(command_buffer, self, (input_matrix, bias, result_matrix), extent, bias, x,
+                       out, self.alpha, clamp)
             if clamp is not None:
                 return
-        elif self.alpha != 1.0 or t == CNNNeuronType.NONE:
-            scale = _native.ElementwiseCommand.neuron(extent, int(CNNNeuronType.LINEAR),
-                                                      float(self.alpha), 0.0, 0.0)
-            scale.set_operand(0, a, fmt, bs, rs, cs, 0)
-            scale.set_operand(1, dst[0], dst[1], *dst_strides)
-            _record(command_buffer, scale, self, (input_matrix, result_matrix))
-        else:
-            neuron = _native.ElementwiseCommand.neuron(extent, int(t), na, nb, nc)
-            neuron.set_operand(0, a, fmt, bs, rs, cs, 0)
-            neuron.set_operand(1, dst[0], dst[1], *dst_strides)
-            _record(command_buffer, neuron, self, (input_matrix, result_matrix))
+        elif self.alpha == 1.0 and t != CNNNeuronType.NONE:
+            _neuron_pass(command_buffer, self, (input_matrix, result_matrix), extent, self._neuron,
+                         x, out)
             return
+        else:
+            _neuron_pass(command_buffer, self, (input_matrix, result_matrix), extent,
+                         (CNNNeuronType.LINEAR, float(self.alpha), 0.0, 0.0), x, out)
         if t != CNNNeuronType.NONE:
             self._neuron_command(command_buffer, result_matrix, (start, size), rows, columns, co)
