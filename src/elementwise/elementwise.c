@@ -142,7 +142,7 @@ static void ew_geom_build(ew_geom *g, mk_extent e, const mk_operand *const *ops,
     /* Runs of a few channels of padded pixels (3 of 4): one microkernel call per run costs
      * ~20 ns, 10-20x the work, so blocks of whole runs are gathered and scattered instead.
      * PRELU's slopes follow the run only when the channels are its innermost part. */
-    if (nd >= 2 && g->ext[nd - 1] < EW_SHORT && (!prelu || g->chan_inner))
+    if (nd >= 2 && g->total > 0 && g->ext[nd - 1] < EW_SHORT && (!prelu || g->chan_inner))
         g->block = MK_EW_BLOCK / g->ext[nd - 1];
 }
 

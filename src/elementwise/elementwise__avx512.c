@@ -142,21 +142,23 @@ static void runs_rgb__avx512(char *d, const char *s, int pack, int es, int64_t s
  * elements, a byte shuffle for 1 and 2. */
 static void runs__avx512(char *d, int64_t db, const char *s, int64_t sb, int64_t rb, int64_t P) {
     int64_t p = 0;
-    const int es = (int)(rb / 3), rgb = rb == 3 || rb == 6 || rb == 12;
-    const int64_t k = es == 4 ? 4 : 4 / es; /* pixels a step */
-    if (rgb && db == rb && sb == 4 * es) {
-        p = P - P % k;
-        if (es == 4)
-            for (int64_t q = 0; q < p; q += 4)
-                _mm512_mask_storeu_ps(d + q * 12, 0x0fff, _mm512_maskz_compress_ps(
-                                      0x7777, _mm512_maskz_loadu_ps(0x7777, s + q * 16)));
-        else runs_rgb__avx512(d, s, 1, es, p * rb / 12);
-    } else if (rgb && db == 4 * es && sb == rb) {
-        p = P - P % k;
-        if (es == 4)
-            for (int64_t q = 0; q < p; q += 4)
-                _mm512_mask_storeu_ps(d + q * 16, 0x7777, _mm512_maskz_expandloadu_ps(0x7777, s + q * 12));
-        else runs_rgb__avx512(d, s, 0, es, p * rb / 12);
+    if (rb == 3 || rb == 6 || rb == 12) {
+        const int es = (int)(rb / 3);
+        const int64_t k = es == 4 ? 4 : 4 / es; /* pixels a step */
+        if (db == rb && sb == 4 * es) {
+            p = P - P % k;
+            if (es == 4)
+                for (int64_t q = 0; q < p; q += 4)
+                    _mm512_mask_storeu_ps(d + q * 12, 0x0fff, _mm512_maskz_compress_ps(
+                                          0x7777, _mm512_maskz_loadu_ps(0x7777, s + q * 16)));
+            else runs_rgb__avx512(d, s, 1, es, p * rb / 12);
+        } else if (db == 4 * es && sb == rb) {
+            p = P - P % k;
+            if (es == 4)
+                for (int64_t q = 0; q < p; q += 4)
+                    _mm512_mask_storeu_ps(d + q * 16, 0x7777, _mm512_maskz_expandloadu_ps(0x7777, s + q * 12));
+            else runs_rgb__avx512(d, s, 0, es, p * rb / 12);
+        }
     }
     if (rb > 64) {
         mk_ew_runs__generic(d + p * db, db, s + p * sb, sb, rb, P - p);
