@@ -2,8 +2,9 @@
 
 Storage: every image is NHWC with the channel stride padded to 16 elements (the CPU analogue
 of MPS's 4-channel texture slices, sized for one AVX-512 register of fp32), 64-byte aligned;
-images of 1-4 channels take 1, 2 or 4 elements a pixel (`_channel_stride`). Channels past `feature_channels` are zero in persistent images; in temporaries they are
-undefined, so kernels never read them. Conversion to the user's layout happens only in
+images of 1-4 channels take 1, 2 or 4 elements a pixel (`_channel_stride`). Channels past
+`feature_channels` are zero in persistent images; in temporaries they are undefined, so
+kernels never read them. Conversion to the user's layout happens only in
 read_bytes / write_bytes / from_numpy / to_numpy."""
 import abc
 from collections import namedtuple
@@ -18,6 +19,8 @@ from mpskernels.geometry import as_region
 from mpskernels.texture import Texture, TextureDescriptor
 
 CHANNEL_ALIGNMENT = 16
+_MAX_DIM = (1 << 31) - 1
+_MAX_BYTES = 1 << 48
 
 
 def _channel_stride(channels):
@@ -27,8 +30,7 @@ def _channel_stride(channels):
     if channels <= 4:
         return (1, 2, 4, 4)[channels - 1]
     return -(-channels // CHANNEL_ALIGNMENT) * CHANNEL_ALIGNMENT
-_MAX_DIM = (1 << 31) - 1
-_MAX_BYTES = 1 << 48
+
 
 F = ImageFeatureChannelFormat
 # format -> (bytes per element, numpy dtype of read_bytes, numpy dtype of to_numpy, precision bits)
