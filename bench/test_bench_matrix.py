@@ -16,7 +16,11 @@ At one thread the kernel alone (the recorded command run on this thread) and Num
 timed in this thread's CPU time, which time taken by other processes does not inflate.
 
 FMA peak: mk_gemm_fma_burn (12 independent FMA chains per thread in the active ISA's widest
-registers, the best of repeated bursts) on the same number of threads. At one thread the probe
+registers, the best of repeated bursts) on the same number of threads, measured when the first
+case starts and again right after each product; a row's "% of peak" is taken against the best
+burst so far, and the FMA peak rows, printed last, give the best of the whole run. (On a shared
+host the probe moved from 104 to 164 GFLOP/s within minutes: a peak taken once, in a slow
+moment, put a product at 113-146% of it.) At one thread the probe
 is also sampled in the CPU-time rounds, alternately with ours and NumPy's, one burst doing the
 product's flops: our share of the peak then compares the same statistic (median with median,
 best with best) on the same clock under the same load from other jobs. (The best of 2 ms
@@ -52,19 +56,18 @@ _devices, _peaks = {}, {}
 def _device(threads):
     if threads not in _devices:
         _devices[threads] = mk.Device(num_threads=threads)
-        _peaks[threads] = _native.fma_peak_gflops(_devices[threads]._pool, 0.5)
+        _note_peak(threads, _native.fma_peak_gflops(_devices[threads]._pool, 0.5))
     return _devices[threads]
+
+
+def _note_peak(threads, gflops):
+    """The machine's peak is the fastest burst seen: a slow moment of the host lowers a probe,
+    nothing raises it."""
+    _peaks[threads] = max(_peaks.get(threads, 0.0), gflops)
 
 
 def paired_samples(seconds, *fns, **kwargs):
     return timing.paired_samples(seconds, *fns, rounds=ROUNDS, **kwargs)
-
-
-@pytest.mark.parametrize("threads", [1, 2])
-def test_fma_peak(report, threads):
-    _device(threads)
-    report(("FMA peak", threads, float("nan"), float("nan"), float("nan"),
-            f"{_peaks[threads]:.1f} GFLOP/s ({_native.active_isa()})"))
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -108,6 +111,9 @@ def test_sgemm_vs_numpy(benchmark, report, shape, threads):
             cpu = paired_samples(seconds / 2, *fns, clock=time.thread_time)
     finally:
         set_blas_threads(1)
+    _note_peak(threads, _native.fma_peak_gflops(device._pool, 0.2))
+    if threads == 1:
+        _note_peak(1, burn_iters * 384 / cpu[2].min() / 1e9)
     ours_s, numpy_s = np.median(times[0]), np.median(times[1])
     ratio = np.median(round_ratios)
     benchmark.group = f"sgemm {m}x{k}x{n}"
@@ -138,6 +144,13 @@ def test_sgemm_vs_numpy(benchmark, report, shape, threads):
                                 gflops=gflops)
     report((f"sgemm {m}x{k}x{n}", threads, ours_s * 1e6, numpy_s * 1e6, ratio, extra))
 
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fma_peak(report, threads):
+    """After the products: the best burst of the run (the start and beside each product)."""
+    _device(threads)
+    report(("FMA peak", threads, float("nan"), float("nan"), float("nan"),
+            f"{_peaks[threads]:.1f} GFLOP/s ({_native.active_isa()}), the best burst of the run"))
 
 def test_small_multiplication_latency(report):
     """64x64x64 MatrixMultiplication: encode + commit + wait (must hold: median <= 15 us)."""
