@@ -57,6 +57,8 @@ cdef extern from "mpskernels.h" nogil:
         float primary_scale, secondary_scale, bias, min_value, max_value
     mk_status mk_arithmetic(const mk_arith_params *p, const mk_operand *a, const mk_operand *b,
                             const mk_operand *dst, mk_extent e, mk_pool *pool)
+    mk_status mk_sum(int count, const float *scale, const mk_operand *src, const mk_operand *dst,
+                     float min_value, float max_value, mk_extent e, mk_pool *pool)
 
     ctypedef struct mk_arena_stats:
         int64_t peak_bytes, requested_bytes, lower_bound_bytes

@@ -330,6 +330,63 @@ cdef class ElementwiseCommand(Command):
         check(s, str(self.description or "elementwise kernel"))
 
 
+cdef struct sum_args:
+    int count
+    float *scale
+    mk_operand *ops        # the destination, then the `count` sources
+    float lo, hi
+    mk_extent extent
+
+cdef mk_status run_sum(void *p, mk_pool *pool) noexcept nogil:
+    cdef sum_args *a = <sum_args *>p
+    return mk_sum(a.count, a.scale, &a.ops[1], &a.ops[0], a.lo, a.hi, a.extent, pool)
+
+
+cdef class SumCommand(Command):
+    """dst = clamp(sum of scale[k] * source k, lo, hi) in one pass (mk_sum): operand 0 is the
+    destination, operands 1..count the sources; extent (n, rows, columns, 1)."""
+    cdef sum_args args
+
+    def __cinit__(self, extent, scales, float lo, float hi):
+        n, h, w, ch = extent
+        count = len(scales)
+        if count < 2 or n <= 0 or h <= 0 or w <= 0 or ch != 1 or max(n, h, w) > 0x7fffffff:
+            raise ValueError(f"bad sum: {count} sources over {extent}")
+        self.args.scale = <float *>malloc(count * sizeof(float))
+        self.args.ops = <mk_operand *>malloc((count + 1) * sizeof(mk_operand))
+        if self.args.scale == NULL or self.args.ops == NULL:
+            raise MemoryError("cannot allocate a sum command")
+        memset(self.args.ops, 0, (count + 1) * sizeof(mk_operand))
+        for k in range(count):
+            self.args.scale[k] = scales[k]
+        self.args.count = count
+        self.args.lo, self.args.hi = lo, hi
+        self.args.extent.n, self.args.extent.h, self.args.extent.w, self.args.extent.c = n, h, w, 1
+        self.command.run = run_sum
+        self.command.args = &self.args
+
+    def __dealloc__(self):
+        free(self.args.scale)
+        free(self.args.ops)
+
+    def set_operand(self, int k, size_t address, int fmt, int64_t stride_n, int64_t stride_y,
+                    int64_t stride_x, int64_t stride_c):
+        if not 0 <= k <= self.args.count:
+            raise IndexError(k)
+        cdef mk_operand *o = &self.args.ops[k]
+        o.data = <void *>address
+        o.format = fmt
+        o.stride_n, o.stride_y, o.stride_x, o.stride_c = stride_n, stride_y, stride_x, stride_c
+
+    def run(self, Pool pool=None):
+        """Run now, on the calling thread (the GIL released)."""
+        cdef mk_pool *p = pool.pool if pool is not None else NULL
+        cdef mk_status s
+        with nogil:
+            s = run_sum(&self.args, p)
+        check(s, str(self.description or "sum kernel"))
+
+
 cdef ElementwiseCommand _elementwise(int kind, int num_operands, extent):
     cdef ElementwiseCommand c = ElementwiseCommand()
     n, h, w, ch = extent

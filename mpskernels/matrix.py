@@ -643,26 +643,30 @@ class MatrixSum(_NeuronMixin, Kernel):
             a, fmt, rs, cs, bs = sources[i]._operand(start, *offsets[i], self._transpose)
             return (a, fmt, bs, rs, cs, 0)
 
-        # One pass per source after the first two (scale[0] * s0 + scale[1] * s1 in one), the
-        # summing order unchanged; a clamp neuron rides on the last pass when no bias follows.
+        # One pass over every source, and the bias as one more source added last (mk_sum: the
+        # order of count - 1 two-operand passes); a clamp neuron rides on it, any other
+        # neuron takes a pass of its own.
         out = (dst[0], dst[1], *dst_strides)
-        clamp = _clamp_of(*self._neuron[:3]) if bias is None and self._count > 1 else None
-        lo, hi = clamp or (-np.inf, np.inf)
-        if self._count == 1:
-            _neuron_pass(command_buffer, self, (sources[0], result_matrix), extent,
-                         (CNNNeuronType.LINEAR, float(scales[0]), 0.0, 0.0), src(0), out)
-        for i in range(1, self._count):   # result = (scale[0] * s0 or result) + scale[i] * s_i
-            last = i == self._count - 1
-            add = _native.ElementwiseCommand.arithmetic(
-                extent, 0, float(scales[0]) if i == 1 else 1.0, float(scales[i]), 0.0,
-                lo if last else -np.inf, hi if last else np.inf)
-            add.set_operand(0, *(src(0) if i == 1 else out))
-            add.set_operand(1, *src(i))
-            add.set_operand(2, *out)
-            _record(command_buffer, add, self,
-                    (sources[0], sources[1], result_matrix) if i == 1 else (sources[i], result_matrix))
+        operands, weights = [src(i) for i in range(self._count)], [float(s) for s in scales]
+        keep = (*sources, result_matrix)
         if bias is not None:
-            _bias_pass(command_buffer, self, (bias, result_matrix), extent, bias, out, out)
+            operands.append((bias.ctypes.data, 4, 0, 0, 1, 0))
+            weights.append(1.0)
+            keep += (bias,)
+        clamp = _clamp_of(*self._neuron[:3]) if len(operands) > 1 else None
+        if len(operands) == 1:
+            _neuron_pass(command_buffer, self, keep, extent,
+                         (CNNNeuronType.LINEAR, weights[0], 0.0, 0.0), operands[0], out)
+        else:
+            lo, hi = clamp or (-np.inf, np.inf)
+            operands, sum_extent = [out] + operands, extent
+            if self._transpose:   # walk the sources' columns: read in place, the result strided
+                operands = [(a, fmt, bs, cs, rs, c) for a, fmt, bs, rs, cs, c in operands]
+                sum_extent = (size, columns, rows, 1)
+            command = _native.SumCommand(sum_extent, weights, lo, hi)
+            for k, operand in enumerate(operands):
+                command.set_operand(k, *operand)
+            _record(command_buffer, command, self, keep)
         if self._neuron[0] != CNNNeuronType.NONE and clamp is None:
             self._neuron_command(command_buffer, result_matrix, (start, size), rows, columns, co)
 

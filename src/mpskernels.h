@@ -122,6 +122,15 @@ typedef struct mk_arith_params {
 mk_status mk_arithmetic(const mk_arith_params *p, const mk_operand *a, const mk_operand *b,
                         const mk_operand *dst, mk_extent e, mk_pool *pool);
 
+/* dst = clamp(scale[0] * src[0] + scale[1] * src[1] + ... + scale[count-1] * src[count-1],
+ * min_value, max_value) in one pass, summed in that order, each product rounded to fp32 before
+ * it is added, the partial sums kept in fp32 (the same bits as count - 1 two-operand passes of
+ * mk_arithmetic ADD into an fp32 dst; another format is rounded once, at the end). Operands
+ * are batches of rows: extent (n, h, w, 1), any format and strides (stride_x 0: one value per
+ * row); count >= 2; dst must not overlap a source. */
+mk_status mk_sum(int count, const float *scale, const mk_operand *src, const mk_operand *dst,
+                 float min_value, float max_value, mk_extent e, mk_pool *pool);
+
 /* Fill the elementwise dispatch table for `isa` (called by mk_select_isa). */
 void mk_elementwise_select_isa(mk_isa isa);
 

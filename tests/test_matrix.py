@@ -370,6 +370,32 @@ def test_matrix_sum_counts_and_neurons(device, run, rng, neuron, count):
     np.testing.assert_allclose(out.to_numpy(), expected, rtol=1e-6, atol=1e-6)
 
 
+
+@pytest.mark.parametrize("count", [2, 3, 4, 5, 9])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["f32", "f16"])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_matrix_sum_order(device, run, rng, isa, count, dtype, transpose):
+    """One pass over every source (mk_sum): summed in order, each product rounded to fp32 before
+    it is added, the partial sums in fp32 and the bias added last, rounded to the result's
+    format once: bit for bit, over rows of several 512-element blocks with a short last one, sources in groups of 4,
+    sources read in place (fp32), decoded (fp16) or strided (transposed)."""
+    rows, columns = 3, 1100
+    shape = (2, columns, rows) if transpose else (2, rows, columns)
+    srcs = [_stored(rng, shape, dtype) for _ in range(count)]
+    scales = rng.uniform(-2, 2, count).astype(np.float32)
+    bias = _stored(rng, columns)
+    out = _matrix(device, np.full((2, rows, columns), np.nan), dtype)
+    kernel = mk.MatrixSum(device, count, rows, columns, transpose)
+    run(device, lambda cb: kernel.encode(
+        cb, [_matrix(device, m, dtype) for m in srcs], out,
+        scale_vector=mk.Vector.from_numpy(device, scales),
+        bias_vector=mk.Vector.from_numpy(device, bias.astype(np.float32))))
+    terms = [s * _op(m, transpose).astype(np.float32) for s, m in zip(scales, srcs)]
+    expected = terms[0]
+    for t in terms[1:] + [bias.astype(np.float32)]:
+        expected = expected + t   # float32 + float32: rounded to fp32 each time
+    np.testing.assert_array_equal(out.to_numpy(), expected.astype(dtype))
+
 # ---- storage ----------------------------------------------------------------------------------
 
 def test_descriptor():

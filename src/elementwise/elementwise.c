@@ -1,4 +1,4 @@
-/* Elementwise driver: mk_copy, mk_fill, mk_neuron, mk_arithmetic and the ISA dispatch.
+/* Elementwise driver: mk_copy, mk_fill, mk_neuron, mk_arithmetic, mk_sum and the ISA dispatch.
  *
  * Geometry: the four axes (n, y, x, c) lose their extent-1 members, are ordered by the
  * destination's |stride| (largest outermost; stable, so the natural order is kept for the
@@ -730,5 +730,111 @@ mk_status mk_arithmetic(const mk_arith_params *p, const mk_operand *a, const mk_
     c.p.bias = p->bias; c.p.lo = p->min_value; c.p.hi = p->max_value;
     c.fn = c.K->arith[p->op];
     mk_parallel_for(pool, c.g.total, EW_GRAIN_CHEAP, ew_arith_task, &c);
+    return MK_OK;
+}
+
+/* ---- sum of several operands ---------------------------------------------------------- */
+
+#define EW_SUM_GROUP 4   /* sources read side by side: their streams stay busy together */
+
+typedef struct ew_sum_ctx {
+    int count;
+    const float *scale;
+    const mk_operand *src, *dst;
+    float lo, hi;
+    mk_extent e;
+    const mk_ew_kernels *K;
+} ew_sum_ctx;
+
+/* m elements of source k from (n, y, x): in place (fp32, unit stride), else decoded into buf
+ * (a broadcast value, stride 0, repeated m times). */
+static const float *ew_sum_input(const ew_sum_ctx *c, int k, int64_t n, int64_t y, int64_t x,
+                                 int64_t m, float *buf) {
+    const mk_operand *o = &c->src[k];
+    const char *p = (const char *)o->data +
+                    (n * o->stride_n + y * o->stride_y + x * o->stride_x) *
+                        (int64_t)mk_format_size(o->format);
+    if (o->format == MK_FMT_F32 && o->stride_x == 1) return (const float *)p;
+    if (o->stride_x == 1) c->K->load[o->format](p, buf, m);
+    else mk_ew_load_strided(o->format, p, o->stride_x, buf, m);
+    return buf;
+}
+
+/* acc = clamp(acc + s[0] x[0] + ... + s[n-1] x[n-1]) (first: s[0] x[0] + s[1] x[1] + ...), one
+ * rounding per product and per addition, then the + 0.0f of a two-operand pass's bias (it
+ * turns -0 into +0), so that the bits are those of one mk_arithmetic ADD per source. Bound by
+ * memory: the compiler's vectorisation of this loop reads at the read probe's rate. */
+static inline __attribute__((always_inline)) void
+ew_sum_terms(int n, int first, const float *const *x, const float *s, float *restrict acc,
+             int64_t m, float lo, float hi) {
+    const float *restrict x0 = x[0], *restrict x1 = x[n > 1 ? 1 : 0];
+    const float *restrict x2 = x[n > 2 ? 2 : 0], *restrict x3 = x[n > 3 ? 3 : 0];
+    for (int64_t i = 0; i < m; i++) {
+        float v = first ? (s[0] * x0[i] + s[1] * x1[i]) + 0.0f : (acc[i] + s[0] * x0[i]) + 0.0f;
+        if (n > 1 && !first) v = (v + s[1] * x1[i]) + 0.0f;
+        if (n > 2) v = (v + s[2] * x2[i]) + 0.0f;
+        if (n > 3) v = (v + s[3] * x3[i]) + 0.0f;
+        v = lo > v ? lo : v;   /* as the microkernels' max(lo, v), min(hi, v): NaN kept */
+        acc[i] = hi < v ? hi : v;
+    }
+}
+
+static void ew_sum_group(int n, int first, const float *const *x, const float *s, float *acc,
+                         int64_t m, float lo, float hi) {
+    switch (n * 2 + first) {
+    case 2: ew_sum_terms(1, 0, x, s, acc, m, lo, hi); break;
+    case 4: ew_sum_terms(2, 0, x, s, acc, m, lo, hi); break;
+    case 5: ew_sum_terms(2, 1, x, s, acc, m, lo, hi); break;
+    case 6: ew_sum_terms(3, 0, x, s, acc, m, lo, hi); break;
+    case 7: ew_sum_terms(3, 1, x, s, acc, m, lo, hi); break;
+    case 8: ew_sum_terms(4, 0, x, s, acc, m, lo, hi); break;
+    default: ew_sum_terms(4, 1, x, s, acc, m, lo, hi); break;
+    }
+}
+
+/* Rows [begin, end) of the n x h rows, in blocks of MK_EW_BLOCK elements; a block takes its
+ * sources EW_SUM_GROUP at a time, its partial sum in L1 (in the destination itself when that is
+ * fp32 with unit stride). Every source is read once. */
+static void ew_sum_task(void *vctx, int64_t begin, int64_t end) {
+    const ew_sum_ctx *c = (const ew_sum_ctx *)vctx;
+    const mk_operand *d = c->dst;
+    const size_t des = mk_format_size(d->format);
+    const int direct = d->format == MK_FMT_F32 && d->stride_x == 1;
+    _Alignas(64) float buf[EW_SUM_GROUP][MK_EW_BLOCK], yb[MK_EW_BLOCK];
+    for (int64_t r = begin; r < end; r++) {
+        const int64_t n = r / c->e.h, y = r % c->e.h;
+        for (int64_t x = 0; x < c->e.w; x += MK_EW_BLOCK) {
+            const int64_t m = c->e.w - x < MK_EW_BLOCK ? c->e.w - x : MK_EW_BLOCK;
+            char *dp = (char *)d->data + (n * d->stride_n + y * d->stride_y + x * d->stride_x) *
+                                             (int64_t)des;
+            float *acc = direct ? (float *)dp : yb;
+            for (int k0 = 0; k0 < c->count; k0 += EW_SUM_GROUP) {
+                const int g = c->count - k0 < EW_SUM_GROUP ? c->count - k0 : EW_SUM_GROUP;
+                const float *in[EW_SUM_GROUP];
+                for (int k = 0; k < g; k++) in[k] = ew_sum_input(c, k0 + k, n, y, x, m, buf[k]);
+                const int last = k0 + g == c->count;
+                ew_sum_group(g, k0 == 0, in, c->scale + k0, acc, m, last ? c->lo : -INFINITY,
+                             last ? c->hi : INFINITY);
+            }
+            if (!direct) {
+                if (d->stride_x == 1) c->K->store[d->format](acc, dp, m);
+                else mk_ew_store_strided(d->format, acc, dp, d->stride_x, m);
+            }
+        }
+    }
+}
+
+mk_status mk_sum(int count, const float *scale, const mk_operand *src, const mk_operand *dst,
+                 float min_value, float max_value, mk_extent e, mk_pool *pool) {
+    if (count < 2 || scale == NULL || src == NULL || !ew_valid_operand(dst) ||
+        !ew_valid_extent(e) || e.c != 1)
+        return MK_EINVAL;
+    for (int k = 0; k < count; k++)
+        if (!ew_valid_operand(&src[k])) return MK_EINVAL;
+    const int64_t rows = (int64_t)e.n * e.h;
+    if (rows == 0 || e.w == 0) return MK_OK;
+    ew_sum_ctx c = {count, scale, src, dst, min_value, max_value, e, ew_kernels()};
+    const int64_t grain = EW_GRAIN_CHEAP / e.w > 1 ? EW_GRAIN_CHEAP / e.w : 1;
+    mk_parallel_for(pool, rows, grain, ew_sum_task, &c);
     return MK_OK;
 }
