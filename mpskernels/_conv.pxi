@@ -169,10 +169,3 @@ cdef class ConvCommand(Command):
             self.args.params.src.data = <void *>address
         else:
             self.args.params.dst.data = <void *>address
-
-    def run(self, Pool pool=None):
-        cdef mk_pool *p = pool.pool if pool is not None else NULL
-        cdef mk_status s
-        with nogil:
-            s = run_conv(&self.args, p)
-        check(s, str(self.description or "convolution"))

@@ -212,11 +212,3 @@ cdef class GemmCommand(Command):
         o.data = <void *>address
         o.format = fmt
         o.rs, o.cs, o.bs = rs, cs, bs
-
-    def run(self, Pool pool=None):
-        """Run now, on the calling thread (the GIL released)."""
-        cdef mk_pool *p = pool.pool if pool is not None else NULL
-        cdef mk_status s
-        with nogil:
-            s = run_gemm(&self.args, p)
-        check(s, str(self.description or "GEMM"))

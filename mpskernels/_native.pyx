@@ -257,6 +257,14 @@ cdef class Command:
     cdef public object keep          # Python objects the arguments point into
     cdef public object description   # what to name if it fails: a kernel or a string
 
+    def run(self, Pool pool=None):
+        """Run now, on the calling thread (the GIL released)."""
+        cdef mk_pool *p = pool.pool if pool is not None else NULL
+        cdef mk_status s
+        with nogil:
+            s = self.command.run(self.command.args, p)
+        check(s, str(self.description or type(self).__name__))
+
 
 cdef class ElementwiseCommand(Command):
     cdef ew_args args
@@ -321,14 +329,6 @@ cdef class ElementwiseCommand(Command):
         """Point operand k at its final address (temporaries: known at commit)."""
         self.args.ops[k].data = <void *>address
 
-    def run(self, Pool pool=None):
-        """Run now, on the calling thread (the GIL released)."""
-        cdef mk_pool *p = pool.pool if pool is not None else NULL
-        cdef mk_status s
-        with nogil:
-            s = run_elementwise(&self.args, p)
-        check(s, str(self.description or "elementwise kernel"))
-
 
 cdef struct sum_args:
     int count
@@ -377,14 +377,6 @@ cdef class SumCommand(Command):
         o.data = <void *>address
         o.format = fmt
         o.stride_n, o.stride_y, o.stride_x, o.stride_c = stride_n, stride_y, stride_x, stride_c
-
-    def run(self, Pool pool=None):
-        """Run now, on the calling thread (the GIL released)."""
-        cdef mk_pool *p = pool.pool if pool is not None else NULL
-        cdef mk_status s
-        with nogil:
-            s = run_sum(&self.args, p)
-        check(s, str(self.description or "sum kernel"))
 
 
 cdef ElementwiseCommand _elementwise(int kind, int num_operands, extent):

@@ -71,14 +71,6 @@ cdef class _NNCommand(Command):
     def bind(self, int k, size_t address):
         self.ops[k].data = <void *>address
 
-    def run(self, Pool pool=None):
-        """Run now, on the calling thread (the GIL released)."""
-        cdef mk_pool *p = pool.pool if pool is not None else NULL
-        cdef mk_status s
-        with nogil:
-            s = self.command.run(self.command.args, p)
-        check(s, str(self.description or type(self).__name__))
-
 
 cdef struct nn_rows_args:
     mk_nn_rows_params params

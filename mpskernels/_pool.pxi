@@ -60,10 +60,3 @@ cdef class PoolCommand(Command):
 
     def bind(self, int k, size_t address):
         self.args.ops[k].data = <void *>address
-
-    def run(self, Pool pool=None):
-        cdef mk_pool *p = pool.pool if pool is not None else NULL
-        cdef mk_status s
-        with nogil:
-            s = run_pool(&self.args, p)
-        check(s, str(self.description or "pooling"))

@@ -67,14 +67,6 @@ cdef class ReduceCommand(Command):
         """Point operand k at its final address (temporaries: known at commit)."""
         self.args.ops[k].data = <void *>address
 
-    def run(self, Pool pool=None):
-        """Run now, on the calling thread (the GIL released)."""
-        cdef mk_pool *p = pool.pool if pool is not None else NULL
-        cdef mk_status s
-        with nogil:
-            s = run_reduce(&self.args, p)
-        check(s, str(self.description or "reduction"))
-
 
 def read_probe(const unsigned char[::1] data, Pool pool=None):
     """Read every byte of `data` (split over the pool) and return the OR of its 64-bit
