@@ -568,8 +568,8 @@ static void ew_fill_task(void *vctx, int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end;) {
         const int64_t P = off == 0 ? ew_block_runs(g, &it, end - i) : 0;
         if (P && s == 1) {
-            ew_runs_copy(c->K, ew_ptr(c->dst, c->es, it.off[0]), g->st[0][g->nd - 2], (const char *)run,
-                         0, L, P, c->es);
+            ew_runs_copy(c->K, ew_ptr(c->dst, c->es, it.off[0]), g->st[0][g->nd - 2],
+                         (const char *)run, 0, L, P, c->es);
             i += P * L;
             ew_iter_skip(g, 1, &it, P);
             if (i < end) ew_iter_next(g, 1, &it);
@@ -619,19 +619,21 @@ typedef struct ew_arith_ctx {
     mk_ew_arith_fn fn;
 } ew_arith_ctx;
 
+/* m elements of a `fmt` operand at p, s apart: in place when fp32 with unit stride, else
+ * decoded into buf (s 0: the one value repeated). */
+static inline const float *ew_load_run(const mk_ew_kernels *K, int fmt, const char *p, int64_t s,
+                                       int64_t m, float *buf) {
+    if (fmt == MK_FMT_F32 && s == 1) return (const float *)p;
+    if (s == 1) K->load[fmt](p, buf, m);
+    else mk_ew_load_strided(fmt, p, s, buf, m);
+    return buf;
+}
+
 /* An input block: fp32 contiguous in place, a broadcast value, or converted into buf. */
 static inline const float *ew_arith_input(const ew_arith_ctx *c, int k, const char *p,
                                           int64_t s, int64_t m, float *buf, int *bc) {
-    *bc = 0;
-    if (s == 0) {
-        *bc = 1;
-        mk_ew_load_strided(c->fmt[k], p, 0, buf, 1);
-        return buf;
-    }
-    if (c->fmt[k] == MK_FMT_F32 && s == 1) return (const float *)p;
-    if (s == 1) c->K->load[c->fmt[k]](p, buf, m);
-    else mk_ew_load_strided(c->fmt[k], p, s, buf, m);
-    return buf;
+    *bc = s == 0;
+    return ew_load_run(c->K, c->fmt[k], p, s, *bc ? 1 : m, buf);
 }
 
 /* P whole runs from the odometer's position (ew_geom.block). */
@@ -754,10 +756,7 @@ static const float *ew_sum_input(const ew_sum_ctx *c, int k, int64_t n, int64_t 
     const char *p = (const char *)o->data +
                     (n * o->stride_n + y * o->stride_y + x * o->stride_x) *
                         (int64_t)mk_format_size(o->format);
-    if (o->format == MK_FMT_F32 && o->stride_x == 1) return (const float *)p;
-    if (o->stride_x == 1) c->K->load[o->format](p, buf, m);
-    else mk_ew_load_strided(o->format, p, o->stride_x, buf, m);
-    return buf;
+    return ew_load_run(c->K, o->format, p, o->stride_x, m, buf);
 }
 
 /* acc = clamp(acc + s[0] x[0] + ... + s[n-1] x[n-1]) (first: s[0] x[0] + s[1] x[1] + ...), one
