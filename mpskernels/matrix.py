@@ -441,14 +441,19 @@ def _neuron_pass(command_buffer, kernel, keep, extent, neuron, source, destinati
     _record(command_buffer, command, kernel, keep)
 
 
+def _bias_operand(bias):
+    """The operand of a bias: float32 (format 4), one value per column, the same for every row
+    and batch item."""
+    return (bias.ctypes.data, 4, 0, 0, 1, 0)
+
+
 def _bias_pass(command_buffer, kernel, keep, extent, bias, source, destination, alpha=1.0,
                clamp=None):
-    """destination = clamp(alpha * source + bias), bias one float32 per column (the same for
-    every row and batch item), one elementwise pass."""
+    """destination = clamp(alpha * source + bias), one elementwise pass."""
     lo, hi = clamp or (-np.inf, np.inf)
     add = _native.ElementwiseCommand.arithmetic(extent, 0, float(alpha), 1.0, 0.0, lo, hi)
     add.set_operand(0, *source)
-    add.set_operand(1, bias.ctypes.data, 4, 0, 0, 1, 0)
+    add.set_operand(1, *_bias_operand(bias))
     add.set_operand(2, *destination)
     _record(command_buffer, add, kernel, keep)
 
@@ -650,7 +655,7 @@ class MatrixSum(_NeuronMixin, Kernel):
         operands, weights = [src(i) for i in range(self._count)], [float(s) for s in scales]
         keep = (*sources, result_matrix)
         if bias is not None:
-            operands.append((bias.ctypes.data, 4, 0, 0, 1, 0))
+            operands.append(_bias_operand(bias))
             weights.append(1.0)
             keep += (bias,)
         clamp = _clamp_of(*self._neuron[:3]) if len(operands) > 1 else None
