@@ -90,8 +90,8 @@ def main():
         for which in ("old", "new"):
             env = dict(os.environ, PYTHONPATH=getattr(args, which), MPSKERNELS_NUM_THREADS="1")
             p = subprocess.run([sys.executable, __file__, args.old, args.new, "--child",
-                                "--calls", str(args.calls), "--isa", args.isa], env=env, capture_output=True,
-                               text=True, check=True)
+                                "--calls", str(args.calls), "--isa", args.isa], env=env,
+                               capture_output=True, text=True, check=True)
             runs[which].append(json.loads(p.stdout))
     med = lambda v: sorted(v)[len(v) // 2]
     print(f"{'case':34} {'old us':>9} {'new us':>9} {'new/old':>8}")

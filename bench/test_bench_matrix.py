@@ -152,6 +152,7 @@ def test_fma_peak(report, threads):
     report(("FMA peak", threads, float("nan"), float("nan"), float("nan"),
             f"{_peaks[threads]:.1f} GFLOP/s ({_native.active_isa()}), the best burst of the run"))
 
+
 def test_small_multiplication_latency(report):
     """64x64x64 MatrixMultiplication: encode + commit + wait (must hold: median <= 15 us)."""
     device = _device(1)
